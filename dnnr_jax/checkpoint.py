@@ -1,0 +1,283 @@
+"""Versioned Orbax checkpoints and `load_model`.
+
+A checkpoint is an Orbax directory with two items: `variables` (params and
+thresholds, as arrays) and `metadata` (JSON: format, kind, version, config,
+metrics, dataset, library versions, timestamp). Directories are named by
+kind and version:
+
+    <models>/final/model_v1.0_final/
+    <models>/pruned/pruned_model_v1.0/
+    <models>/quantized/quantized_model_v1.0/
+
+A checkpoint is written under a hidden temporary name and renamed into place,
+so an interrupted save never leaves a half-written version, and an existing
+version is replaced only when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import os
+import pathlib
+import platform
+import re
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dnnr_jax.config import Config, config_from_dict
+from dnnr_jax.errors import CheckpointError, ConfigError
+from dnnr_jax.model import DynamicMLP, init_variables, model_from_config
+
+FORMAT = 'dnnr_jax'
+FORMAT_VERSION = 1
+KINDS = {
+    'final': ('final', 'model_v{version}_final'),
+    'pruned': ('pruned', 'pruned_model_v{version}'),
+    'quantized': ('quantized', 'quantized_model_v{version}'),
+}
+_VERSION = re.compile(r'^(\d+)\.(\d+)$')
+
+
+def checkpoint_path(models_dir: str | os.PathLike, kind: str, version: str) -> pathlib.Path:
+  """Where the checkpoint of `kind` and `version` lives under `models_dir`."""
+  folder, pattern = KINDS[kind]
+  check_version(version)
+  return pathlib.Path(models_dir) / folder / pattern.format(version=version)
+
+
+def check_version(version: str) -> str:
+  if not _VERSION.match(version):
+    raise CheckpointError(
+        f'version {version!r} is not of the form MAJOR.MINOR; pass e.g. '
+        '--version 1.0.')
+  return version
+
+
+def next_version(models_dir: str | os.PathLike, kind: str) -> str:
+  """'1.0' if no `kind` checkpoint exists yet, else the highest minor + 1."""
+  folder, pattern = KINDS[kind]
+  name = re.compile(
+      '^' + re.escape(pattern).replace(r'\{version\}', r'(\d+)\.(\d+)') + '$')
+  found = []
+  directory = pathlib.Path(models_dir) / folder
+  if directory.is_dir():
+    for entry in directory.iterdir():
+      match = name.match(entry.name)
+      if match:
+        found.append((int(match[1]), int(match[2])))
+  if not found:
+    return '1.0'
+  major, minor = max(found)
+  return f'{major}.{minor + 1}'
+
+
+def ensure_writable(path: pathlib.Path, overwrite: bool) -> None:
+  """Fails before any work if `path` exists and may not be replaced."""
+  if path.exists() and not overwrite:
+    raise CheckpointError(
+        f'{path} already exists; pass --overwrite to replace it or choose '
+        'another --version.')
+
+
+def library_versions() -> dict[str, str]:
+  versions = {'python': platform.python_version()}
+  for package in ('dnnr_jax', 'jax', 'jaxlib', 'flax', 'optax',
+                  'orbax-checkpoint', 'numpy'):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = 'not installed'
+  return versions
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    variables: dict[str, Any],
+    metadata: dict[str, Any],
+    *,
+    overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes `variables` and `metadata` as an Orbax checkpoint at `path`.
+
+  The format marker, library versions and a timestamp are added to the
+  metadata. The checkpoint is written beside `path` under a temporary name
+  and renamed into place; an existing `path` is replaced only with
+  `overwrite`, and only once the new one is complete.
+
+  Returns:
+    The absolute path written.
+  """
+  path = pathlib.Path(path).absolute()
+  ensure_writable(path, overwrite)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  metadata = {
+      'format': FORMAT,
+      'format_version': FORMAT_VERSION,
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      'library_versions': library_versions(),
+      **metadata,
+  }
+  staging = path.with_name(f'.{path.name}.partial')
+  retired = path.with_name(f'.{path.name}.old')
+  for leftover in (staging, retired):
+    if leftover.exists():
+      shutil.rmtree(leftover)
+  host_variables = jax.tree.map(np.asarray, variables)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    checkpointer.save(
+        staging,
+        args=ocp.args.Composite(
+            variables=ocp.args.StandardSave(host_variables),
+            metadata=ocp.args.JsonSave(metadata),
+        ),
+    )
+  if path.exists():
+    os.rename(path, retired)
+    os.rename(staging, path)
+    shutil.rmtree(retired)
+  else:
+    os.rename(staging, path)
+  return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+  """The metadata of a dnnr_jax checkpoint, checked to be ours."""
+  path = _existing_checkpoint_dir(path)
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      restored = checkpointer.restore(
+          path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    metadata = restored['metadata']
+  except Exception as error:  # Orbax raises many types for a bad directory.
+    raise CheckpointError(
+        f'{path} is not a readable dnnr_jax checkpoint (its metadata could '
+        f'not be read: {_short(error)}); pass a directory written by dnnr.'
+    ) from None
+  if not isinstance(metadata, dict) or metadata.get('format') != FORMAT:
+    raise CheckpointError(
+        f'{path} is an Orbax checkpoint but not a dnnr_jax model (no '
+        f"'format: {FORMAT}' in its metadata); pass a checkpoint written by "
+        'dnnr.')
+  return metadata
+
+
+def restore_variables(path: str | os.PathLike, abstract: Any) -> Any:
+  """Restores the `variables` item into the structure of `abstract`."""
+  path = _existing_checkpoint_dir(path)
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      restored = checkpointer.restore(
+          path,
+          args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract)))
+    return restored['variables']
+  except Exception as error:  # A truncated file surfaces from TensorStore.
+    raise CheckpointError(
+        f'{path} is damaged or incomplete (its arrays could not be read: '
+        f'{_short(error)}); restore it from a copy or write it again.'
+    ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """A checkpoint ready for inference.
+
+  Attributes:
+    path: the checkpoint directory.
+    model: the Flax module.
+    variables: `{'params': ..., 'thresholds': ...}`.
+    config: the configuration it was trained with.
+    metadata: everything recorded beside the arrays.
+  """
+  path: pathlib.Path
+  model: DynamicMLP
+  variables: dict[str, Any]
+  config: Config
+  metadata: dict[str, Any]
+
+  @property
+  def num_features(self) -> int:
+    return int(self.metadata['num_features'])
+
+  def predict_with_routes(self, inputs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [B, classes] and routes bool [B] of normalised inputs [B, F]."""
+    inputs = self._check_inputs(inputs)
+    logits, deep_path = _apply(self.model, self.variables, inputs)
+    return np.asarray(logits), np.asarray(deep_path)
+
+  def predict(self, inputs: Any) -> np.ndarray:
+    """Logits [B, classes] of normalised inputs [B, F]."""
+    return self.predict_with_routes(inputs)[0]
+
+  def _check_inputs(self, inputs: Any) -> np.ndarray:
+    inputs = np.asarray(inputs, np.float32)
+    if inputs.ndim == 1:
+      inputs = inputs[None]
+    if inputs.ndim != 2 or inputs.shape[1] != self.num_features:
+      raise CheckpointError(
+          f'inputs of shape {inputs.shape} do not fit {self.path.name}, which '
+          f'takes [batch, {self.num_features}] normalised features; flatten '
+          'and normalise them first.')
+    if not np.all(np.isfinite(inputs)):
+      raise CheckpointError(
+          'inputs contain NaN or infinite values; clean them before predict.')
+    return inputs
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model: DynamicMLP, variables, inputs):
+  return model.apply(variables, inputs)
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+  """Loads a dnnr_jax checkpoint for inference.
+
+  Args:
+    path: a checkpoint directory, e.g. 'models/final/model_v1.0_final'.
+
+  Returns:
+    A `LoadedModel` with `.predict(x)`, `.variables`, `.config` and
+    `.metadata`.
+
+  Raises:
+    CheckpointError: the directory is missing, not a dnnr_jax checkpoint, or
+      damaged.
+
+  Example:
+    >>> model = load_model('models/final/model_v1.0_final')
+    >>> logits = model.predict(images)  # [B, 784] normalised
+  """
+  path = _existing_checkpoint_dir(path)
+  metadata = read_metadata(path)
+  try:
+    config = config_from_dict(metadata['config'], source=f'{path} metadata')
+    num_features = int(metadata['num_features'])
+  except (KeyError, TypeError, ValueError, ConfigError) as error:
+    raise CheckpointError(
+        f'{path} has incomplete metadata ({_short(error)}); write it again '
+        'with dnnr.') from None
+  model = model_from_config(config)
+  abstract = jax.eval_shape(
+      lambda: init_variables(model, jax.random.PRNGKey(0), num_features))
+  variables = restore_variables(path, abstract)
+  return LoadedModel(path, model, variables, config, metadata)
+
+
+def _existing_checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
+  path = pathlib.Path(path).absolute()
+  if not path.is_dir():
+    raise CheckpointError(
+        f'{path} is not a directory; pass a checkpoint directory such as '
+        'models/final/model_v1.0_final.')
+  return path
+
+
+def _short(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0][:200] if text else ""}'

@@ -1,0 +1,155 @@
+"""The `dnnr` command: argument parsing over `dnnr_jax.jobs`.
+
+Progress goes to stderr, results to stdout (`--json` prints one object).
+A bad input is one sentence on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dnnr_jax.errors import DnnrError
+
+_stdout = Console(highlight=False)
+_stderr = Console(stderr=True, highlight=False)
+
+
+def _train(args: argparse.Namespace) -> int:
+  from dnnr_jax import jobs
+  from dnnr_jax.config import load_config
+
+  config = load_config(args.config, args.set)
+  with _EpochProgress(config.training.epochs) as progress:
+    path, result = jobs.train_and_save(
+        config, data_dir=args.data_dir, models_dir=args.models_dir,
+        version=args.version, overwrite=args.overwrite, resume=args.resume,
+        on_epoch=progress.update)
+  final = result.final_metrics
+  if args.json:
+    print(json.dumps({'model': str(path), **final,
+                      'train_seconds': result.train_seconds,
+                      'samples_per_second': result.samples_per_second}))
+    return 0
+  table = Table(title=f'Trained {path}')
+  for column in ('split', 'loss', 'accuracy', 'deep fraction'):
+    table.add_column(column, justify='right')
+  for split in jobs.SPLITS:
+    if split in final:
+      metrics = final[split]
+      table.add_row(split, f"{metrics['loss']:.4f}", f"{metrics['accuracy']:.2%}",
+                    f"{metrics['deep_fraction']:.2%}")
+  _stdout.print(table)
+  thresholds = ', '.join(f'{k} {v:.4g}' for k, v in final['thresholds'].items())
+  speed = (f', {result.samples_per_second:,.0f} samples/s after compilation'
+           if result.samples_per_second else '')
+  _stdout.print(f'{len(result.history)} epochs in {result.train_seconds:.1f} s'
+                f'{speed}; thresholds: {thresholds}')
+  return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+  from dnnr_jax import jobs
+
+  metrics = jobs.evaluate_checkpoint(
+      args.model_path, data_dir=args.data_dir, split=args.split)
+  if args.json:
+    print(json.dumps(metrics))
+    return 0
+  table = Table(title=f"{metrics['model']} on {metrics['dataset']} {args.split}")
+  for column in ('n', 'loss', 'accuracy', 'deep fraction'):
+    table.add_column(column, justify='right')
+  table.add_row(str(metrics['n']), f"{metrics['loss']:.4f}",
+                f"{metrics['accuracy']:.2%}", f"{metrics['deep_fraction']:.2%}")
+  _stdout.print(table)
+  return 0
+
+
+class _EpochProgress:
+  """A progress bar over epochs that shows the last epoch's metrics."""
+
+  def __init__(self, epochs: int):
+    self._progress = Progress(
+        TextColumn('[bold]train'), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn('{task.fields[metrics]}'),
+        console=_stderr)
+    self._task = self._progress.add_task('train', total=epochs, metrics='compiling')
+
+  def __enter__(self) -> _EpochProgress:
+    self._progress.start()
+    return self
+
+  def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+    if exc_type is not None and issubclass(exc_type, DnnrError):
+      # A bad input leaves only its one-line message: no stale bar, no blank
+      # line (`Progress.stop` adds one on non-terminals).
+      self._progress.live.transient = True
+      self._progress.live.stop()
+    else:
+      self._progress.stop()
+
+  def update(self, record: dict[str, Any]) -> None:
+    train, test = record['train'], record['test']
+    self._progress.update(
+        self._task, completed=record['epoch'],
+        metrics=(f"loss {train['loss']:.4f}  acc {train['accuracy']:.2%}  "
+                 f"test {test['accuracy']:.2%}  deep {train['deep_fraction']:.0%}"))
+    if not self._progress.console.is_terminal:
+      self._progress.console.print(
+          f"epoch {record['epoch']}: loss {train['loss']:.4f}, "
+          f"train acc {train['accuracy']:.2%}, test acc {test['accuracy']:.2%}, "
+          f"deep {train['deep_fraction']:.1%}, {record['seconds']:.2f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='dnnr', description='Dynamic Neural Network Refinement in JAX.')
+  commands = parser.add_subparsers(dest='command', required=True)
+
+  train = commands.add_parser('train', help='train a model, save the final checkpoint')
+  train.add_argument('--config', default='configs/default.yaml',
+                     help='YAML config (default: %(default)s)')
+  train.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                     help='override a config key, e.g. training.epochs=1')
+  train.add_argument('--data-dir', help='directory with the MNIST IDX files')
+  train.add_argument('--models-dir', default='models',
+                     help='root of final/, pruned/, quantized/ (default: %(default)s)')
+  train.add_argument('--version', help='MAJOR.MINOR (default: the next free one)')
+  train.add_argument('--overwrite', action='store_true',
+                     help='replace an existing version')
+  train.add_argument('--resume', action='store_true',
+                     help='continue from the last periodic checkpoint')
+  train.add_argument('--json', action='store_true', help='print one JSON object')
+  train.set_defaults(handler=_train)
+
+  evaluate = commands.add_parser('evaluate', help='evaluate a checkpoint')
+  evaluate.add_argument('model_path', metavar='MODEL_PATH')
+  evaluate.add_argument('--data-dir', help='directory with the MNIST IDX files')
+  evaluate.add_argument('--split', default='test',
+                        choices=('train', 'validation', 'test'))
+  evaluate.add_argument('--json', action='store_true', help='print one JSON object')
+  evaluate.set_defaults(handler=_evaluate)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.handler(args)
+  except DnnrError as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print('interrupted; finished checkpoints are kept (resume with --resume).',
+          file=sys.stderr)
+    return 130
+
+
+if __name__ == '__main__':
+  sys.exit(main())

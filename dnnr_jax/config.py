@@ -1,0 +1,373 @@
+"""One configuration object: a frozen dataclass tree loaded from YAML.
+
+Every key is checked on load; an unknown key, a value of the wrong type or an
+impossible value raises `ConfigError` naming the key, the value and what was
+expected, before any work starts.
+
+Example:
+  >>> config = load_config('configs/digits.yaml', overrides=['training.epochs=2'])
+  >>> config.training.epochs
+  2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import types
+import typing
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from dnnr_jax.errors import ConfigError
+
+DATASETS = ('mnist', 'digits')
+ROUTING_MODES = ('per_sample', 'batch', 'deep', 'shallow')
+LR_SCHEDULES = ('constant', 'cosine')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which data set, and how its pixels are normalised.
+
+  Attributes:
+    dataset: 'mnist' (the four IDX files) or 'digits' (scikit-learn's bundled
+      8x8 digits, offline).
+    mean: subtracted from pixels scaled to [0, 1].
+    std: divides the centred pixels.
+    validation_size: examples held out of the training split for validation.
+  """
+  dataset: str = 'mnist'
+  mean: float = 0.1307
+  std: float = 0.3081
+  validation_size: int = 0
+
+  def validate(self) -> None:
+    _check_choice('data.dataset', self.dataset, DATASETS)
+    _check_finite('data.mean', self.mean)
+    _check_positive('data.std', self.std)
+    _check_at_least('data.validation_size', self.validation_size, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Layer widths; the input width comes from the data.
+
+  Attributes:
+    hidden_sizes: widths of the trunk's Dense+ReLU layers.
+    deep_size: width of the deep block and of the shortcut.
+    num_classes: width of the head.
+  """
+  hidden_sizes: tuple[int, ...] = (256, 256)
+  deep_size: int = 128
+  num_classes: int = 10
+
+  def validate(self) -> None:
+    if not self.hidden_sizes:
+      raise ConfigError(
+          'model.hidden_sizes is empty; give at least one layer width, '
+          'e.g. [256, 256].')
+    for index, size in enumerate(self.hidden_sizes):
+      _check_at_least(f'model.hidden_sizes[{index}]', size, 1)
+    _check_at_least('model.deep_size', self.deep_size, 1)
+    _check_at_least('model.num_classes', self.num_classes, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdValues:
+  """One value per complexity metric."""
+  variance: float = 0.5
+  entropy: float = 0.5
+  sparsity: float = 0.5
+
+  def validate(self, prefix: str) -> None:
+    for field in dataclasses.fields(self):
+      _check_finite(f'{prefix}.{field.name}', getattr(self, field.name))
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdsConfig:
+  """The hybrid thresholds' linear annealing schedule.
+
+  Before `annealing_start_epoch` the thresholds are `initial`; from there they
+  move linearly to `final`, reached at `total_epochs`. `final` = 0 everywhere
+  reproduces the original (where the sparsity test then never holds).
+
+  Attributes:
+    initial: thresholds before annealing.
+    final: thresholds at the end of annealing.
+    annealing_start_epoch: first epoch of annealing.
+    total_epochs: epoch at which `final` is reached; None means
+      `training.epochs`.
+  """
+  initial: ThresholdValues = ThresholdValues()
+  final: ThresholdValues = ThresholdValues(0.0, 0.0, 0.0)
+  annealing_start_epoch: int = 5
+  total_epochs: int | None = None
+
+  def validate(self) -> None:
+    self.initial.validate('thresholds.initial')
+    self.final.validate('thresholds.final')
+    _check_at_least(
+        'thresholds.annealing_start_epoch', self.annealing_start_epoch, 0)
+    if self.total_epochs is not None:
+      _check_at_least('thresholds.total_epochs', self.total_epochs, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingConfig:
+  """How each input picks the deep block or the shortcut.
+
+  Attributes:
+    mode: 'per_sample' (each example by its own metrics), 'batch' (the
+      original: one decision per batch from batch means), 'deep' or
+      'shallow' (always one path).
+  """
+  mode: str = 'per_sample'
+
+  def validate(self) -> None:
+    _check_choice('routing.mode', self.mode, ROUTING_MODES)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+  """Optimisation and bookkeeping.
+
+  Attributes:
+    epochs: passes over the training split.
+    batch_size: examples per Adam step.
+    learning_rate: Adam's (peak) learning rate.
+    lr_schedule: 'constant' or 'cosine' (decay to 0 over all steps).
+    seed: seeds initialisation and shuffling; equal seeds, equal runs.
+    eval_batch_size: examples per evaluation batch (also the batch whose
+      means route in 'batch' mode).
+    checkpoint_every: epochs between periodic checkpoints; 0 disables them.
+    keep_checkpoints: periodic checkpoints kept on disk.
+  """
+  epochs: int = 10
+  batch_size: int = 64
+  learning_rate: float = 1e-3
+  lr_schedule: str = 'constant'
+  seed: int = 0
+  eval_batch_size: int = 1000
+  checkpoint_every: int = 1
+  keep_checkpoints: int = 2
+
+  def validate(self) -> None:
+    _check_at_least('training.epochs', self.epochs, 1)
+    _check_at_least('training.batch_size', self.batch_size, 1)
+    _check_positive('training.learning_rate', self.learning_rate)
+    _check_choice('training.lr_schedule', self.lr_schedule, LR_SCHEDULES)
+    _check_at_least('training.seed', self.seed, 0)
+    _check_at_least('training.eval_batch_size', self.eval_batch_size, 1)
+    _check_at_least('training.checkpoint_every', self.checkpoint_every, 0)
+    _check_at_least('training.keep_checkpoints', self.keep_checkpoints, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The whole configuration of a dnnr_jax run."""
+  data: DataConfig = DataConfig()
+  model: ModelConfig = ModelConfig()
+  thresholds: ThresholdsConfig = ThresholdsConfig()
+  routing: RoutingConfig = RoutingConfig()
+  training: TrainingConfig = TrainingConfig()
+
+  @property
+  def annealing_total_epochs(self) -> int:
+    """The epoch at which the thresholds reach their final values."""
+    if self.thresholds.total_epochs is None:
+      return self.training.epochs
+    return self.thresholds.total_epochs
+
+  def validate(self) -> Config:
+    """Checks every value; returns self so calls chain."""
+    for field in dataclasses.fields(self):
+      getattr(self, field.name).validate()
+    if self.thresholds.annealing_start_epoch > self.annealing_total_epochs:
+      raise ConfigError(
+          'thresholds.annealing_start_epoch = '
+          f'{self.thresholds.annealing_start_epoch} is after the last '
+          f'annealing epoch ({self.annealing_total_epochs}, from '
+          'thresholds.total_epochs or training.epochs); lower it or raise '
+          'the total.')
+    return self
+
+  def to_dict(self) -> dict[str, Any]:
+    """A plain, JSON- and YAML-ready dictionary (tuples become lists)."""
+    return _plain(dataclasses.asdict(self))
+
+  def replace(self, **sections: Any) -> Config:
+    return dataclasses.replace(self, **sections)
+
+
+def config_from_dict(values: Mapping[str, Any], source: str = 'config') -> Config:
+  """Builds and validates a `Config` from nested mappings.
+
+  Args:
+    values: nested mappings of section -> key -> value; missing keys keep
+      their defaults.
+    source: names the origin of `values` in error messages.
+
+  Returns:
+    The validated configuration.
+
+  Raises:
+    ConfigError: a key is unknown or a value has the wrong type or is
+      impossible.
+  """
+  try:
+    return _build(Config, values, prefix='').validate()
+  except ConfigError as error:
+    raise ConfigError(f'{source}: {error}') from None
+
+
+def load_config(
+    path: str | pathlib.Path | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
+  """Loads a YAML file (or the defaults) and applies `key=value` overrides.
+
+  Args:
+    path: a YAML file; None starts from the defaults.
+    overrides: dotted assignments such as 'training.epochs=1'; the value is
+      parsed as YAML.
+
+  Returns:
+    The validated configuration.
+
+  Raises:
+    ConfigError: the file is missing or not YAML, or a key or value is bad.
+  """
+  values: dict[str, Any] = {}
+  source = 'defaults'
+  if path is not None:
+    source = str(path)
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise ConfigError(
+          f'config file {source} does not exist; pass an existing YAML file, '
+          'e.g. configs/default.yaml.')
+    try:
+      loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+      raise ConfigError(
+          f'config file {source} is not valid YAML ({error}); fix the '
+          'syntax.') from None
+    if loaded is not None and not isinstance(loaded, dict):
+      raise ConfigError(
+          f'config file {source} must hold a mapping of sections, not '
+          f'{type(loaded).__name__}.')
+    values = loaded or {}
+  for assignment in overrides:
+    _apply_override(values, assignment)
+  return config_from_dict(values, source)
+
+
+def _apply_override(values: dict[str, Any], assignment: str) -> None:
+  key, separator, text = assignment.partition('=')
+  if not separator or not key.strip():
+    raise ConfigError(
+        f'override {assignment!r} is not of the form key=value, e.g. '
+        'training.epochs=1.')
+  try:
+    value = yaml.safe_load(text)
+  except yaml.YAMLError:
+    value = text
+  *parents, leaf = key.strip().split('.')
+  node = values
+  for part in parents:
+    child = node.setdefault(part, {})
+    if not isinstance(child, dict):
+      raise ConfigError(
+          f'override {assignment!r}: {part} is a value, not a section.')
+    node = child
+  node[leaf] = value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+  """Turns a mapping into dataclass `cls`, checking keys and types."""
+  where = prefix.rstrip('.') or 'the top level'
+  if not isinstance(values, Mapping):
+    raise ConfigError(
+        f'{where} must be a mapping of keys, got {values!r}.')
+  fields = {field.name: field for field in dataclasses.fields(cls)}
+  hints = typing.get_type_hints(cls)
+  unknown = [key for key in values if key not in fields]
+  if unknown:
+    raise ConfigError(
+        f"unknown key '{prefix}{unknown[0]}'; expected one of: "
+        f"{', '.join(fields)}.")
+  kwargs = {
+      key: _coerce(hints[key], value, f'{prefix}{key}')
+      for key, value in values.items()
+  }
+  return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+  """Checks `value` against the annotation `hint` and converts it."""
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    options = typing.get_args(hint)
+    if value is None and type(None) in options:
+      return None
+    (hint,) = [option for option in options if option is not type(None)]
+    origin = typing.get_origin(hint)
+  if dataclasses.is_dataclass(hint):
+    return _build(hint, values=value, prefix=f'{key}.')
+  if origin is tuple:
+    (item_hint, _) = typing.get_args(hint)
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f'{key} = {value!r} is not a list; expected e.g. [256, 256].')
+    return tuple(
+        _coerce(item_hint, item, f'{key}[{index}]')
+        for index, item in enumerate(value))
+  if hint is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f'{key} = {value!r} is not a number.')
+    return float(value)
+  if hint is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f'{key} = {value!r} is not an integer.')
+    return value
+  if hint is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f'{key} = {value!r} is not true or false.')
+    return value
+  if hint is str:
+    if not isinstance(value, str):
+      raise ConfigError(f'{key} = {value!r} is not a string.')
+    return value
+  raise TypeError(f'no coercion for {key}: {hint}')
+
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {key: _plain(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(item) for item in value]
+  return value
+
+
+def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ConfigError(
+        f"{key} = {value!r} is not one of: {', '.join(choices)}.")
+
+
+def _check_finite(key: str, value: float) -> None:
+  if not math.isfinite(value):
+    raise ConfigError(f'{key} = {value!r} must be a finite number.')
+
+
+def _check_positive(key: str, value: float) -> None:
+  if not (math.isfinite(value) and value > 0):
+    raise ConfigError(f'{key} = {value!r} must be a positive number.')
+
+
+def _check_at_least(key: str, value: int, minimum: int) -> None:
+  if value < minimum:
+    raise ConfigError(f'{key} = {value!r} must be at least {minimum}.')

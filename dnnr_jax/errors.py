@@ -1,0 +1,21 @@
+"""The one exception type a user of dnnr_jax can meet."""
+
+
+class DnnrError(Exception):
+  """A bad input: the message names the input and the fix.
+
+  The CLI catches it once, prints the message without a traceback and exits
+  with status 2.
+  """
+
+
+class ConfigError(DnnrError):
+  """A configuration key is unknown or its value is impossible."""
+
+
+class DataError(DnnrError):
+  """A data set is missing, truncated or malformed."""
+
+
+class CheckpointError(DnnrError):
+  """A checkpoint is missing, truncated, not ours, or would be overwritten."""

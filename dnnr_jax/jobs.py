@@ -1,0 +1,121 @@
+"""Whole jobs, one per CLI command: each is a single library call.
+
+The CLI parses arguments and calls one of these; everything a command does,
+Python code can do by calling the same function.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+
+from dnnr_jax import checkpoint as checkpoint_lib
+from dnnr_jax.config import Config
+from dnnr_jax.data import load_dataset
+from dnnr_jax.errors import DnnrError
+from dnnr_jax.fit import EpochCallback, FitResult, fit
+from dnnr_jax.thresholds import thresholds_to_floats
+from dnnr_jax.train import evaluate
+
+SPLITS = ('train', 'validation', 'test')
+
+
+def train_and_save(
+    config: Config,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    models_dir: str | os.PathLike = 'models',
+    version: str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[pathlib.Path, FitResult]:
+  """The `dnnr train` job: data, training, final checkpoint.
+
+  The final checkpoint goes to `<models_dir>/final/model_v{version}_final`
+  (the next free version when None); periodic checkpoints to
+  `<models_dir>/checkpoints/model_v{version}` and are removed once the final
+  one is written. An existing final version fails before any work unless
+  `overwrite`.
+
+  Returns:
+    The checkpoint path and the training result.
+  """
+  version = version or checkpoint_lib.next_version(models_dir, 'final')
+  path = checkpoint_lib.checkpoint_path(models_dir, 'final', version)
+  checkpoint_lib.ensure_writable(path, overwrite)
+  dataset = load_dataset(config.data, data_dir)
+  if dataset.num_classes > config.model.num_classes:
+    raise DnnrError(
+        f'model.num_classes = {config.model.num_classes} is fewer than the '
+        f'{dataset.num_classes} classes of {dataset.name}; raise it.')
+  periodic_dir = pathlib.Path(models_dir).absolute() / 'checkpoints' / path.name
+  result = fit(config, dataset, checkpoint_dir=periodic_dir, resume=resume,
+               on_epoch=on_epoch)
+  final = result.final_metrics
+  metadata = {
+      'kind': 'final',
+      'version': version,
+      'config': config.to_dict(),
+      'num_features': dataset.num_features,
+      'thresholds': thresholds_to_floats(result.state.thresholds),
+      'metrics': {split: final[split]
+                  for split in ('train', 'validation', 'test') if split in final},
+      'history': result.history,
+      'dataset': {
+          'name': dataset.name,
+          'source': dataset.source,
+          'train_examples': int(dataset.train.labels.shape[0]),
+          'test_examples': int(dataset.test.labels.shape[0]),
+          'validation_examples': (0 if dataset.validation is None
+                                  else int(dataset.validation.labels.shape[0])),
+          'normalisation': {'mean': config.data.mean, 'std': config.data.std},
+      },
+      'training': {
+          'epochs': config.training.epochs,
+          'seconds': result.train_seconds,
+          'samples_per_second': result.samples_per_second,
+          'backend': jax.default_backend(),
+      },
+  }
+  saved = checkpoint_lib.save_checkpoint(
+      path, result.state.variables, metadata, overwrite=overwrite)
+  shutil.rmtree(periodic_dir, ignore_errors=True)
+  return saved, result
+
+
+
+def evaluate_checkpoint(
+    path: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    split: str = 'test',
+) -> dict[str, Any]:
+  """Loss, accuracy and deep-path fraction of a checkpoint on its data set.
+
+  The data set and normalisation are the ones the checkpoint was trained
+  with; `data_dir` only says where to find them.
+
+  Returns:
+    {'accuracy', 'loss', 'deep_fraction', 'n', 'split', 'dataset', 'model'}.
+  """
+  model = checkpoint_lib.load_model(path)
+  dataset = load_dataset(model.config.data, data_dir)
+  chosen = getattr(dataset, split, None)
+  if chosen is None:
+    raise DnnrError(
+        f'split {split!r} is not in {model.path.name}\'s data set; choose one '
+        f'of: {", ".join(s for s in SPLITS if getattr(dataset, s) is not None)}.')
+  if dataset.num_features != model.num_features:
+    raise DnnrError(
+        f'{dataset.name} has {dataset.num_features} features but '
+        f'{model.path.name} takes {model.num_features}; pass the data it was '
+        'trained on.')
+  metrics = evaluate(model.model, model.variables, chosen,
+                     model.config.training.eval_batch_size)
+  return {**metrics, 'split': split, 'dataset': dataset.name,
+          'model': str(model.path)}

@@ -1,0 +1,199 @@
+"""Training: one train state, a pure jitted step, an epoch as one `lax.scan`.
+
+The whole training split lives on the device; each epoch shuffles it there
+(`fold_in(rng, epoch)`) and scans over the batches, so the host only sees one
+call per epoch. The thresholds enter as a traced function of the epoch, so
+every epoch runs the same compiled program.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from dnnr_jax.config import Config
+from dnnr_jax.data import Split
+from dnnr_jax.model import init_variables, model_from_config
+from dnnr_jax.thresholds import ThresholdSchedule, schedule_from_config
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state, thresholds, counters and the shuffling key.
+
+  Attributes:
+    thresholds: the hybrid thresholds of the current epoch.
+    epoch: epochs completed.
+    rng: base PRNG key; epoch e shuffles with `fold_in(rng, e)`.
+  """
+  thresholds: dict[str, jax.Array]
+  epoch: jax.Array
+  rng: jax.Array
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    """What `model.apply` takes."""
+    return {'params': self.params, 'thresholds': self.thresholds}
+
+
+def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Adam with the configured learning rate and schedule."""
+  training = config.training
+  learning_rate: float | optax.Schedule = training.learning_rate
+  if training.lr_schedule == 'cosine':
+    learning_rate = optax.cosine_decay_schedule(
+        training.learning_rate, decay_steps=training.epochs * steps_per_epoch)
+  return optax.adam(learning_rate)
+
+
+def create_train_state(
+    config: Config, num_features: int, steps_per_epoch: int
+) -> TrainState:
+  """A fresh train state at epoch 0, seeded by `training.seed`."""
+  model = model_from_config(config)
+  init_key, shuffle_key = jax.random.split(
+      jax.random.PRNGKey(config.training.seed))
+  schedule = schedule_from_config(config)
+  variables = init_variables(model, init_key, num_features, schedule(0))
+  state = TrainState.create(
+      apply_fn=model.apply,
+      params=variables['params'],
+      tx=make_optimizer(config, steps_per_epoch),
+      thresholds=variables['thresholds'],
+      epoch=jnp.zeros((), jnp.int32),
+      rng=shuffle_key,
+  )
+  # `create` counts steps with a Python int; an array keeps every epoch's
+  # input signature the same, so the epoch compiles once.
+  return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def batch_sums(
+    apply_fn: Callable, variables: dict, images: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean loss of a batch, and its sums for metrics.
+
+  Returns:
+    (mean cross-entropy, {'loss': sum, 'correct': count, 'deep': count}).
+  """
+  logits, deep_path = apply_fn(variables, images)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  sums = {
+      'loss': jnp.sum(losses),
+      'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
+      'deep': jnp.sum(deep_path),
+  }
+  return jnp.mean(losses), sums
+
+
+def train_step(
+    state: TrainState, batch: tuple[jax.Array, jax.Array]
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step on a batch (images [B, F], labels [B]).
+
+  Returns:
+    The new state and the batch's sums ('loss', 'correct', 'deep').
+  """
+  images, labels = batch
+
+  def loss_fn(params):
+    variables = {'params': params, 'thresholds': state.thresholds}
+    return batch_sums(state.apply_fn, variables, images, labels)
+
+  grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads), sums
+
+
+def train_epoch(
+    state: TrainState,
+    train: Split,
+    *,
+    batch_size: int,
+    schedule: ThresholdSchedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One pass over the shuffled training split, as one `lax.scan`.
+
+  Sets the thresholds for `state.epoch` from `schedule`, shuffles on device,
+  drops the last partial batch (a different one every epoch) and counts the
+  epoch.
+
+  Returns:
+    The new state and the epoch's running means: 'loss', 'accuracy',
+    'deep_fraction'.
+  """
+  num_examples = train.labels.shape[0]
+  steps = num_examples // batch_size
+  state = state.replace(thresholds=schedule(state.epoch))
+  order = jax.random.permutation(
+      jax.random.fold_in(state.rng, state.epoch), num_examples)
+  batches = order[:steps * batch_size].reshape(steps, batch_size)
+
+  def body(state, indices):
+    return train_step(state, (train.images[indices], train.labels[indices]))
+
+  state, sums = jax.lax.scan(body, state, batches)
+  seen = steps * batch_size
+  metrics = {
+      'loss': jnp.sum(sums['loss']) / seen,
+      'accuracy': jnp.sum(sums['correct']) / seen,
+      'deep_fraction': jnp.sum(sums['deep']) / seen,
+  }
+  return state.replace(epoch=state.epoch + 1), metrics
+
+
+def jit_train_epoch(config: Config) -> Callable:
+  """`train_epoch` compiled once for this config; donates the old state."""
+  return jax.jit(
+      functools.partial(
+          train_epoch,
+          batch_size=config.training.batch_size,
+          schedule=schedule_from_config(config),
+      ),
+      donate_argnums=0,
+  )
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def _evaluate_chunks(model: nn.Module, variables, images, labels):
+  """Sums over [K, B, F] chunks; each chunk is one routing batch."""
+  def chunk_sums(chunk):
+    return batch_sums(model.apply, variables, *chunk)[1]
+
+  sums = jax.lax.map(chunk_sums, (images, labels))
+  return jax.tree.map(jnp.sum, sums)
+
+
+def evaluate(
+    model: nn.Module, variables: dict, split: Split, batch_size: int
+) -> dict[str, float]:
+  """Loss, accuracy and deep-path fraction of `variables` on a split.
+
+  The split is cut into batches of `batch_size` (and one remainder batch);
+  in 'batch' routing mode each batch takes one route.
+
+  Returns:
+    {'loss', 'accuracy', 'deep_fraction', 'n'}.
+  """
+  num_examples = int(split.labels.shape[0])
+  batch_size = min(batch_size, num_examples)
+  full = num_examples // batch_size * batch_size
+  parts = [(split.images[:full].reshape(-1, batch_size, split.images.shape[1]),
+            split.labels[:full].reshape(-1, batch_size))]
+  if full < num_examples:
+    parts.append((split.images[None, full:], split.labels[None, full:]))
+  totals = {'loss': 0.0, 'correct': 0, 'deep': 0}
+  for images, labels in parts:
+    sums = _evaluate_chunks(model, variables, images, labels)
+    for name in totals:
+      totals[name] += sums[name].item()
+  return {
+      'loss': totals['loss'] / num_examples,
+      'accuracy': totals['correct'] / num_examples,
+      'deep_fraction': totals['deep'] / num_examples,
+      'n': num_examples,
+  }

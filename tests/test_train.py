@@ -1,0 +1,126 @@
+"""The jitted step and epoch, evaluation, and a short real-MNIST run."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dnnr_jax.config import Config, ModelConfig, RoutingConfig, TrainingConfig, load_config
+from dnnr_jax.data import Dataset, Split, load_dataset
+from dnnr_jax.errors import DnnrError
+from dnnr_jax.fit import fit
+from dnnr_jax.model import model_from_config
+from dnnr_jax.thresholds import schedule_from_config
+from dnnr_jax.train import create_train_state, evaluate, jit_train_epoch, train_step
+from tests.conftest import SMOKE_CONFIG, tree_allclose
+
+
+@pytest.fixture(scope='module')
+def config():
+  return load_config(SMOKE_CONFIG)
+
+
+@pytest.fixture(scope='module')
+def digits(config):
+  return load_dataset(config.data)
+
+
+def test_loss_falls_in_a_few_steps(config, digits):
+  state = create_train_state(config, digits.num_features, steps_per_epoch=10)
+  batch = (digits.train.images[:64], digits.train.labels[:64])
+  step = jax.jit(train_step)
+  losses = []
+  for _ in range(25):
+    state, sums = step(state, batch)
+    losses.append(float(sums['loss']) / 64)
+  assert losses[-1] < 0.5 * losses[0]
+  assert int(state.step) == 25
+
+
+def test_epoch_compiles_once_and_follows_the_schedule(config, digits):
+  steps = digits.train.labels.shape[0] // config.training.batch_size
+  state = create_train_state(config, digits.num_features, steps)
+  run_epoch = jit_train_epoch(config)
+  schedule = schedule_from_config(config)
+  for epoch in range(3):
+    state, metrics = run_epoch(state, digits.train)
+    tree_allclose(state.thresholds, schedule(epoch), rtol=0, atol=0)
+    assert 0 <= float(metrics['deep_fraction']) <= 1
+  assert run_epoch._cache_size() == 1
+  assert int(state.epoch) == 3 and int(state.step) == 3 * steps
+
+
+def test_epochs_are_deterministic_and_seeded(config, digits):
+  steps = digits.train.labels.shape[0] // config.training.batch_size
+
+  def one_epoch(seed):
+    seeded = config.replace(training=dataclasses.replace(config.training, seed=seed))
+    state = create_train_state(seeded, digits.num_features, steps)
+    return jit_train_epoch(seeded)(state, digits.train)[0].params
+
+  first, again, other = one_epoch(0), one_epoch(0), one_epoch(1)
+  tree_allclose(first, again, rtol=0, atol=0)
+  assert not np.allclose(first['head']['kernel'], other['head']['kernel'])
+
+
+def test_evaluate_matches_a_direct_computation(config, digits):
+  state = create_train_state(config, digits.num_features, 10)
+  model = model_from_config(config)
+  split = Split(digits.test.images[:250], digits.test.labels[:250])
+  metrics = evaluate(model, state.variables, split, batch_size=100)  # 2 full + 50
+  logits, routes = model.apply(state.variables, split.images)
+  log_probs = jax.nn.log_softmax(logits)
+  loss = -np.mean(np.take_along_axis(np.asarray(log_probs),
+                                     np.asarray(split.labels)[:, None], 1))
+  assert metrics['n'] == 250
+  assert metrics['loss'] == pytest.approx(loss, rel=1e-5)
+  assert metrics['accuracy'] == pytest.approx(
+      np.mean(np.argmax(logits, -1) == np.asarray(split.labels)))
+  assert metrics['deep_fraction'] == pytest.approx(float(np.mean(routes)))
+
+
+def test_batch_mode_evaluation_routes_each_batch(config, digits):
+  batch_config = config.replace(routing=RoutingConfig(mode='batch'))
+  model = model_from_config(batch_config)
+  state = create_train_state(batch_config, digits.num_features, 10)
+  inputs = np.asarray(digits.test.images[:100]).copy()
+  inputs[50:] *= 0.01  # the second batch has near-zero variance: shortcut
+  split = Split(jnp.asarray(inputs), digits.test.labels[:100])
+  metrics = evaluate(model, state.variables, split, batch_size=50)
+  assert metrics['deep_fraction'] == pytest.approx(0.5)
+
+
+def test_nan_loss_stops_training_with_a_clear_error(config, digits):
+  images = np.asarray(digits.train.images).copy()
+  images[:] = np.nan
+  poisoned = dataclasses.replace(
+      digits, train=Split(jnp.asarray(images), digits.train.labels))
+  with pytest.raises(DnnrError, match='diverged in epoch 1'):
+    fit(config.replace(training=dataclasses.replace(config.training, epochs=1)),
+        poisoned)
+
+
+def test_batch_larger_than_the_data_is_rejected(config, digits):
+  tiny = dataclasses.replace(
+      digits, train=Split(digits.train.images[:10], digits.train.labels[:10]))
+  with pytest.raises(DnnrError, match='training.batch_size'):
+    fit(config, tiny)
+
+
+def test_short_real_mnist_run_learns(mnist_dir):
+  config = Config(
+      model=ModelConfig(hidden_sizes=(128, 128), deep_size=64),
+      training=TrainingConfig(epochs=1, batch_size=128, checkpoint_every=0))
+  dataset = load_dataset(config.data, mnist_dir)
+  subset = Dataset(
+      name=dataset.name, train=Split(dataset.train.images[:20000],
+                                     dataset.train.labels[:20000]),
+      test=dataset.test, validation=None, num_features=dataset.num_features,
+      num_classes=dataset.num_classes, source=dataset.source)
+  result = fit(config, subset)
+  final = result.final_metrics
+  assert final['test']['n'] == 10000
+  assert final['test']['accuracy'] > 0.92
+  assert final['train']['loss'] < 0.5
