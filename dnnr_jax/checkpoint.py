@@ -53,7 +53,7 @@ def checkpoint_path(models_dir: str | os.PathLike, kind: str, version: str) -> p
 
 
 def check_version(version: str) -> str:
-  if not _VERSION.match(version):
+  if not _VERSION.fullmatch(version):
     raise CheckpointError(
         f'version {version!r} is not of the form MAJOR.MINOR; pass e.g. '
         '--version 1.0.')

@@ -16,7 +16,7 @@ SMOKE_CONFIG = ROOT / 'configs' / 'smoke.yaml'
 def tree_allclose(actual, expected, **tolerances) -> None:
   """Asserts two pytrees have one structure and close leaves."""
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for left, right in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+  for left, right in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(np.asarray(left), np.asarray(right), **tolerances)
 
 

@@ -1,0 +1,244 @@
+"""The `dnnr` command end to end, each run a real subprocess."""
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+MODULE = (sys.executable, '-m', 'dnnr_jax')
+SMOKE = ('--config', 'configs/smoke.yaml')
+TIMEOUT_S = 300
+
+
+def _dnnr_script() -> str:
+  """The installed `dnnr` console script beside this interpreter."""
+  script = pathlib.Path(sys.executable).parent / 'dnnr'
+  if script.is_file():
+    return str(script)
+  found = shutil.which('dnnr')
+  assert found, f'no dnnr console script beside {sys.executable} or on PATH'
+  return found
+
+
+def _run(*args) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [str(arg) for arg in args], cwd=ROOT, capture_output=True, text=True,
+      timeout=TIMEOUT_S, env=os.environ.copy())
+
+
+def _run_all(commands: dict) -> dict:
+  """Runs independent commands side by side; results by the same keys."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    futures = {key: pool.submit(_run, *args) for key, args in commands.items()}
+    return {key: future.result() for key, future in futures.items()}
+
+
+def _json(run: subprocess.CompletedProcess) -> dict:
+  """The one JSON object a successful `--json` run prints."""
+  assert run.returncode == 0, run.stderr
+  lines = run.stdout.strip().splitlines()
+  assert len(lines) == 1, run.stdout
+  return json.loads(lines[0])
+
+
+def _snapshot(directory: pathlib.Path) -> dict:
+  return {str(f.relative_to(directory)): (f.stat().st_mtime_ns, f.read_bytes())
+          for f in sorted(directory.rglob('*')) if f.is_file()}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compile_cache(tmp_path_factory):
+  """One JAX compilation cache for every run here, so later runs compile less."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('JAX_COMPILATION_CACHE_DIR',
+                 str(tmp_path_factory.mktemp('jax_cache')))
+    patch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+    patch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+    yield
+
+
+@pytest.fixture(scope='module')
+def launched(tmp_path_factory):
+  """The first train, every bad-input run and the scripts' help, side by side.
+
+  Returns:
+    By name: (run, words its stderr must hold, its models dir).
+  """
+  tmp = tmp_path_factory.mktemp('cli')
+  unknown_section = tmp / 'unknown_section.yaml'
+  unknown_section.write_text(
+      (ROOT / 'configs' / 'smoke.yaml').read_text()
+      + '\noptimizer:\n  momentum: 0.9\n')
+  not_checkpoint = tmp / 'not_checkpoint'
+  not_checkpoint.mkdir()
+  (not_checkpoint / 'notes.txt').write_text('hello')
+  empty_data = tmp / 'empty_data'
+  empty_data.mkdir()
+
+  def train(name, *args, config=SMOKE):
+    return (*MODULE, 'train', *config, '--models-dir', tmp / name / 'models',
+            *args)
+
+  cases = {
+      'train': (train('train', '--set', 'training.epochs=2', '--json'), []),
+      'help_train': ((sys.executable, 'scripts/train.py', '--help'),
+                     ['usage: dnnr train', '--config', '--overwrite']),
+      'help_evaluate': ((sys.executable, 'scripts/evaluate.py', '--help'),
+                        ['usage: dnnr evaluate', 'MODEL_PATH']),
+      'unknown_key': (
+          train('unknown_key', '--set', 'training.epoch=1'),
+          ["'training.epoch'"]),
+      'negative_learning_rate': (
+          train('negative_learning_rate', '--set', 'training.learning_rate=-1'),
+          ['training.learning_rate', '-1']),
+      'annealing_after_end': (
+          train('annealing_after_end', '--set',
+                'thresholds.annealing_start_epoch=50'),
+          ['thresholds.annealing_start_epoch', '50']),
+      'missing_config': (
+          train('missing_config', config=('--config', tmp / 'missing.yaml')),
+          [str(tmp / 'missing.yaml')]),
+      'unknown_section': (
+          train('unknown_section', config=('--config', unknown_section)),
+          [str(unknown_section), "'optimizer'"]),
+      'evaluate_missing': (
+          (*MODULE, 'evaluate', tmp / 'absent'), [str(tmp / 'absent')]),
+      'evaluate_not_checkpoint': (
+          (*MODULE, 'evaluate', not_checkpoint), [str(not_checkpoint)]),
+      'empty_data_dir': (
+          train('empty_data_dir', '--data-dir', empty_data,
+                config=('--config', 'configs/default.yaml')),
+          [str(empty_data), 'data-dir']),
+  }
+  runs = _run_all({name: command for name, (command, _) in cases.items()})
+  return {name: (runs[name], words, tmp / name / 'models')
+          for name, (_, words) in cases.items()}
+
+
+# Train, evaluate, versions.
+
+
+@pytest.fixture(scope='module')
+def first_train(launched):
+  """`train --json` of the smoke config into a fresh models dir."""
+  run, _, models_dir = launched['train']
+  return models_dir, run
+
+
+def test_train_writes_final_checkpoint(first_train):
+  models_dir, run = first_train
+  result = _json(run)
+  path = models_dir / 'final' / 'model_v1.0_final'
+  assert result['model'] == str(path)
+  assert (path / 'variables').is_dir() and (path / 'metadata').is_dir()
+  assert result['epoch'] == 2
+  assert result['test']['n'] == 360
+  assert 0.5 < result['test']['accuracy'] <= 1
+  # Progress goes to stderr, once per epoch; periodic checkpoints are gone.
+  assert 'epoch 2:' in run.stderr
+  assert not (models_dir / 'checkpoints' / 'model_v1.0_final').exists()
+
+
+@pytest.fixture(scope='module')
+def after_first(first_train):
+  """evaluate, a second train and a refused overwrite, side by side."""
+  models_dir, run = first_train
+  assert run.returncode == 0, run.stderr
+  path = models_dir / 'final' / 'model_v1.0_final'
+  before = _snapshot(path)
+  runs = _run_all({
+      'evaluate': (_dnnr_script(), 'evaluate', path, '--json'),
+      'next': (*MODULE, 'train', *SMOKE, '--models-dir', models_dir,
+               '--set', 'training.epochs=1', '--json'),
+      'refused': (*MODULE, 'train', *SMOKE, '--models-dir', models_dir,
+                  '--set', 'training.epochs=2', '--version', '1.0', '--json'),
+  })
+  return models_dir, path, before, runs
+
+
+def test_evaluate_matches_train(first_train, after_first):
+  trained = _json(first_train[1])
+  metrics = _json(after_first[3]['evaluate'])
+  assert {'accuracy', 'loss', 'deep_fraction', 'n'} <= set(metrics)
+  assert metrics['n'] == 360
+  assert metrics['accuracy'] == trained['test']['accuracy']
+  assert metrics['loss'] == pytest.approx(trained['test']['loss'], abs=1e-6)
+  assert metrics['deep_fraction'] == trained['test']['deep_fraction']
+  assert metrics['model'] == trained['model']
+
+
+def test_second_train_takes_next_version(after_first):
+  models_dir, _, _, runs = after_first
+  result = _json(runs['next'])
+  assert result['model'] == str(models_dir / 'final' / 'model_v1.1_final')
+  assert result['epoch'] == 1
+  assert sorted(p.name for p in (models_dir / 'final').iterdir()) == [
+      'model_v1.0_final', 'model_v1.1_final']
+
+
+def test_train_refuses_to_overwrite(after_first):
+  _, path, before, runs = after_first
+  run = runs['refused']
+  assert run.returncode == 2
+  assert run.stdout == ''
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1, run.stderr
+  assert str(path) in lines[0] and '--overwrite' in lines[0]
+  assert _snapshot(path) == before
+
+
+# Bad inputs: exit status 2 and one line naming the input.
+
+
+@pytest.mark.parametrize('name', [
+    'unknown_key', 'negative_learning_rate', 'annealing_after_end',
+    'missing_config', 'unknown_section', 'evaluate_missing',
+    'evaluate_not_checkpoint', 'empty_data_dir',
+])
+def test_bad_input(launched, name):
+  run, words, models_dir = launched[name]
+  assert run.returncode == 2, run.stderr
+  assert run.stdout == ''
+  assert 'Traceback' not in run.stderr
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1, run.stderr
+  assert lines[0].startswith('error: ')
+  for word in words:
+    assert word in lines[0]
+  assert not models_dir.exists()  # nothing written
+
+
+@pytest.mark.parametrize('name', ['help_train', 'help_evaluate'])
+def test_script_help(launched, name):
+  run, words, _ = launched[name]
+  assert run.returncode == 0, run.stderr
+  for word in words:
+    assert word in run.stdout
+
+
+# The default config on real MNIST.
+
+
+def test_default_config_on_mnist(tmp_path, mnist_dir):
+  models_dir = tmp_path / 'models'
+  trained = _json(_run(
+      sys.executable, 'scripts/train.py', '--config', 'configs/default.yaml',
+      '--set', 'training.epochs=1', '--data-dir', mnist_dir,
+      '--models-dir', models_dir, '--json'))
+  path = models_dir / 'final' / 'model_v1.0_final'
+  assert trained['model'] == str(path)
+  assert trained['test']['accuracy'] > 0.9
+
+  metrics = _json(_run(sys.executable, 'scripts/evaluate.py', path,
+                       '--data-dir', mnist_dir, '--json'))
+  assert metrics['n'] == 10000
+  assert metrics['dataset'] == 'mnist'
+  assert metrics['accuracy'] > 0.9
+  assert metrics['accuracy'] == trained['test']['accuracy']
