@@ -1,0 +1,1 @@
+"""Compression: pruning, quantization and their schedules, on params pytrees."""
