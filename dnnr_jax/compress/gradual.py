@@ -1,0 +1,227 @@
+"""Pruning during training: the cubic sparsity schedule and optax wrappers.
+
+`pruning(inner, ...)` is gradual magnitude pruning (Zhu & Gupta, 2017) as an
+optax `GradientTransformation`: the masks live in its state, are recomputed
+inside the jitted step every `update_every` steps, and every update it returns
+lands pruned weights on exactly 0.0. `keep_masked(inner, masks)` is the
+fine-tuning half of one-shot pruning: a fixed mask, kept the same way.
+
+Example:
+  >>> schedule = cubic_sparsity_schedule(0.0, 0.8, begin_step=100, end_step=1000)
+  >>> tx = pruning(optax.adam(1e-3), sparsity_schedule=schedule, update_every=50)
+  >>> state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dnnr_jax.compress import prune
+from dnnr_jax.errors import DnnrError
+
+METHODS = ('magnitude', 'nm')
+
+
+def _is_none(node) -> bool:
+  return node is None
+
+
+def cubic_sparsity_schedule(
+    initial_sparsity: float, final_sparsity: float, begin_step: int, end_step: int,
+) -> Callable[[jax.Array], jax.Array]:
+  """Zhu & Gupta's s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3.
+
+  With t0 = begin_step and n dt = end_step - begin_step: s_i until
+  begin_step, s_f from end_step on. Pruning fast early, while redundant
+  weights are plentiful, and slowly near the end lets the network recover.
+
+  Returns:
+    count -> float32 sparsity, traceable (no Python branch on the count).
+
+  Raises:
+    DnnrError: sparsities outside [0, 1) or decreasing, or end_step <= begin_step.
+  """
+  for name, value in (('initial_sparsity', initial_sparsity),
+                      ('final_sparsity', final_sparsity)):
+    if not 0.0 <= value < 1.0:
+      raise DnnrError(f'{name} {value!r} is not in [0, 1); choose a fraction such as 0.8.')
+  if initial_sparsity > final_sparsity:
+    raise DnnrError(
+        f'initial_sparsity {initial_sparsity} exceeds final_sparsity {final_sparsity}; '
+        'gradual pruning only removes weights, so swap them.')
+  if not 0 <= begin_step < end_step:
+    raise DnnrError(
+        f'pruning steps begin_step={begin_step}, end_step={end_step} are not '
+        '0 <= begin_step < end_step; give the schedule a positive length.')
+
+  def schedule(count):
+    progress = jnp.clip((count - begin_step) / (end_step - begin_step), 0.0, 1.0)
+    return jnp.asarray(
+        final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3,
+        jnp.float32)
+
+  return schedule
+
+
+class PruningState(NamedTuple):
+  """State of `pruning` and `keep_masked`.
+
+  Attributes:
+    inner_state: the wrapped transform's state.
+    masks: like the params, bool (True = keep) for pruned leaves, None elsewhere.
+    count: updates seen, int32.
+  """
+  inner_state: optax.OptState
+  masks: Any
+  count: jax.Array
+
+
+def masked_updates(updates, masks, params):
+  """Updates that land pruned weights on exactly 0.0: -param there, the update elsewhere."""
+  return jax.tree.map(
+      lambda keep, update, param: update if keep is None else jnp.where(keep, update, -param),
+      masks, updates, params, is_leaf=_is_none)
+
+
+def _require_params(params) -> None:
+  if params is None:
+    raise DnnrError('pruning needs the params in tx.update(updates, state, params); pass them.')
+
+
+def _all_kept(params, patterns):
+  return jax.tree.map(lambda keep, leaf: jnp.ones(jnp.shape(leaf), bool) if keep else None,
+                      prune.select(params, patterns), params)
+
+
+def pruning(
+    inner: optax.GradientTransformation,
+    *,
+    sparsity_schedule: Callable[[jax.Array], jax.Array] | None,
+    update_every: int,
+    patterns: str | Sequence[str] = prune.DEFAULT_PATTERNS,
+    scope: str = 'global',
+    method: str = 'magnitude',
+    score: str = 'magnitude',
+    n: int = 2,
+    m: int = 4,
+) -> optax.GradientTransformation:
+  """Wraps `inner` so the params it trains are pruned on a schedule.
+
+  At every count that is a multiple of `update_every` (count 0 included) the
+  masks are recomputed, inside the same compiled step, from the would-be new
+  params `params + inner_updates`, with already-pruned weights held at zero:
+
+  * 'magnitude': prunes exactly round(s * n) weights (`scope` 'global' or
+    'layer', s = `sparsity_schedule(count)`). Already-pruned weights rank
+    below every other, so with a non-decreasing schedule a pruned weight is
+    never revived.
+  * 'nm': keeps n of every m along the input axis. The schedule, if given,
+    only gates it: all weights are kept while it is 0, so the pattern is
+    picked from trained weights at the first update where it is positive
+    (count 0 without a schedule). Later updates keep that pattern, since a
+    pruned weight, held at zero, loses to every nonzero one in its group.
+
+  The inner transform sees dense gradients (its moments are not masked); the
+  returned updates are `where(mask, inner_updates, -params)`, so pruned
+  weights are exactly 0.0 after `optax.apply_updates` whatever Adam's moments
+  hold.
+
+  Args:
+    inner: the optimizer to wrap, e.g. `optax.adam(1e-3)`.
+    sparsity_schedule: count -> sparsity, e.g. `cubic_sparsity_schedule`.
+    update_every: steps between mask updates.
+    patterns: regexes of the leaves to prune (default: Dense kernels).
+    scope: 'global' or 'layer' ('magnitude' only).
+    method: 'magnitude' or 'nm'.
+    score: a name in `prune.SCORES`.
+    n: kept weights per group ('nm' only).
+    m: group size ('nm' only).
+
+  Returns:
+    A transform whose state is a `PruningState`; it needs `params` in update.
+  """
+  if method not in METHODS:
+    raise DnnrError(f'pruning method {method!r} is unknown; use one of {METHODS}.')
+  if method == 'magnitude' and sparsity_schedule is None:
+    raise DnnrError('magnitude pruning needs a sparsity_schedule, e.g. cubic_sparsity_schedule.')
+  if not isinstance(update_every, int) or update_every < 1:
+    raise DnnrError(f'update_every {update_every!r} is not a positive integer; use e.g. 100.')
+  if scope not in prune.SCOPES:
+    raise DnnrError(f'pruning scope {scope!r} is unknown; use one of {prune.SCOPES}.')
+  score_fn = prune.check_score(score)
+  if method == 'nm':
+    prune.check_nm(n, m)
+
+  def init_fn(params):
+    masks = _all_kept(params, patterns)
+    if method == 'nm':  # Fail at init, not in the middle of a trace.
+      prune.nm_masks_from_scores(masks, n, m)
+    return PruningState(inner.init(params), masks, jnp.zeros((), jnp.int32))
+
+  def new_masks(candidate, old_masks, count):
+    if method == 'magnitude':
+      scores = jax.tree.map(
+          lambda keep, leaf: None if keep is None else jnp.where(keep, score_fn(leaf), -jnp.inf),
+          old_masks, candidate, is_leaf=_is_none)
+      return prune.masks_from_scores(scores, sparsity_schedule(count), scope=scope)
+    scores = jax.tree.map(lambda keep, leaf: None if keep is None else score_fn(leaf),
+                          old_masks, candidate, is_leaf=_is_none)
+    masks = prune.nm_masks_from_scores(scores, n, m)
+    if sparsity_schedule is None:
+      return masks
+    inactive = sparsity_schedule(count) <= 0.0
+    return jax.tree.map(lambda keep: keep | inactive, masks)
+
+  def update_fn(updates, state, params=None):
+    _require_params(params)
+    inner_updates, inner_state = inner.update(updates, state.inner_state, params)
+    candidate = optax.apply_updates(params, masked_updates(inner_updates, state.masks, params))
+    # lax.cond, not a Python if: the count is traced, one program serves all steps.
+    masks = jax.lax.cond(state.count % update_every == 0,
+                         lambda: new_masks(candidate, state.masks, state.count),
+                         lambda: state.masks)
+    return masked_updates(inner_updates, masks, params), state._replace(
+        inner_state=inner_state, masks=masks, count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def keep_masked(inner: optax.GradientTransformation, masks) -> optax.GradientTransformation:
+  """Fine-tunes under fixed `masks`: pruned weights go to and stay at exactly 0.0.
+
+  The masks (e.g. from `prune.magnitude_masks`) live in the state, not in the
+  closure, so they are not baked into the compiled step as constants.
+  """
+
+  def init_fn(params):
+    if jax.tree.structure(masks, is_leaf=_is_none) != jax.tree.structure(params):
+      raise DnnrError('keep_masked masks do not have the params\' structure; build them '
+                      'from these params with prune.magnitude_masks or prune.nm_masks.')
+    return PruningState(inner.init(params), masks, jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    _require_params(params)
+    inner_updates, inner_state = inner.update(updates, state.inner_state, params)
+    return masked_updates(inner_updates, state.masks, params), state._replace(
+        inner_state=inner_state, count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def final_masks(opt_state):
+  """The masks of the first `PruningState` found in an optax state (e.g. inside a chain).
+
+  Raises:
+    DnnrError: the state holds no `PruningState`.
+  """
+  found = [node for node in jax.tree.leaves(
+      opt_state, is_leaf=lambda node: isinstance(node, PruningState))
+           if isinstance(node, PruningState)]
+  if not found:
+    raise DnnrError('optimizer state holds no PruningState; build the optimizer with '
+                    'gradual.pruning or gradual.keep_masked.')
+  return found[0].masks

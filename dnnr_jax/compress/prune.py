@@ -1,0 +1,295 @@
+"""Unstructured pruning: masks shaped like the params, from a score registry.
+
+A mask pytree has the params' structure, `None` for leaves that are not
+pruned and a bool array (True = keep) for those that are. Pruning methods
+differ only in their score function (`SCORES`) and in how scores become a
+mask: the k lowest scores over a scope (`masks_from_scores`), or the n best of
+every m along the input axis (`nm_masks_from_scores`).
+
+Example:
+  >>> masks = magnitude_masks(params, 0.8)  # every Dense kernel, globally
+  >>> params = apply_masks(params, masks)
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dnnr_jax.errors import DnnrError
+
+Params = Any
+Masks = Any
+ScoreFn = Callable[[jax.Array], jax.Array]
+
+DEFAULT_PATTERNS = (r'.*/kernel$',)
+SCOPES = ('global', 'layer')
+
+# Higher means more important; the lowest scores are pruned first.
+SCORES: dict[str, ScoreFn] = {
+    'magnitude': jnp.abs,
+}
+
+
+def register_score(name: str, score_fn: ScoreFn) -> None:
+  """Adds `score_fn` (array -> same-shaped scores) to `SCORES` under `name`."""
+  SCORES[name] = score_fn
+
+
+def _is_none(value) -> bool:
+  return value is None
+
+
+def _path_str(key_path) -> str:
+  return jax.tree_util.keystr(key_path, simple=True, separator='/')
+
+
+def param_paths(params: Params) -> list[str]:
+  """'trunk_0/kernel'-style paths of every leaf, in flattening order."""
+  return [_path_str(key_path)
+          for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def select(params: Params, patterns: str | Sequence[str] = DEFAULT_PATTERNS) -> Any:
+  """Which leaves are prunable: a bool per leaf, True where a pattern fullmatches its path.
+
+  Raises:
+    DnnrError: a pattern is not a regular expression or matches no path.
+  """
+  if isinstance(patterns, str):
+    patterns = (patterns,)
+  paths = param_paths(params)
+  compiled = []
+  for pattern in patterns:
+    try:
+      regex = re.compile(pattern)
+    except re.error as error:
+      raise DnnrError(
+          f'pruning pattern {pattern!r} is not a regular expression ({error}); '
+          'fix its syntax.') from error
+    if not any(regex.fullmatch(path) for path in paths):
+      raise DnnrError(
+          f'pruning pattern {pattern!r} matches no parameter; available paths: '
+          f'{", ".join(paths)}.')
+    compiled.append(regex)
+  return jax.tree_util.tree_map_with_path(
+      lambda key_path, _: any(r.fullmatch(_path_str(key_path)) for r in compiled),
+      params)
+
+
+def check_score(score: str) -> ScoreFn:
+  """The registered score function called `score`."""
+  if score not in SCORES:
+    raise DnnrError(f'unknown pruning score {score!r}; use one of {sorted(SCORES)}.')
+  return SCORES[score]
+
+
+def selected_scores(
+    params: Params, patterns: str | Sequence[str] = DEFAULT_PATTERNS,
+    score: str = 'magnitude',
+) -> Masks:
+  """Scores of the selected leaves (float arrays) and `None` elsewhere."""
+  score_fn = check_score(score)
+  return jax.tree.map(lambda keep, leaf: score_fn(leaf) if keep else None,
+                      select(params, patterns), params)
+
+
+def _prune_count(sparsity, size: int) -> int | jax.Array:
+  """round(sparsity * size): exact for a Python number, float32 when traced."""
+  if isinstance(sparsity, numbers.Real) or (
+      isinstance(sparsity, np.ndarray) and sparsity.ndim == 0):
+    return int(round(float(sparsity) * size))
+  sparsity = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
+  return jnp.round(sparsity * size).astype(jnp.int32)
+
+
+def check_sparsity(sparsity) -> None:
+  """Rejects a concrete sparsity outside [0, 1); traced values are clipped instead."""
+  if isinstance(sparsity, (numbers.Real, np.ndarray)) and not 0.0 <= float(sparsity) < 1.0:
+    raise DnnrError(
+        f'sparsity {sparsity!r} is not in [0, 1); choose the fraction of weights '
+        'to prune, e.g. 0.8.')
+
+
+@jax.jit
+def _keep_top(scores: jax.Array, prune_count) -> jax.Array:
+  """False at the `prune_count` lowest of 1-D `scores`; ties prune the lower index."""
+  # Ranks rather than a top-k so the count may be traced: one compiled
+  # program serves every sparsity of a schedule (and, jitted, every Python
+  # count of a shape).
+  order = jnp.argsort(scores, stable=True)
+  ranks = jnp.zeros_like(order).at[order].set(jnp.arange(scores.size, dtype=order.dtype))
+  return ranks >= prune_count
+
+
+def masks_from_scores(scores: Masks, sparsity, *, scope: str = 'global') -> Masks:
+  """Prunes exactly round(sparsity * n) of the lowest-scoring weights.
+
+  Args:
+    scores: a pytree like the params, a score array for each selected leaf and
+      `None` elsewhere.
+    sparsity: fraction in [0, 1) to prune; a Python number or a traced scalar
+      (then rounded in float32 and clipped to [0, 1]).
+    scope: 'global' ranks all selected weights together (n = their total, as
+      torch's `global_unstructured`); 'layer' prunes round(sparsity * n_l) of
+      each leaf.
+
+  Returns:
+    Bool masks (True = keep) with `None` where `scores` has `None`. Ties are
+    broken by flattening order: of equal scores the earlier weight goes first.
+  """
+  check_sparsity(sparsity)
+  if scope not in SCOPES:
+    raise DnnrError(f'pruning scope {scope!r} is unknown; use one of {SCOPES}.')
+  leaves, treedef = jax.tree.flatten(scores)
+  if scope == 'layer':
+    kept = [_keep_top(leaf.ravel(), _prune_count(sparsity, leaf.size)).reshape(leaf.shape)
+            for leaf in leaves]
+    return jax.tree.unflatten(treedef, kept)
+  if not leaves:
+    return scores
+  total = sum(leaf.size for leaf in leaves)
+  return jax.tree.unflatten(treedef, _keep_top_global(leaves, _prune_count(sparsity, total)))
+
+
+@jax.jit
+def _keep_top_global(leaves: list[jax.Array], prune_count) -> list[jax.Array]:
+  """`_keep_top` over the leaves' weights together, split back into their shapes."""
+  keep = _keep_top(jnp.concatenate([leaf.ravel() for leaf in leaves]), prune_count)
+  offsets = np.cumsum([leaf.size for leaf in leaves])[:-1]
+  return [part.reshape(leaf.shape)
+          for part, leaf in zip(jnp.split(keep, offsets), leaves, strict=True)]
+
+
+def magnitude_masks(
+    params: Params,
+    sparsity,
+    *,
+    scope: str = 'global',
+    patterns: str | Sequence[str] = DEFAULT_PATTERNS,
+    score: str = 'magnitude',
+) -> Masks:
+  """Masks that prune exactly round(sparsity * n) of the selected weights.
+
+  Args:
+    params: a params pytree.
+    sparsity: fraction in [0, 1) to prune (see `masks_from_scores`).
+    scope: 'global' or 'layer'.
+    patterns: regexes fullmatched against 'layer/leaf' paths; default every
+      Dense kernel (biases are kept).
+    score: a name in `SCORES`.
+
+  Returns:
+    The params' structure, `None` for unselected leaves, bool arrays (True =
+    keep) for selected ones.
+
+  Raises:
+    DnnrError: a bad sparsity, scope, score or pattern.
+  """
+  check_sparsity(sparsity)
+  return masks_from_scores(selected_scores(params, patterns, score), sparsity, scope=scope)
+
+
+def check_nm(n: int, m: int) -> None:
+  if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m):
+    raise DnnrError(f'N:M sparsity {n}:{m} is impossible; choose integers 1 <= n <= m, e.g. 2:4.')
+
+
+def nm_masks_from_scores(scores: Masks, n: int = 2, m: int = 4) -> Masks:
+  """Keeps the n best scores of every m consecutive weights along axis 0 (the input axis).
+
+  Of equal scores in a group the earlier weight is pruned first.
+
+  Raises:
+    DnnrError: a leaf whose axis 0 is not a multiple of m.
+  """
+  check_nm(n, m)
+
+  def keep_group_best(key_path, score):
+    if score.ndim == 0 or score.shape[0] % m:
+      raise DnnrError(
+          f'{_path_str(key_path)} has shape {score.shape}, whose input axis is not a '
+          f'multiple of m={m}; exclude it with `patterns` or choose another m.')
+    return _keep_group_best(score, n, m)
+
+  return jax.tree_util.tree_map_with_path(keep_group_best, scores)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _keep_group_best(score: jax.Array, n: int, m: int) -> jax.Array:
+  grouped = score.reshape((score.shape[0] // m, m) + score.shape[1:])
+  ranks = jnp.argsort(jnp.argsort(grouped, axis=1, stable=True), axis=1, stable=True)
+  return (ranks >= m - n).reshape(score.shape)
+
+
+def nm_masks(
+    params: Params, n: int = 2, m: int = 4, *,
+    patterns: str | Sequence[str] = DEFAULT_PATTERNS, score: str = 'magnitude',
+) -> Masks:
+  """Semi-structured N:M masks: n kept of every m inputs, for each output unit.
+
+  Raises:
+    DnnrError: bad n, m, score or pattern, or a selected leaf whose input
+      dimension is not a multiple of m.
+  """
+  check_nm(n, m)
+  return nm_masks_from_scores(selected_scores(params, patterns, score), n, m)
+
+
+def apply_masks(params: Params, masks: Masks) -> Params:
+  """Zeroes (exactly +0.0) the pruned weights; leaves under a `None` mask are untouched."""
+  return jax.tree.map(
+      lambda keep, leaf: leaf if keep is None else jnp.where(keep, leaf, jnp.zeros_like(leaf)),
+      masks, params, is_leaf=_is_none)
+
+
+def _counts(leaf) -> dict[str, float]:
+  size = int(np.size(leaf))
+  zeros = int(np.sum(np.asarray(leaf) == 0))
+  return {'size': size, 'zeros': zeros, 'sparsity': zeros / size if size else 0.0}
+
+
+def sparsity_report(
+    params: Params, masks: Masks | None = None, *,
+    patterns: str | Sequence[str] = DEFAULT_PATTERNS,
+) -> dict[str, dict[str, float]]:
+  """Exact-zero counts of the (masked) params.
+
+  Args:
+    params: a params pytree.
+    masks: when given, counts zeros of `apply_masks(params, masks)` and
+      reports its non-`None` leaves; otherwise counts zeros of `params` in the
+      leaves `patterns` selects.
+    patterns: used only without `masks`.
+
+  Returns:
+    {path: {'size', 'zeros', 'sparsity'}} for each reported leaf, plus
+    'overall' (those leaves together) and 'all_params' (every leaf, biases
+    included).
+  """
+  if masks is None:
+    chosen = select(params, patterns)
+  else:
+    chosen = jax.tree.map(lambda keep, _: keep is not None, masks, params, is_leaf=_is_none)
+    params = apply_masks(params, masks)
+  paths = param_paths(params)
+  report = {}
+  totals = {'overall': [0, 0], 'all_params': [0, 0]}
+  for path, leaf, keep in zip(paths, jax.tree.leaves(params), jax.tree.leaves(chosen),
+                              strict=True):
+    counts = _counts(leaf)
+    names = ('overall', 'all_params') if keep else ('all_params',)
+    if keep:
+      report[path] = counts
+    for name in names:
+      totals[name][0] += counts['size']
+      totals[name][1] += counts['zeros']
+  for name, (size, zeros) in totals.items():
+    report[name] = {'size': size, 'zeros': zeros, 'sparsity': zeros / size if size else 0.0}
+  return report
