@@ -31,9 +31,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dnnr_jax.compress import storage
 from dnnr_jax.config import Config, config_from_dict
 from dnnr_jax.errors import CheckpointError, ConfigError
-from dnnr_jax.model import DynamicMLP, init_variables, model_from_config
+from dnnr_jax.model import DynamicMLP, model_from_config
 
 FORMAT = 'dnnr_jax'
 FORMAT_VERSION = 1
@@ -106,9 +107,11 @@ def save_checkpoint(
 ) -> pathlib.Path:
   """Writes `variables` and `metadata` as an Orbax checkpoint at `path`.
 
-  The format marker, library versions and a timestamp are added to the
-  metadata. The checkpoint is written beside `path` under a temporary name
-  and renamed into place; an existing `path` is replaced only with
+  Every leaf is stored in its smallest encoding (`compress.storage`: sparse
+  kernels as relative indices and values, int4 codes packed two per byte),
+  described by a 'layout' entry added to the metadata with the format
+  marker, library versions and a timestamp. The checkpoint is written beside
+  `path` under a temporary name and renamed into place; an existing `path` is replaced only with
   `overwrite`, and only once the new one is complete.
 
   Returns:
@@ -117,24 +120,25 @@ def save_checkpoint(
   path = pathlib.Path(path).absolute()
   ensure_writable(path, overwrite)
   path.parent.mkdir(parents=True, exist_ok=True)
+  arrays, layout = storage.encode_variables(variables)
   metadata = {
       'format': FORMAT,
       'format_version': FORMAT_VERSION,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
       'library_versions': library_versions(),
       **metadata,
+      'layout': layout,
   }
   staging = path.with_name(f'.{path.name}.partial')
   retired = path.with_name(f'.{path.name}.old')
   for leftover in (staging, retired):
     if leftover.exists():
       shutil.rmtree(leftover)
-  host_variables = jax.tree.map(np.asarray, variables)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(
         staging,
         args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(host_variables),
+            variables=ocp.args.StandardSave(arrays),
             metadata=ocp.args.JsonSave(metadata),
         ),
     )
@@ -168,15 +172,16 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   return metadata
 
 
-def restore_variables(path: str | os.PathLike, abstract: Any) -> Any:
-  """Restores the `variables` item into the structure of `abstract`."""
+def restore_variables(path: str | os.PathLike, layout: dict[str, Any]) -> Any:
+  """Restores and decodes the `variables` item that `layout` describes."""
   path = _existing_checkpoint_dir(path)
   try:
+    abstract = storage.abstract_arrays(layout)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
       restored = checkpointer.restore(
           path,
           args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract)))
-    return restored['variables']
+    return storage.decode_variables(restored['variables'], layout)
   except Exception as error:  # A truncated file surfaces from TensorStore.
     raise CheckpointError(
         f'{path} is damaged or incomplete (its arrays could not be read: '
@@ -257,15 +262,18 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
   metadata = read_metadata(path)
   try:
     config = config_from_dict(metadata['config'], source=f'{path} metadata')
-    num_features = int(metadata['num_features'])
+    int(metadata['num_features'])
+    layout = dict(metadata['layout'])
   except (KeyError, TypeError, ValueError, ConfigError) as error:
     raise CheckpointError(
         f'{path} has incomplete metadata ({_short(error)}); write it again '
         'with dnnr.') from None
-  model = model_from_config(config)
-  abstract = jax.eval_shape(
-      lambda: init_variables(model, jax.random.PRNGKey(0), num_features))
-  variables = restore_variables(path, abstract)
+  weight_only = metadata.get('quantization', {}).get('mode') == 'weight_only'
+  model = model_from_config(config, weight_only=weight_only)
+  variables = restore_variables(path, layout)
+  if not {'params', 'thresholds'} <= set(variables):
+    raise CheckpointError(
+        f'{path} holds no params or thresholds; pass a checkpoint written by dnnr.')
   return LoadedModel(path, model, variables, config, metadata)
 
 

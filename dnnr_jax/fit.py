@@ -56,6 +56,7 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     on_epoch: EpochCallback | None = None,
+    **state_options: Any,
 ) -> FitResult:
   """Trains a model on `dataset` as `config` says.
 
@@ -67,6 +68,9 @@ def fit(
     resume: continue from the latest checkpoint in `checkpoint_dir`, which
       must have been written with the same config.
     on_epoch: called with each epoch's record, e.g. for a progress bar.
+    **state_options: `params`, `wrap_optimizer` and `apply_fn` for
+      `create_train_state`, to fine-tune (prune, QAT) instead of training
+      from scratch.
 
   Returns:
     The final state, the per-epoch history and timings.
@@ -81,7 +85,8 @@ def fit(
     raise DnnrError(
         f'training.batch_size = {training.batch_size} is larger than the '
         f'{dataset.train.labels.shape[0]} training examples; lower it.')
-  state = create_train_state(config, dataset.num_features, steps_per_epoch)
+  state = create_train_state(
+      config, dataset.num_features, steps_per_epoch, **state_options)
   history: list[dict[str, Any]] = []
   manager = None
   if checkpoint_dir is not None and training.checkpoint_every > 0:
@@ -89,6 +94,7 @@ def fit(
     if resume and manager.latest_step() is not None:
       state, history = _restore(manager, state, config)
   model = model_from_config(config)
+  evaluate_variables = _evaluation_variables(state_options.get('apply_fn'), model)
   run_epoch = jit_train_epoch(config)
   epoch_seconds = []
   start = time.perf_counter()
@@ -106,13 +112,12 @@ def fit(
           'epoch': epoch + 1,
           'thresholds': thresholds_to_floats(state.thresholds),
           'train': train_metrics,
-          'test': evaluate(
-              model, state.variables, dataset.test, training.eval_batch_size),
+          'test': evaluate_variables(state.variables, dataset.test, training.eval_batch_size),
           'seconds': epoch_seconds[-1],
       }
       if dataset.validation is not None:
-        record['validation'] = evaluate(
-            model, state.variables, dataset.validation, training.eval_batch_size)
+        record['validation'] = evaluate_variables(
+            state.variables, dataset.validation, training.eval_batch_size)
       history.append(record)
       if manager is not None:
         _save_periodic(manager, state, history, config)
@@ -128,6 +133,20 @@ def fit(
   throughput = (samples / statistics.median(epoch_seconds[1:])
                 if len(epoch_seconds) > 1 else None)
   return FitResult(state, history, time.perf_counter() - start, throughput)
+
+
+def _evaluation_variables(apply_fn, model):
+  """Evaluation with the model the training step runs (e.g. fake-quantized)."""
+  if apply_fn is None:
+    return lambda variables, split, batch_size: evaluate(model, variables, split, batch_size)
+  return lambda variables, split, batch_size: evaluate(
+      _AppliedModel(apply_fn), variables, split, batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AppliedModel:
+  """Stands in for a module in `evaluate`: only `.apply` is used."""
+  apply: Callable
 
 
 def _checkpoint_manager(directory, keep: int) -> ocp.CheckpointManager:

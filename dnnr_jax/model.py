@@ -6,6 +6,11 @@ and jax2onnx work with. `variables` holds two collections:
 * 'params': `trunk_{i}`, `deep`, `shortcut` and `head`, each a Dense
   `{'kernel': [in, out], 'bias': [out]}`;
 * 'thresholds': the hybrid thresholds, float32 scalars keyed by metric.
+
+A kernel may also be a `QArray` (see `dnnr_jax.compress.quantize`): the layer
+then multiplies in integers (activations quantized per row, or at the
+calibrated scale in the 'activation_scales' collection when one is present),
+or with dequantized weights when the model is `weight_only`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,39 @@ import jax.numpy as jnp
 
 from dnnr_jax import complexity as complexity_lib
 from dnnr_jax import routing as routing_lib
+from dnnr_jax.compress.quantize import (
+    QArray,
+    int8_matmul,
+    static_int8_matmul,
+    weight_only_matmul,
+)
+
+
+class Dense(nn.Module):
+  """`nn.Dense` (same parameters and initialisers) that also takes a QArray kernel.
+
+  Attributes:
+    features: output width.
+    weight_only: for a QArray kernel, multiply by the dequantized weights
+      instead of in integers.
+  """
+  features: int
+  weight_only: bool = False
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    kernel = self.param(
+        'kernel', nn.initializers.lecun_normal(), (inputs.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    bias = bias.reshape((1,) * (inputs.ndim - 1) + (-1,))
+    if not isinstance(kernel, QArray):
+      return inputs @ kernel + bias
+    if self.weight_only:
+      return weight_only_matmul(inputs, kernel) + bias
+    activation_scale = self.get_variable('activation_scales', 'input')
+    if activation_scale is not None:
+      return static_int8_matmul(inputs, activation_scale, kernel) + bias
+    return int8_matmul(inputs, kernel) + bias
 
 
 class DynamicMLP(nn.Module):
@@ -31,17 +69,22 @@ class DynamicMLP(nn.Module):
     routing: 'per_sample' (both paths run, each example keeps its own: a
       `Where` in ONNX), 'batch' (one decision per batch, only the taken path
       runs: an `If` in ONNX), 'deep' or 'shallow'.
+    weight_only: quantized kernels compute with dequantized weights.
   """
   hidden_sizes: Sequence[int] = (256, 256)
   deep_size: int = 128
   num_classes: int = 10
   routing: str = 'per_sample'
+  weight_only: bool = False
 
   def setup(self):
-    self.trunk = [nn.Dense(size) for size in self.hidden_sizes]
-    self.deep = nn.Dense(self.deep_size)
-    self.shortcut = nn.Dense(self.deep_size)
-    self.head = nn.Dense(self.num_classes)
+    def dense(features):
+      return Dense(features, weight_only=self.weight_only)
+
+    self.trunk = [dense(size) for size in self.hidden_sizes]
+    self.deep = dense(self.deep_size)
+    self.shortcut = dense(self.deep_size)
+    self.head = dense(self.num_classes)
     self.threshold_variables = {
         name: self.variable(
             'thresholds', name, lambda: jnp.zeros((), jnp.float32))
@@ -86,13 +129,14 @@ def _shortcut(module: DynamicMLP, hidden: jax.Array) -> jax.Array:
   return module.shortcut(hidden)
 
 
-def model_from_config(config) -> DynamicMLP:
+def model_from_config(config, *, weight_only: bool = False) -> DynamicMLP:
   """The module a `Config` describes (widths and routing mode)."""
   return DynamicMLP(
       hidden_sizes=tuple(config.model.hidden_sizes),
       deep_size=config.model.deep_size,
       num_classes=config.model.num_classes,
       routing=config.routing.mode,
+      weight_only=weight_only,
   )
 
 

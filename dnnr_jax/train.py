@@ -52,18 +52,37 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransf
 
 
 def create_train_state(
-    config: Config, num_features: int, steps_per_epoch: int
+    config: Config,
+    num_features: int,
+    steps_per_epoch: int,
+    *,
+    params: Any = None,
+    wrap_optimizer: Callable[[optax.GradientTransformation],
+                             optax.GradientTransformation] | None = None,
+    apply_fn: Callable | None = None,
 ) -> TrainState:
-  """A fresh train state at epoch 0, seeded by `training.seed`."""
+  """A train state at epoch 0, seeded by `training.seed`.
+
+  Args:
+    config: the run's configuration.
+    num_features: input width.
+    steps_per_epoch: optimizer steps per epoch (for the learning-rate schedule).
+    params: start from these params (fine-tuning) instead of fresh ones.
+    wrap_optimizer: wraps the configured Adam, e.g. in a pruning transform.
+    apply_fn: replaces `model.apply`, e.g. with fake quantization for QAT.
+  """
   model = model_from_config(config)
   init_key, shuffle_key = jax.random.split(
       jax.random.PRNGKey(config.training.seed))
   schedule = schedule_from_config(config)
   variables = init_variables(model, init_key, num_features, schedule(0))
+  tx = make_optimizer(config, steps_per_epoch)
   state = TrainState.create(
-      apply_fn=model.apply,
-      params=variables['params'],
-      tx=make_optimizer(config, steps_per_epoch),
+      apply_fn=apply_fn or model.apply,
+      # A copy: the jitted epoch donates the state's buffers, and the caller
+      # may still use its params (a source checkpoint, say).
+      params=variables['params'] if params is None else jax.tree.map(jnp.array, params),
+      tx=wrap_optimizer(tx) if wrap_optimizer else tx,
       thresholds=variables['thresholds'],
       epoch=jnp.zeros((), jnp.int32),
       rng=shuffle_key,

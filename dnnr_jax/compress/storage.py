@@ -7,7 +7,9 @@ zeros is bridged by filler entries (gap 255, value 0), each advancing 256
 positions. For s-sparse float32 weights this costs (1 + 4)·(1 − s)·n bytes
 instead of 4·n; for int8 weights (1 + 1)·(1 − s)·n.
 
-`encode_sparse` and `decode_sparse` are exact inverses for any array.
+`encode_sparse` and `decode_sparse` are exact inverses for any array;
+`encode_variables` picks the smallest encoding of every leaf of a variables
+pytree (QArrays included) and `decode_variables` restores it exactly.
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ import io
 import os
 import pathlib
 import tarfile
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from dnnr_jax.compress import quantize
 
 MAX_GAP = 255
 
@@ -87,3 +94,110 @@ def gzip_bytes(path: str | os.PathLike) -> int:
     with tarfile.open(fileobj=zipped, mode='w') as archive:
       archive.add(str(path), arcname=pathlib.Path(path).name)
   return buffer.tell()
+
+
+def encode_variables(variables: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+  """Splits a variables pytree into arrays to save and a JSON layout.
+
+  Each leaf takes the smallest of its encodings: float arrays dense or
+  sparse; a QArray's codes dense int8, packed int4 (two per byte) or sparse,
+  with its scale (and zero point) dense.
+
+  Returns:
+    (arrays, layout): arrays nested like the variables, each leaf replaced
+    by a dict of the arrays its encoding saves; layout maps each path such
+    as 'params/trunk_0/kernel' to its JSON-ready spec. `decode_variables`
+    inverts it exactly.
+  """
+  arrays, layout = {}, {}
+  leaves = jax.tree_util.tree_flatten_with_path(variables, is_leaf=_is_qarray)[0]
+  for key_path, leaf in leaves:
+    path = '/'.join(str(getattr(key, 'key', key)) for key in key_path)
+    if _is_qarray(leaf):
+      codes = np.asarray(leaf.value)
+      entry, spec = _encode_codes(codes, leaf.bits)
+      entry['scale'] = np.asarray(leaf.scale)
+      if leaf.zero_point is not None:
+        entry['zero_point'] = np.asarray(leaf.zero_point)
+      spec.update(kind='qarray', bits=leaf.bits, axis=leaf.axis, symmetric=leaf.symmetric,
+                  arrays=_array_specs(entry))
+    else:
+      entry, spec = _encode_dense_or_sparse(np.asarray(leaf))
+    _put(arrays, path, entry)
+    layout[path] = spec
+  return arrays, layout
+
+
+def abstract_arrays(layout: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """The shapes and dtypes `encode_variables` saved, for restoring them."""
+  abstract: dict[str, Any] = {}
+  for path, spec in layout.items():
+    _put(abstract, path, {name: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+                          for name, (shape, dtype) in spec['arrays'].items()})
+  return abstract
+
+
+def decode_variables(arrays: dict[str, Any], layout: dict[str, dict[str, Any]]) -> Any:
+  """Rebuilds the variables pytree (QArrays included) from saved arrays."""
+  variables: dict[str, Any] = {}
+  for path, spec in layout.items():
+    entry = arrays
+    for part in path.split('/'):
+      entry = entry[part]
+    shape, dtype = tuple(spec['shape']), np.dtype(spec['dtype'])
+    if spec['encoding'] == 'sparse':
+      value = decode_sparse(entry, shape, dtype)
+    elif spec['encoding'] == 'int4':
+      value = np.asarray(quantize.unpack_int4(entry['packed'], shape))
+    else:
+      value = np.asarray(entry['dense'])
+    if spec['kind'] == 'qarray':
+      value = quantize.QArray(
+          jnp.asarray(value), jnp.asarray(entry['scale']),
+          jnp.asarray(entry['zero_point']) if 'zero_point' in entry else None,
+          bits=spec['bits'], axis=spec['axis'], symmetric=spec['symmetric'])
+    else:
+      value = jnp.asarray(value)
+    _put(variables, path, value)
+  return variables
+
+
+def _put(tree: dict[str, Any], path: str, value: Any) -> None:
+  *parents, name = path.split('/')
+  for part in parents:
+    tree = tree.setdefault(part, {})
+  tree[name] = value
+
+
+def _encode_dense_or_sparse(array: np.ndarray) -> tuple[dict, dict]:
+  spec = {'kind': 'array', 'shape': list(array.shape), 'dtype': array.dtype.name}
+  if array.ndim >= 2 and sparse_nbytes(array) < array.nbytes:
+    entry = encode_sparse(array)
+    spec['encoding'] = 'sparse'
+  else:
+    entry = {'dense': array}
+    spec['encoding'] = 'dense'
+  spec['arrays'] = _array_specs(entry)
+  return entry, spec
+
+
+def _encode_codes(codes: np.ndarray, bits: int) -> tuple[dict, dict]:
+  spec = {'shape': list(codes.shape), 'dtype': 'int8'}
+  options = [('dense', {'dense': codes})]
+  if bits == 4:
+    options.append(('int4', {'packed': np.asarray(quantize.pack_int4(codes))}))
+  if sparse_nbytes(codes) < codes.nbytes:
+    options.append(('sparse', encode_sparse(codes)))
+  encoding, entry = min(
+      options, key=lambda option: sum(array.nbytes for array in option[1].values()))
+  spec['encoding'] = encoding
+  spec['arrays'] = _array_specs(entry)
+  return dict(entry), spec
+
+
+def _array_specs(entry: dict[str, np.ndarray]) -> dict[str, list]:
+  return {name: [list(array.shape), array.dtype.name] for name, array in entry.items()}
+
+
+def _is_qarray(leaf: Any) -> bool:
+  return isinstance(leaf, quantize.QArray)

@@ -1,0 +1,297 @@
+"""Integer quantization of params pytrees, and the integer matmuls it feeds.
+
+* `axis` is the one axis whose slices keep their own scale; `scale` has the
+  value's rank, size 1 elsewhere. A Dense kernel [in, out] with `axis=-1`
+  (stored as 1) is per output channel, scale [1, out]; `axis=None` is per
+  tensor, scale [1, 1].
+* Symmetric codes lie in [-qmax, qmax], qmax = 2**(bits - 1) - 1 (127 or 7),
+  so negating a code never overflows; asymmetric codes use the whole
+  [-qmax - 1, qmax] around an integer `zero_point`. 4-bit codes sit one per
+  int8 in memory; `pack_int4` puts two in a byte for storage.
+* `dequantize(quantize(w))` is within scale / 2 of `w` element-wise, up to
+  float32 rounding. A channel whose scale would be zero or subnormal (an
+  all-zero channel) gets scale 1 and zero codes, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dnnr_jax.errors import DnnrError
+
+BITS = (4, 8)  # Supported widths; codes of either are stored one per int8.
+DEFAULT_PATTERNS = (r'.*/kernel$',)
+CALIBRATION_METHODS = ('minmax', 'percentile')
+
+
+@flax.struct.dataclass
+class QArray:
+  """Integer codes and the scale (and zero point) that map them back to floats.
+
+  Attributes:
+    value: int8 codes, the original shape.
+    scale: float32, the value's rank, size 1 on every axis but `axis`.
+    zero_point: int8 code of 0.0 with the scale's shape; None when symmetric.
+    bits: 4 or 8.
+    axis: the non-negative axis with its own scales, or None for one scale.
+    symmetric: codes in [-qmax, qmax] and no zero point.
+  """
+  value: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None = None
+  bits: int = flax.struct.field(pytree_node=False, default=8)
+  axis: int | None = flax.struct.field(pytree_node=False, default=None)
+  symmetric: bool = flax.struct.field(pytree_node=False, default=True)
+
+  shape = property(lambda self: self.value.shape, doc='The original shape.')
+
+  def dequantize(self) -> jax.Array:
+    """float32 approximation of the original array."""
+    return dequantize(self)
+
+
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+  """The smallest and largest code: [-qmax, qmax] symmetric, else [-qmax - 1, qmax]."""
+  if bits not in BITS:
+    raise DnnrError(f'bits = {bits!r} is not supported; pass 4 or 8.')
+  qmax = 2 ** (bits - 1) - 1
+  return (-qmax if symmetric else -qmax - 1), qmax
+
+
+def quantize(
+    w: jax.Array, *, bits: int = 8, axis: int | None = -1, symmetric: bool = True
+) -> QArray:
+  """`bits`-bit codes of `w`, one scale per slice along `axis`; error <= scale / 2.
+
+  Args:
+    w: the float array.
+    bits: 4 or 8.
+    axis: the axis that keeps its own scale (-1: per output channel of a
+      [in, out] kernel); None for one scale for the whole array.
+    symmetric: scale by max|w| around zero; otherwise map [min, max] (widened
+      to include 0, so 0.0 stays exact) onto the full code range.
+  """
+  qmin, qmax = code_range(bits, symmetric)
+  w = jnp.asarray(w, jnp.float32)
+  axis = _normalize_axis(axis, w.ndim)
+  shared_axes = tuple(i for i in range(w.ndim) if i != axis)
+  if symmetric:
+    scale = _step(jnp.max(jnp.abs(w), axis=shared_axes, keepdims=True), qmax)
+    return QArray(_codes(w, scale, qmin, qmax), scale, bits=bits, axis=axis)
+  low = jnp.minimum(jnp.min(w, axis=shared_axes, keepdims=True), 0.0)
+  high = jnp.maximum(jnp.max(w, axis=shared_axes, keepdims=True), 0.0)
+  scale = _step(high - low, qmax - qmin)
+  inverse_scale = 1 / scale
+  # low maps to qmin; the clip only absorbs float rounding.
+  zero_point = jnp.clip(qmin - jnp.round(low * inverse_scale), qmin, qmax)
+  value = jnp.clip(jnp.round(w * inverse_scale) + zero_point, qmin, qmax)
+  return QArray(value.astype(jnp.int8), scale, zero_point.astype(jnp.int8),
+                bits=bits, axis=axis, symmetric=False)
+
+
+def dequantize(q: QArray) -> jax.Array:
+  """float32 `(value - zero_point) * scale`, the original shape."""
+  codes = q.value.astype(jnp.float32)
+  if q.zero_point is not None:
+    codes = codes - q.zero_point.astype(jnp.float32)
+  return codes * q.scale
+
+
+def pack_int4(values: jax.Array) -> jax.Array:
+  """uint8 [ceil(size / 2)]: codes in [-8, 7] (any shape, C order) two per byte.
+
+  The first code of a pair is the low nibble; an odd size gets a zero nibble
+  of padding; codes outside [-8, 7] wrap modulo 16. `unpack_int4` inverts it.
+  """
+  nibbles = jnp.bitwise_and(jnp.ravel(jnp.asarray(values)).astype(jnp.int32), 0x0F)
+  nibbles = jnp.pad(nibbles, (0, nibbles.shape[0] % 2)).reshape(-1, 2)
+  return (nibbles[:, 0] | (nibbles[:, 1] << 4)).astype(jnp.uint8)
+
+
+def unpack_int4(packed: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """int8 codes of `shape` from the bytes `pack_int4` wrote."""
+  shape, packed = tuple(int(size) for size in shape), jnp.asarray(packed, jnp.uint8)
+  size = math.prod(shape)
+  if packed.shape != ((size + 1) // 2,):
+    raise DnnrError(f'unpack_int4 got packed bytes of shape {packed.shape} for shape {shape}; '
+                    f'pass the 1-D array of {(size + 1) // 2} bytes pack_int4 returned for it.')
+  nibbles = jnp.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(-1)[:size].astype(jnp.int8)
+  return jnp.where(nibbles >= 8, nibbles - 16, nibbles).reshape(shape)
+
+
+def quantize_params(
+    params: Any, *, bits: int = 8, per_channel: bool = True, symmetric: bool = True,
+    patterns: Sequence[str] = DEFAULT_PATTERNS,
+) -> Any:
+  """The params with the leaves `patterns` select as QArrays, the others unchanged.
+
+  Args:
+    params: a params pytree, e.g. `{'trunk_0': {'kernel': ..., 'bias': ...}}`.
+    bits: 4 or 8.
+    per_channel: one scale per output channel (last axis), else per tensor.
+    symmetric: see `quantize`.
+    patterns: regular expressions, each fully matched against '/'-joined
+      paths such as 'trunk_0/kernel'; each must match at least one leaf.
+  """
+  code_range(bits, symmetric)  # Bad bits fail here even if no pattern matches.
+  axis = -1 if per_channel else None
+  return map_matching_leaves(
+      lambda w: quantize(w, bits=bits, axis=axis, symmetric=symmetric), params, patterns)
+
+
+def dequantize_params(params: Any) -> Any:
+  """The params with every QArray leaf dequantized to float32."""
+  return jax.tree.map(lambda leaf: dequantize(leaf) if _is_qarray(leaf) else leaf,
+                      params, is_leaf=_is_qarray)
+
+
+def map_matching_leaves(
+    fn: Callable[[jax.Array], Any], params: Any, patterns: Sequence[str]) -> Any:
+  """Applies `fn` to the leaves whose '/'-joined path fully matches a pattern.
+
+  QArray leaves are left as they are. Raises DnnrError for a pattern that
+  matches no leaf, since a typo would otherwise silently quantize nothing.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qarray)[0]
+  names = [_path_name(path) for path, _ in leaves]
+  for pattern in patterns:
+    if not any(re.fullmatch(pattern, name) for name in names):
+      raise DnnrError(f'pattern {pattern!r} matches none of the parameter paths '
+                      f'({", ".join(names)}); fix the regular expression.')
+
+  def visit(path, leaf):
+    selected = any(re.fullmatch(pattern, _path_name(path)) for pattern in patterns)
+    return fn(leaf) if selected and not _is_qarray(leaf) else leaf
+
+  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_qarray)
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Dynamic activation quantization: x [B, F] -> (int8 [B, F], row scales [B, 1]).
+
+  One symmetric float32 scale per row; codes in [-127, 127].
+  """
+  x = jnp.asarray(x, jnp.float32)
+  row_scale = _step(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 127)
+  return _codes(x, row_scale, -127, 127), row_scale
+
+
+def int8_matmul(x: jax.Array, q: QArray) -> jax.Array:
+  """float32 [B, out]: x [B, F] quantized per row, times the [F, out] QArray in integers.
+
+  The int32 accumulator is exact for F up to 133,000 (127 * 127 * F < 2**31).
+  """
+  x_int8, row_scale = quantize_rows(x)
+  return _integer_matmul(x_int8, q).astype(jnp.float32) * row_scale * q.scale
+
+
+def weight_only_matmul(x: jax.Array, q: QArray) -> jax.Array:
+  """float32 x [B, F] times the dequantized [F, out] weights."""
+  return jnp.asarray(x, jnp.float32) @ dequantize(q)
+
+
+@flax.struct.dataclass
+class ActivationRange:
+  """The calibrated range [minimum, maximum] (float32 scalars) of one activation."""
+  minimum: jax.Array
+  maximum: jax.Array
+
+  def scale(self) -> jax.Array:
+    """The static symmetric int8 scale, max(|minimum|, |maximum|) / 127."""
+    return _step(jnp.maximum(jnp.abs(self.minimum), jnp.abs(self.maximum)), 127)
+
+
+def calibrate(
+    apply_with_activations: Callable[[Any], dict[str, jax.Array]],
+    batches: Iterable[Any], *, method: str = 'minmax', percentile: float = 99.99,
+) -> dict[str, ActivationRange]:
+  """{name: ActivationRange} of each named activation over calibration batches.
+
+  Args:
+    apply_with_activations: batch -> {name: activation}, e.g. the input to each
+      Dense layer; traceable, since it is jitted.
+    batches: the calibration batches (at least one).
+    method: 'minmax': the running min and max over all batches. 'percentile':
+      the `percentile` of |x| in each batch, averaged over batches (so one
+      batch's outliers move it by 1/N), as the symmetric range [-p, p].
+    percentile: in (0, 100], for 'percentile'.
+  """
+  if method not in CALIBRATION_METHODS:
+    raise DnnrError(f'calibration method {method!r} is not one of: minmax, percentile.')
+  if not 0 < percentile <= 100:
+    raise DnnrError(f'percentile = {percentile} is not in (0, 100]; pass e.g. 99.99.')
+
+  def batch_range(x):
+    if method == 'minmax':
+      return jnp.min(x), jnp.max(x)
+    bound = jnp.percentile(jnp.abs(x), percentile)
+    return -bound, bound
+
+  batch_ranges = jax.jit(lambda batch: {
+      name: batch_range(x) for name, x in apply_with_activations(batch).items()})
+  per_batch = [batch_ranges(batch) for batch in batches]
+  if not per_batch:
+    raise DnnrError('calibrate got no batches; pass at least one calibration batch.')
+  # {name: (lows [N], highs [N])} over the N batches.
+  stacked = jax.tree.map(lambda *values: jnp.stack(values), *per_batch)
+  reduce_low, reduce_high = (jnp.min, jnp.max) if method == 'minmax' else (jnp.mean, jnp.mean)
+  return {name: ActivationRange(minimum=reduce_low(lows), maximum=reduce_high(highs))
+          for name, (lows, highs) in stacked.items()}
+
+
+def quantize_static(x: jax.Array, act_scale: jax.Array) -> jax.Array:
+  """int8 codes in [-127, 127] of `x` at a fixed, calibrated scale; beyond it saturates."""
+  return _codes(jnp.asarray(x, jnp.float32), act_scale, -127, 127)
+
+
+def static_int8_matmul(x: jax.Array, act_scale: jax.Array, q: QArray) -> jax.Array:
+  """Like `int8_matmul`, with one calibrated activation scale (a scalar)."""
+  accumulator = _integer_matmul(quantize_static(x, act_scale), q)
+  return accumulator.astype(jnp.float32) * act_scale * q.scale
+
+
+def _integer_matmul(x_int8: jax.Array, q: QArray) -> jax.Array:
+  if not q.symmetric or q.value.ndim != 2 or q.axis not in (None, 1):
+    raise DnnrError(f'integer matmul needs a symmetric [in, out] QArray per output channel or '
+                    f'per tensor, got symmetric={q.symmetric}, shape={q.shape}, axis={q.axis}; '
+                    'quantize with symmetric=True and axis=-1 or None.')
+  # Exactly this form: jax2onnx exports an integer matmul only as jnp.dot with
+  # preferred_element_type (`@`, dot_general and einsum give invalid ONNX).
+  return jnp.dot(x_int8, q.value, preferred_element_type=jnp.int32)
+
+
+def _codes(x: jax.Array, scale: jax.Array, qmin: int, qmax: int) -> jax.Array:
+  # Not x / scale: under jit XLA rewrites that into this product, so writing it
+  # out keeps eager and jitted codes equal bit for bit (`qat.convert` needs it).
+  return jnp.clip(jnp.round(x * (1 / scale)), qmin, qmax).astype(jnp.int8)
+
+
+def _step(width: jax.Array, num_steps: int) -> jax.Array:
+  """The scale that spreads `width` over `num_steps` codes; 1 where that is ~0."""
+  scale = width * np.float32(1 / num_steps)  # A product for the reason in `_codes`.
+  # A zero or subnormal (XLA flushes those) scale gives inf/NaN; such a channel is ~0 anyway.
+  return jnp.where(scale >= np.finfo(np.float32).tiny, scale, 1.0).astype(jnp.float32)
+
+
+def _normalize_axis(axis: int | None, ndim: int) -> int | None:
+  if axis is not None and not -ndim <= axis < ndim:
+    raise DnnrError(f'axis = {axis} is out of range for a {ndim}-D array; pass an axis '
+                    f'in [{-ndim}, {ndim - 1}] or None for per-tensor.')
+  return None if axis is None else axis % ndim
+
+
+def _is_qarray(leaf: Any) -> bool:
+  return isinstance(leaf, QArray)
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+  # DictKey has .key, SequenceKey .idx, GetAttrKey .name.
+  return '/'.join(str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
+                  for key in path)

@@ -1,0 +1,61 @@
+"""The model runs with quantized kernels: integer, static and weight-only paths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dnnr_jax.compress.quantize import QArray, dequantize_params, quantize_params
+from dnnr_jax.model import DynamicMLP, init_variables
+
+HALF = {name: jnp.float32(0.5) for name in ('variance', 'entropy', 'sparsity')}
+
+
+def _model(**kwargs):
+  return DynamicMLP(hidden_sizes=(64, 48), deep_size=32, num_classes=10, **kwargs)
+
+
+def _setup():
+  variables = init_variables(_model(), jax.random.PRNGKey(0), 40, HALF)
+  inputs = jnp.asarray(np.random.default_rng(0).normal(size=(16, 40)), jnp.float32)
+  return variables, inputs
+
+
+@pytest.mark.parametrize('weight_only', [False, True])
+def test_int8_model_is_close_to_float(weight_only):
+  variables, inputs = _setup()
+  float_logits, float_routes = jax.jit(_model().apply)(variables, inputs)
+  quantized = {**variables, 'params': quantize_params(variables['params'], bits=8)}
+  assert isinstance(quantized['params']['trunk_0']['kernel'], QArray)
+  logits, routes = jax.jit(_model(weight_only=weight_only).apply)(quantized, inputs)
+  np.testing.assert_array_equal(routes, float_routes)  # routing stays in float
+  error = np.max(np.abs(np.asarray(logits) - np.asarray(float_logits)))
+  assert error < 0.03 * np.max(np.abs(np.asarray(float_logits)))
+
+
+def test_weight_only_equals_the_dequantized_float_model():
+  variables, inputs = _setup()
+  quantized = {**variables, 'params': quantize_params(variables['params'], bits=4)}
+  logits, _ = _model(weight_only=True).apply(quantized, inputs)
+  reference, _ = _model().apply(
+      {**variables, 'params': dequantize_params(quantized['params'])}, inputs)
+  np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_integer_path_lowers_to_integer_dots():
+  variables, inputs = _setup()
+  quantized = {**variables, 'params': quantize_params(variables['params'], bits=8)}
+  jaxpr = jax.make_jaxpr(_model().apply)(quantized, inputs)
+  dots = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == 'dot_general']
+  assert len(dots) == 5
+  assert all(eqn.invars[0].aval.dtype == jnp.int8 for eqn in dots)
+  assert all(eqn.outvars[0].aval.dtype == jnp.int32 for eqn in dots)
+
+
+def test_static_scales_are_used_when_present():
+  variables, inputs = _setup()
+  quantized = {**variables, 'params': quantize_params(variables['params'], bits=8)}
+  dynamic, _ = _model().apply(quantized, inputs)
+  tiny = {name: {'input': jnp.float32(1e-4)} for name in quantized['params']}
+  saturated, _ = _model().apply({**quantized, 'activation_scales': tiny}, inputs)
+  assert not np.allclose(dynamic, saturated, atol=1e-3)
