@@ -71,18 +71,69 @@ def _evaluate(args: argparse.Namespace) -> int:
   return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+  from dnnr_jax.compress import jobs
+
+  with _EpochProgress(args.finetune_epochs, label='fine-tune') as progress:
+    _, summary = jobs.prune_checkpoint(
+        args.model_path, method=args.method, sparsity=args.sparsity,
+        schedule=args.schedule, finetune_epochs=args.finetune_epochs, n=args.n, m=args.m,
+        data_dir=args.data_dir, models_dir=args.models_dir, version=args.version,
+        overwrite=args.overwrite, on_epoch=progress.update)
+  return _print_compression(summary, args.json)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+  from dnnr_jax.compress import jobs
+
+  epochs = args.finetune_epochs if args.mode == 'qat' else 0
+  with _EpochProgress(epochs, label='QAT') as progress:
+    _, summary = jobs.quantize_checkpoint(
+        args.model_path, mode=args.mode, bits=args.bits,
+        per_channel=not args.per_tensor, calibration_batches=args.calibration_batches,
+        calibration_method=args.calibration_method, finetune_epochs=args.finetune_epochs,
+        data_dir=args.data_dir, models_dir=args.models_dir, version=args.version,
+        overwrite=args.overwrite, on_epoch=progress.update)
+  return _print_compression(summary, args.json)
+
+
+def _print_compression(summary: dict[str, Any], as_json: bool) -> int:
+  """The before/after table of a prune or quantize job."""
+  if as_json:
+    print(json.dumps(summary))
+    return 0
+  before, after = summary['metrics']['test_before'], summary['metrics']['test']
+  report = summary['compression'].get('sparsity_report')
+  table = Table(title=f"{summary['source']['path']} -> {summary['path']}")
+  for column in ('', 'accuracy', 'deep fraction', 'sparsity', 'bytes', 'gzip bytes'):
+    table.add_column(column, justify='right')
+  table.add_row('before', f"{before['accuracy']:.2%}", f"{before['deep_fraction']:.2%}", '',
+                f"{summary['source_bytes']['raw']:,}", f"{summary['source_bytes']['gzip']:,}")
+  table.add_row('after', f"{after['accuracy']:.2%}", f"{after['deep_fraction']:.2%}",
+                f"{report['overall']['sparsity']:.2%}" if report else '',
+                f"{summary['bytes']['raw']:,}", f"{summary['bytes']['gzip']:,}")
+  _stdout.print(table)
+  routes, dense = summary['routes'], summary['dense_float_bytes']
+  _stdout.print(
+      f"route agreement {routes['route_agreement']:.2%}; against the dense float32 "
+      f"checkpoint {dense['path']}: {dense['raw'] / summary['bytes']['raw']:.1f}x fewer "
+      f"bytes, {dense['gzip'] / summary['bytes']['gzip']:.1f}x fewer gzip bytes")
+  return 0
+
+
 class _EpochProgress:
   """A progress bar over epochs that shows the last epoch's metrics."""
 
-  def __init__(self, epochs: int):
+  def __init__(self, epochs: int, label: str = 'train'):
     self._progress = Progress(
-        TextColumn('[bold]train'), BarColumn(), MofNCompleteColumn(),
+        TextColumn(f'[bold]{label}'), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TextColumn('{task.fields[metrics]}'),
         console=_stderr)
     self._task = self._progress.add_task('train', total=epochs, metrics='compiling')
 
   def __enter__(self) -> _EpochProgress:
-    self._progress.start()
+    if self._progress.tasks[0].total:
+      self._progress.start()
     return self
 
   def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
@@ -135,7 +186,42 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=('train', 'validation', 'test'))
   evaluate.add_argument('--json', action='store_true', help='print one JSON object')
   evaluate.set_defaults(handler=_evaluate)
+
+  prune = commands.add_parser('prune', help='prune a checkpoint (models/pruned/)')
+  prune.add_argument('model_path', metavar='MODEL_PATH')
+  prune.add_argument('--method', default='global',
+                     choices=('global', 'layer', 'structured', 'nm'))
+  prune.add_argument('--sparsity', type=float, default=0.9,
+                     help='fraction of kernel weights (units for structured) to remove')
+  prune.add_argument('--schedule', default='oneshot', choices=('oneshot', 'gradual'))
+  prune.add_argument('--finetune-epochs', type=int, default=2)
+  prune.add_argument('--n', type=int, default=2, help='N of N:M (default 2)')
+  prune.add_argument('--m', type=int, default=4, help='M of N:M (default 4)')
+  _add_output_arguments(prune)
+  prune.set_defaults(handler=_prune)
+
+  quantize = commands.add_parser('quantize', help='quantize a checkpoint (models/quantized/)')
+  quantize.add_argument('model_path', metavar='MODEL_PATH')
+  quantize.add_argument('--mode', default='dynamic',
+                        choices=('weight_only', 'dynamic', 'static', 'qat'))
+  quantize.add_argument('--bits', type=int, default=8, choices=(8, 4))
+  quantize.add_argument('--per-tensor', action='store_true',
+                        help='one scale per kernel instead of per output channel')
+  quantize.add_argument('--calibration-batches', type=int, default=10)
+  quantize.add_argument('--calibration-method', default='minmax',
+                        choices=('minmax', 'percentile'))
+  quantize.add_argument('--finetune-epochs', type=int, default=2, help='QAT epochs')
+  _add_output_arguments(quantize)
+  quantize.set_defaults(handler=_quantize)
   return parser
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--data-dir', help='directory with the MNIST IDX files')
+  parser.add_argument('--models-dir', help="default: the source checkpoint's models folder")
+  parser.add_argument('--version', help='MAJOR.MINOR (default: the next free one)')
+  parser.add_argument('--overwrite', action='store_true', help='replace an existing version')
+  parser.add_argument('--json', action='store_true', help='print one JSON object')
 
 
 def main(argv: Sequence[str] | None = None) -> int:

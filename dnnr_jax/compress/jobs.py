@@ -244,8 +244,19 @@ def _finish(source, out_path, kind, version, config, variables, dataset, setting
     metadata['quantization'] = quantization
   saved = checkpoint_lib.save_checkpoint(out_path, variables, metadata, overwrite=overwrite)
   summary = {**metadata, 'path': str(saved), 'bytes': _bytes(saved),
-             'source_bytes': _bytes(source.path)}
+             'source_bytes': _bytes(source.path), 'dense_float_bytes': _dense_float_bytes(source)}
   return saved, summary
+
+
+def _dense_float_bytes(source) -> dict[str, Any]:
+  """Bytes of the final (dense float32) checkpoint at the root of `source`'s lineage."""
+  path, metadata = source.path, source.metadata
+  while metadata.get('kind') != 'final' and 'source' in metadata:
+    path = pathlib.Path(metadata['source']['path'])
+    if not path.is_dir():
+      break
+    metadata = checkpoint_lib.read_metadata(path)
+  return {'path': str(path), **_bytes(path)}
 
 
 def _bytes(path) -> dict[str, int]:
