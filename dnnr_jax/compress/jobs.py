@@ -60,12 +60,17 @@ def prune_checkpoint(
   _check_choice('--method', method, PRUNE_METHODS)
   _check_choice('--schedule', schedule, PRUNE_SCHEDULES)
   prune.check_sparsity(sparsity)
+  if finetune_epochs < 0:
+    raise DnnrError(f'--finetune-epochs {finetune_epochs} is negative; pass 0 for none.')
   if schedule == 'gradual' and (method not in ('global', 'layer') or finetune_epochs < 1):
     raise DnnrError(
         'a gradual schedule prunes during fine-tuning: use --method global or layer '
         'with --finetune-epochs of at least 1.')
   source, out_path, dataset, version = _prepare(
       path, 'pruned', data_dir, models_dir, version, overwrite)
+  if _is_quantized(source):
+    raise DnnrError(f'{source.path} is quantized; prune a final or pruned model, '
+                    'then quantize the result.')
   params = source.variables['params']
   config = _finetune_config(source, finetune_epochs)
   state_options: dict[str, Any] = {}
@@ -127,10 +132,12 @@ def quantize_checkpoint(
     raise DnnrError(f'--bits {bits} is not supported; choose 8 or 4.')
   if calibration_batches < 1:
     raise DnnrError(f'--calibration-batches {calibration_batches} must be at least 1.')
+  if mode == 'qat' and finetune_epochs < 1:
+    raise DnnrError(f'--mode qat fine-tunes with fake quantization: --finetune-epochs '
+                    f'{finetune_epochs} must be at least 1.')
   source, out_path, dataset, version = _prepare(
       path, 'quantized', data_dir, models_dir, version, overwrite)
-  if any(isinstance(leaf, quantize.QArray) for leaf in jax.tree.leaves(
-      source.variables, is_leaf=lambda leaf: isinstance(leaf, quantize.QArray))):
+  if _is_quantized(source):
     raise DnnrError(f'{source.path} is already quantized; quantize a final or pruned model.')
   config = _finetune_config(source, finetune_epochs)
   params = source.variables['params']
@@ -148,6 +155,11 @@ def quantize_checkpoint(
     settings['finetune_epochs'] = finetune_epochs
   if mode == 'static':
     batch_size = config.training.batch_size
+    available = dataset.train.labels.shape[0] // batch_size
+    if calibration_batches > available:
+      raise DnnrError(
+          f'--calibration-batches {calibration_batches} exceeds the {available} training '
+          f'batches of {batch_size} in {dataset.name}; choose at most {available}.')
     batches = [dataset.train.images[i * batch_size:(i + 1) * batch_size]
                for i in range(calibration_batches)]
     ranges = quantize.calibrate(
@@ -196,6 +208,11 @@ def route_report(source, model: nn.Module, variables: Any, dataset: Dataset) -> 
 
   return {'route_agreement': float(np.mean(routes == source_routes)),
           'deep_accuracy': accuracy(routes), 'shallow_accuracy': accuracy(~routes)}
+
+
+def _is_quantized(source) -> bool:
+  return any(isinstance(leaf, quantize.QArray) for leaf in jax.tree.leaves(
+      source.variables, is_leaf=lambda leaf: isinstance(leaf, quantize.QArray)))
 
 
 def _prepare(path, kind, data_dir, models_dir, version, overwrite):

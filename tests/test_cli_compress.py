@@ -1,0 +1,211 @@
+"""`dnnr prune` and `dnnr quantize` end to end, each run a real subprocess."""
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dnnr_jax import jobs
+from dnnr_jax.checkpoint import load_model
+from dnnr_jax.compress import jobs as compress_jobs
+from dnnr_jax.compress import quantize, storage
+from dnnr_jax.config import load_config
+from tests.conftest import ROOT, SMOKE_CONFIG
+
+MODULE = (sys.executable, '-m', 'dnnr_jax')
+PRUNE_80 = ('--method', 'global', '--sparsity', '0.8', '--finetune-epochs', '1')
+TIMEOUT_S = 300
+
+
+def _run(*args) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [str(arg) for arg in args], cwd=ROOT, capture_output=True, text=True,
+      timeout=TIMEOUT_S, env=os.environ.copy())
+
+
+def _run_all(commands: dict) -> dict:
+  """Runs independent commands side by side; results by the same keys."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    futures = {key: pool.submit(_run, *args) for key, args in commands.items()}
+    return {key: future.result() for key, future in futures.items()}
+
+
+def _json(run: subprocess.CompletedProcess) -> dict:
+  """The one JSON object a successful `--json` run prints."""
+  assert run.returncode == 0, run.stderr
+  lines = run.stdout.strip().splitlines()
+  assert len(lines) == 1, run.stdout
+  return json.loads(lines[0])
+
+
+def _snapshot(directory: pathlib.Path) -> dict:
+  return {str(f.relative_to(directory)): (f.stat().st_mtime_ns, f.read_bytes())
+          for f in sorted(directory.rglob('*')) if f.is_file()}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compile_cache(tmp_path_factory):
+  """One JAX compilation cache for every run here, so later runs compile less."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('JAX_COMPILATION_CACHE_DIR',
+                 str(tmp_path_factory.mktemp('jax_cache')))
+    patch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+    patch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+    yield
+
+
+@pytest.fixture(scope='module')
+def sources(tmp_path_factory):
+  """A trained smoke model and, in another models folder, its quantized version."""
+  tmp = tmp_path_factory.mktemp('cli_compress')
+  final, _ = jobs.train_and_save(
+      load_config(SMOKE_CONFIG, ['training.epochs=3']), models_dir=tmp / 'models')
+  quantized, _ = compress_jobs.quantize_checkpoint(
+      final, models_dir=tmp / 'quantized_source')
+  return tmp, final, quantized
+
+
+@pytest.fixture(scope='module')
+def first(sources):
+  """The first prune, every bad input that needs no earlier output and the help, side by side.
+
+  Returns:
+    By name: (run, words its one stderr line must hold, the models dir it must not create).
+  """
+  tmp, final, quantized_path = sources
+  cases = {
+      'prune_json': ((*MODULE, 'prune', final, *PRUNE_80, '--json'), None),
+      'sparsity': ((*MODULE, 'prune', final, '--sparsity', '1.5'), ['sparsity 1.5', '[0, 1)']),
+      'bits': ((*MODULE, 'quantize', final, '--bits', '3'), None),
+      'missing': ((*MODULE, 'prune', tmp / 'absent'), [str(tmp / 'absent')]),
+      'quantized_again': ((*MODULE, 'quantize', quantized_path),
+                          [str(quantized_path), 'already quantized']),
+      'help_prune': ((sys.executable, 'scripts/prune.py', '--help'),
+                     ['usage: dnnr prune', '--method', '--sparsity', '--finetune-epochs']),
+      'help_quantize': ((sys.executable, 'scripts/quantize.py', '--help'),
+                        ['usage: dnnr quantize', '--mode', '--bits', '--calibration-batches']),
+  }
+  commands = {}
+  for name, (command, _) in cases.items():
+    if name.startswith(('prune_', 'help_')):
+      commands[name] = command
+    else:  # A bad input: its own models folder, which must stay absent.
+      commands[name] = (*command, '--models-dir', tmp / name / 'models')
+  runs = _run_all(commands)
+  return {name: (runs[name], words, tmp / name / 'models')
+          for name, (_, words) in cases.items()}
+
+
+@pytest.fixture(scope='module')
+def second(sources, first):
+  """After the first prune: it again as a table, its quantization, a taken --version.
+
+  Returns:
+    (the first prune's path, a snapshot of its folder before, runs by name).
+  """
+  tmp, final, _ = sources
+  pruned = pathlib.Path(_json(first['prune_json'][0])['path'])
+  pruned_dir = pruned.parent
+  before = _snapshot(pruned_dir)
+  runs = _run_all({
+      'prune_table': (*MODULE, 'prune', final, *PRUNE_80, '--models-dir', tmp / 'table'),
+      'quantize_json': (*MODULE, 'quantize', pruned, '--bits', '8', '--json'),
+      'version_taken': (*MODULE, 'prune', final, '--version', '1.0'),
+  })
+  return pruned, before, runs
+
+
+def test_prune_json(sources, first):
+  tmp, final, _ = sources
+  result = _json(first['prune_json'][0])
+  path = tmp / 'models' / 'pruned' / 'pruned_model_v1.0'
+  assert result['path'] == str(path)
+  assert result['source']['path'] == str(final)
+  assert set(result['metrics']) == {'test', 'test_before'}
+  assert result['metrics']['test']['n'] == 360
+  assert result['bytes'] == {'raw': storage.directory_bytes(path),
+                             'gzip': storage.gzip_bytes(path)}
+  assert result['dense_float_bytes']['path'] == str(final)
+  assert result['dense_float_bytes']['raw'] == storage.directory_bytes(final)
+  assert result['bytes']['raw'] < result['dense_float_bytes']['raw']
+  assert result['routes']['route_agreement'] == 1.0
+  report = result['compression']['sparsity_report']['overall']
+  assert report['zeros'] == round(0.8 * report['size'])
+  kernels = [np.asarray(layer['kernel']) for layer in load_model(path).variables['params'].values()]
+  assert sum(int(np.sum(kernel == 0)) for kernel in kernels) == report['zeros']
+  assert 'epoch 1:' in first['prune_json'][0].stderr  # progress on stderr
+
+
+def test_prune_table(sources, second):
+  tmp, final, _ = sources
+  run = second[2]['prune_table']
+  assert run.returncode == 0, run.stderr
+  for words in ('before', 'after', 'route agreement', '80.00%'):
+    assert words in run.stdout
+  assert not run.stdout.lstrip().startswith('{')
+  assert (tmp / 'table' / 'pruned' / 'pruned_model_v1.0').is_dir()
+
+
+def test_quantize_pruned_json(sources, first, second):
+  tmp, final, _ = sources
+  pruned, _, runs = second
+  result = _json(runs['quantize_json'])
+  path = tmp / 'models' / 'quantized' / 'quantized_model_v1.0'
+  assert result['path'] == str(path)
+  assert result['quantization'] == {'mode': 'dynamic', 'bits': 8}
+  assert result['source']['path'] == str(pruned) and result['source']['kind'] == 'pruned'
+  assert result['dense_float_bytes']['path'] == str(final)
+  assert result['source_bytes'] == _json(first['prune_json'][0])['bytes']
+  assert result['array_bytes'] < _json(first['prune_json'][0])['array_bytes']
+  kernels = load_model(path).variables['params']
+  assert all(isinstance(layer['kernel'], quantize.QArray) for layer in kernels.values())
+
+
+def test_prune_refuses_an_existing_version(second):
+  pruned, before, runs = second
+  run = runs['version_taken']
+  assert run.returncode == 2
+  assert run.stdout == '' and 'Traceback' not in run.stderr
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1, run.stderr
+  assert lines[0].startswith('error: ')
+  assert str(pruned) in lines[0] and '--overwrite' in lines[0]
+  assert _snapshot(pruned.parent) == before
+
+
+@pytest.mark.parametrize('name', ['sparsity', 'missing', 'quantized_again'])
+def test_bad_input(first, name):
+  run, words, models_dir = first[name]
+  assert run.returncode == 2, run.stderr
+  assert run.stdout == ''
+  assert 'Traceback' not in run.stderr
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1, run.stderr
+  assert lines[0].startswith('error: ')
+  for word in words:
+    assert word in lines[0]
+  assert not models_dir.exists()
+
+
+def test_bad_bits_is_an_argparse_error(first):
+  run, _, models_dir = first['bits']
+  assert run.returncode == 2
+  assert run.stdout == ''
+  assert 'Traceback' not in run.stderr
+  # argparse prints the usage, then one error line.
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith('dnnr quantize: error: argument --bits: invalid choice: 3')
+  assert not models_dir.exists()
+
+
+@pytest.mark.parametrize('name', ['help_prune', 'help_quantize'])
+def test_script_help(first, name):
+  run, words, _ = first[name]
+  assert run.returncode == 0, run.stderr
+  for word in words:
+    assert word in run.stdout

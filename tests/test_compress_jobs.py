@@ -1,0 +1,425 @@
+"""The prune and quantize jobs end to end on one trained smoke model (digits, offline)."""
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from dnnr_jax import jobs
+from dnnr_jax.checkpoint import load_model
+from dnnr_jax.compress import jobs as compress_jobs
+from dnnr_jax.compress import prune, quantize, storage, structured
+from dnnr_jax.config import RoutingConfig, load_config
+from dnnr_jax.data import load_dataset
+from dnnr_jax.errors import CheckpointError, DnnrError
+from dnnr_jax.model import model_from_config
+from tests.conftest import SMOKE_CONFIG
+
+LAYERS = ('trunk_0', 'trunk_1', 'deep', 'shortcut', 'head')
+SPARSITY = 0.8
+# Accuracy a quantized model may lose against its float source.
+ACCURACY_SLACK = 0.02
+# Each run writes into its own models folder, so its version is always 1.0.
+PRUNE_RUNS = {
+    'structured': dict(method='structured', sparsity=0.5, finetune_epochs=1),
+    'nm': dict(method='nm', n=2, m=4, finetune_epochs=1),
+    'gradual': dict(method='global', schedule='gradual', sparsity=0.9, finetune_epochs=2),
+}
+QUANTIZE_RUNS = {
+    'dynamic': dict(mode='dynamic', bits=8),
+    'weight_only': dict(mode='weight_only', bits=4),
+    'static': dict(mode='static', bits=8, calibration_batches=4),
+    'qat': dict(mode='qat', bits=8, finetune_epochs=1),
+}
+
+
+def _kernels(variables) -> dict:
+  return {name: variables['params'][name]['kernel'] for name in LAYERS}
+
+
+def _snapshot(directory: pathlib.Path) -> dict:
+  return {str(f.relative_to(directory)): (f.stat().st_mtime_ns, f.read_bytes())
+          for f in sorted(directory.rglob('*')) if f.is_file()}
+
+
+def _array_bytes(variables) -> int:
+  arrays, _ = storage.encode_variables(variables)
+  return sum(leaf.nbytes for leaf in jax.tree.leaves(arrays))
+
+
+@pytest.fixture(scope='module')
+def root(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp('compress_jobs')
+
+
+@pytest.fixture(scope='module')
+def models_dir(root) -> pathlib.Path:
+  return root / 'models'
+
+
+@pytest.fixture(scope='module')
+def final_path(models_dir) -> pathlib.Path:
+  """The one trained model every job here starts from."""
+  path, _ = jobs.train_and_save(
+      load_config(SMOKE_CONFIG, ['training.epochs=3']), models_dir=models_dir)
+  return path
+
+
+@pytest.fixture(scope='module')
+def source(final_path):
+  return load_model(final_path)
+
+
+@pytest.fixture(scope='module')
+def dataset(source):
+  return load_dataset(source.config.data)
+
+
+@pytest.fixture(scope='module')
+def oneshot(final_path):
+  """Global then layer one-shot pruning into the source's models folder, by method."""
+  return {method: compress_jobs.prune_checkpoint(
+      final_path, method=method, sparsity=SPARSITY, finetune_epochs=1)
+          for method in ('global', 'layer')}
+
+
+def _cached_runs(final_path, root, kind, runs):
+  made = {}
+
+  def make(name):
+    if name not in made:
+      job = (compress_jobs.prune_checkpoint if kind == 'pruned'
+             else compress_jobs.quantize_checkpoint)
+      path, summary = job(final_path, models_dir=root / name, **runs[name])
+      assert path == root / name / kind / f'{kind}_model_v1.0'
+      made[name] = path, summary, load_model(path)
+    return made[name]
+
+  return make
+
+
+@pytest.fixture(scope='module')
+def pruned(final_path, root):
+  """PRUNE_RUNS by name, each run on first use: (path, summary, loaded)."""
+  return _cached_runs(final_path, root, 'pruned', PRUNE_RUNS)
+
+
+@pytest.fixture(scope='module')
+def quantized(final_path, root):
+  """QUANTIZE_RUNS by name, each run on first use: (path, summary, loaded)."""
+  return _cached_runs(final_path, root, 'quantized', QUANTIZE_RUNS)
+
+
+# Pruning.
+
+
+def test_oneshot_takes_successive_versions_beside_the_source(models_dir, oneshot):
+  assert oneshot['global'][0] == models_dir / 'pruned' / 'pruned_model_v1.0'
+  assert oneshot['layer'][0] == models_dir / 'pruned' / 'pruned_model_v1.1'
+  assert oneshot['global'][1]['version'] == '1.0'
+  assert oneshot['layer'][1]['version'] == '1.1'
+
+
+@pytest.mark.parametrize('method', ['global', 'layer'])
+def test_oneshot_prunes_exactly_and_finetuning_keeps_zeros(source, oneshot, method):
+  path, _ = oneshot[method]
+  kernels = _kernels(load_model(path).variables)
+  original = _kernels(source.variables)
+  # The zeros are exactly the weights the mask of the source removes: none
+  # revived by fine-tuning, none added.
+  masks = prune.magnitude_masks(source.variables['params'], SPARSITY, scope=method)
+  for name in LAYERS:
+    kernel = np.asarray(kernels[name])
+    assert not isinstance(kernels[name], quantize.QArray)
+    assert kernel.shape == original[name].shape
+    np.testing.assert_array_equal(kernel != 0, np.asarray(masks[name]['kernel']))
+  counts = {name: int(np.sum(np.asarray(kernels[name]) == 0)) for name in LAYERS}
+  sizes = {name: kernels[name].size for name in LAYERS}
+  expected = {name: round(SPARSITY * size) for name, size in sizes.items()}
+  if method == 'global':
+    assert sum(counts.values()) == round(SPARSITY * sum(sizes.values()))
+    assert counts != expected  # one cut-off over all kernels, not per kernel
+  else:
+    assert counts == expected
+  # Fine-tuning moved the surviving weights.
+  assert any(np.any((np.asarray(kernels[name]) != np.asarray(original[name]))
+                    & (np.asarray(kernels[name]) != 0)) for name in LAYERS)
+
+
+@pytest.mark.parametrize('method', ['global', 'layer'])
+def test_oneshot_metadata(final_path, source, dataset, oneshot, method):
+  path, summary = oneshot[method]
+  loaded = load_model(path)
+  metadata = loaded.metadata
+  assert metadata['kind'] == 'pruned'
+  assert metadata['source'] == {'path': str(final_path), 'kind': 'final', 'version': '1.0'}
+  settings = metadata['compression']
+  assert {key: settings[key] for key in ('method', 'sparsity', 'schedule', 'finetune_epochs')} == {
+      'method': method, 'sparsity': SPARSITY, 'schedule': 'oneshot', 'finetune_epochs': 1}
+  report = settings['sparsity_report']
+  assert report == prune.sparsity_report(loaded.variables['params'])
+  assert report['overall']['zeros'] == sum(
+      int(np.sum(np.asarray(kernel) == 0)) for kernel in _kernels(loaded.variables).values())
+  # Accuracy before is the source's own, after is what the checkpoint scores.
+  before, after = metadata['metrics']['test_before'], metadata['metrics']['test']
+  assert before['accuracy'] == source.metadata['metrics']['test']['accuracy']
+  evaluated = jobs.evaluate_checkpoint(path)
+  for key in ('accuracy', 'loss', 'deep_fraction'):
+    assert evaluated[key] == pytest.approx(after[key], abs=1e-6)
+  # Thresholds are untouched, so every input takes the route it took before.
+  assert metadata['thresholds'] == source.metadata['thresholds']
+  for name, value in source.variables['thresholds'].items():
+    assert float(loaded.variables['thresholds'][name]) == float(value)
+  routes = metadata['routes']
+  assert routes['route_agreement'] == 1.0
+  logits, deep = loaded.predict_with_routes(dataset.test.images)
+  correct = np.argmax(logits, -1) == np.asarray(dataset.test.labels)
+  for name, chosen in (('deep_accuracy', deep), ('shallow_accuracy', ~deep)):
+    if chosen.any():
+      assert routes[name] == pytest.approx(float(correct[chosen].mean()))
+    else:
+      assert routes[name] is None
+  # Bytes: the arrays as encoded (sparse beats dense), and the directory.
+  assert metadata['array_bytes'] == _array_bytes(loaded.variables)
+  assert metadata['array_bytes'] < _array_bytes(source.variables) / 2
+  assert summary['path'] == str(path)
+  assert summary['bytes']['raw'] == storage.directory_bytes(path)
+  assert summary['source_bytes']['raw'] == storage.directory_bytes(final_path)
+  assert summary['bytes']['raw'] < summary['source_bytes']['raw']
+  assert summary['dense_float_bytes']['path'] == str(final_path)
+
+
+def test_structured_prune_halves_every_width(source, dataset, pruned):
+  _, summary, loaded = pruned('structured')
+  old = source.config.model
+  assert tuple(old.hidden_sizes) == (32, 32) and old.deep_size == 16
+  new = loaded.config.model
+  assert tuple(new.hidden_sizes) == (16, 16) and new.deep_size == 8
+  assert summary['compression']['kept_units'] == {'trunk_0': 16, 'trunk_1': 16, 'block': 8}
+  shapes = {name: kernel.shape for name, kernel in _kernels(loaded.variables).items()}
+  assert shapes == {'trunk_0': (64, 16), 'trunk_1': (16, 16), 'deep': (16, 8),
+                    'shortcut': (16, 8), 'head': (8, 10)}
+  assert tuple(loaded.model.hidden_sizes) == (16, 16) and loaded.model.deep_size == 8
+  logits = loaded.predict(dataset.test.images)
+  assert logits.shape == (360, 10)
+  accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(dataset.test.labels)))
+  assert accuracy == pytest.approx(summary['metrics']['test']['accuracy'])
+  old_count = structured.count_parameters(source.variables['params'])
+  new_count = structured.count_parameters(loaded.variables['params'])
+  assert new_count == sum(
+      fan_in * fan_out + fan_out for fan_in, fan_out in shapes.values()) < old_count
+
+
+def test_nm_prune_keeps_two_of_every_four_inputs(source, pruned):
+  _, summary, loaded = pruned('nm')
+  assert summary['compression']['method'] == 'nm'
+  assert (summary['compression']['n'], summary['compression']['m']) == (2, 4)
+  masks = prune.nm_masks(source.variables['params'], 2, 4)
+  total = 0
+  for name, kernel in _kernels(loaded.variables).items():
+    kernel = np.asarray(kernel)
+    groups = kernel.reshape(kernel.shape[0] // 4, 4, kernel.shape[1])
+    assert np.all(np.count_nonzero(groups, axis=1) <= 2), name
+    np.testing.assert_array_equal(kernel != 0, np.asarray(masks[name]['kernel']))
+    total += kernel.size
+  assert summary['compression']['sparsity_report']['overall']['zeros'] == total // 2
+
+
+def test_gradual_prune_reaches_the_final_sparsity_exactly(pruned):
+  _, summary, loaded = pruned('gradual')
+  assert summary['compression']['schedule'] == 'gradual'
+  kernels = [np.asarray(kernel) for kernel in _kernels(loaded.variables).values()]
+  size = sum(kernel.size for kernel in kernels)
+  zeros = sum(int(np.sum(kernel == 0)) for kernel in kernels)
+  assert zeros == round(0.9 * size)
+  assert summary['compression']['sparsity_report']['overall']['zeros'] == zeros
+  assert summary['routes']['route_agreement'] == 1.0
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(sparsity=1.0), 'sparsity 1.0 is not in'),
+    (dict(sparsity=-0.1), 'sparsity -0.1 is not in'),
+    (dict(method='random'), "--method 'random'"),
+    (dict(schedule='cubic'), "--schedule 'cubic'"),
+    (dict(method='structured', schedule='gradual'), 'gradual schedule'),
+    (dict(schedule='gradual', finetune_epochs=0), 'gradual schedule'),
+    (dict(finetune_epochs=-1), '--finetune-epochs -1'),
+    (dict(version='1.0'), 'already exists'),
+    (dict(version='one'), 'MAJOR.MINOR'),
+])
+def test_prune_rejects_bad_settings_before_writing(models_dir, final_path, oneshot, kwargs,
+                                                   match):
+  before = _snapshot(models_dir)
+  with pytest.raises(DnnrError, match=match):
+    compress_jobs.prune_checkpoint(final_path, **kwargs)
+  assert _snapshot(models_dir) == before
+
+
+@pytest.mark.parametrize('method', ['global', 'layer', 'structured', 'nm'])
+def test_prune_refuses_a_quantized_checkpoint(root, quantized, method):
+  path, _, _ = quantized('dynamic')
+  before = _snapshot(root)
+  with pytest.raises(DnnrError, match='is quantized; prune a final or pruned model') as caught:
+    compress_jobs.prune_checkpoint(path, method=method, sparsity=0.5, finetune_epochs=0)
+  assert str(path) in str(caught.value)
+  assert _snapshot(root) == before
+
+
+def test_prune_refuses_a_missing_checkpoint(root):
+  with pytest.raises(CheckpointError, match='is not a directory'):
+    compress_jobs.prune_checkpoint(root / 'absent')
+
+
+# Quantization.
+
+
+def test_dynamic_quantization(final_path, source, quantized):
+  path, summary, loaded = quantized('dynamic')
+  assert summary['quantization'] == {'mode': 'dynamic', 'bits': 8}
+  assert loaded.metadata['quantization'] == {'mode': 'dynamic', 'bits': 8}
+  assert loaded.model.weight_only is False
+  for name, kernel in _kernels(loaded.variables).items():
+    assert isinstance(kernel, quantize.QArray), name
+    assert kernel.value.dtype == np.int8 and kernel.bits == 8 and kernel.axis == 1
+    original = np.asarray(_kernels(source.variables)[name])
+    assert kernel.scale.shape == (1, original.shape[1])
+    assert np.all(np.abs(np.asarray(kernel.dequantize()) - original)
+                  <= np.asarray(kernel.scale) / 2 + 1e-7)
+  after = summary['metrics']['test']['accuracy']
+  assert abs(after - source.metadata['metrics']['test']['accuracy']) <= ACCURACY_SLACK
+  assert jobs.evaluate_checkpoint(path)['accuracy'] == after
+  assert summary['routes']['route_agreement'] == 1.0
+  assert summary['source'] == {'path': str(final_path), 'kind': 'final', 'version': '1.0'}
+  assert summary['bytes']['raw'] == storage.directory_bytes(path)
+  assert summary['bytes']['raw'] < summary['source_bytes']['raw']
+  # The arrays: int8 codes plus float32 scales and biases against float32 weights.
+  assert summary['array_bytes'] == _array_bytes(loaded.variables)
+  assert summary['array_bytes'] < _array_bytes(source.variables) / 3
+
+
+def test_weight_only_int4_quantization(source, dataset, quantized):
+  _, summary, loaded = quantized('weight_only')
+  assert loaded.metadata['quantization'] == {'mode': 'weight_only', 'bits': 4}
+  assert loaded.model.weight_only is True
+  kernels = _kernels(loaded.variables)
+  for name, kernel in kernels.items():
+    assert isinstance(kernel, quantize.QArray) and kernel.bits == 4, name
+    assert np.abs(np.asarray(kernel.value)).max() <= 7
+  layout = loaded.metadata['layout']
+  assert any(layout[f'params/{name}/kernel']['encoding'] == 'int4' for name in LAYERS)
+  assert summary['array_bytes'] < _array_bytes(source.variables) / 5
+  # Weight-only computes in float with the dequantized weights, as evaluated.
+  images, labels = dataset.test
+  float_params = quantize.dequantize_params(loaded.variables['params'])
+  expected, _ = source.model.apply({**loaded.variables, 'params': float_params}, images)
+  logits = loaded.predict(images)
+  np.testing.assert_allclose(logits, np.asarray(expected), rtol=1e-5, atol=1e-5)
+  accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
+  assert accuracy == pytest.approx(summary['metrics']['test']['accuracy'])
+
+
+def test_static_quantization_calibrates_every_dense_input(source, dataset, quantized):
+  _, summary, loaded = quantized('static')
+  scales = loaded.variables['activation_scales']
+  assert set(scales) == set(LAYERS)
+  calibration = loaded.metadata['compression']['calibration']
+  assert {key: calibration[key] for key in ('batches', 'batch_size', 'method')} == {
+      'batches': 4, 'batch_size': 32, 'method': 'minmax'}
+  model = model_from_config(source.config.replace(routing=RoutingConfig('per_sample')))
+  images = np.asarray(dataset.train.images)
+  inputs = [compress_jobs.dense_inputs(model, source.variables, images[i * 32:(i + 1) * 32])
+            for i in range(4)]
+  for name in LAYERS:
+    values = np.concatenate([np.asarray(batch[name]) for batch in inputs])
+    low, high = calibration['ranges'][name]
+    np.testing.assert_allclose([low, high], [values.min(), values.max()], rtol=1e-6, atol=1e-6)
+    scale = float(scales[name]['input'])
+    assert scale > 0
+    assert scale == pytest.approx(max(abs(low), abs(high)) / 127, rel=1e-6)
+  assert isinstance(_kernels(loaded.variables)['head'], quantize.QArray)
+  after = summary['metrics']['test']['accuracy']
+  assert abs(after - source.metadata['metrics']['test']['accuracy']) <= ACCURACY_SLACK
+
+
+def test_qat_quantization_trains_then_converts(source, quantized):
+  _, summary, loaded = quantized('qat')
+  assert summary['compression']['finetune_epochs'] == 1
+  kernels = _kernels(loaded.variables)
+  direct = _kernels({'params': quantize.quantize_params(source.variables['params'])})
+  for kernel in kernels.values():
+    assert isinstance(kernel, quantize.QArray) and kernel.value.dtype == np.int8
+  # The codes come from fine-tuned weights, not from the source's.
+  assert any(np.any(np.asarray(kernels[name].value) != np.asarray(direct[name].value))
+             for name in LAYERS)
+  # The extra epoch may well gain accuracy; it must not lose more than the slack.
+  after = summary['metrics']['test']['accuracy']
+  assert after >= source.metadata['metrics']['test']['accuracy'] - ACCURACY_SLACK
+  assert summary['routes']['route_agreement'] == 1.0
+
+
+def test_quantizing_a_pruned_checkpoint_keeps_its_zeros(final_path, root, oneshot):
+  pruned_path, pruned_summary = oneshot['global']
+  path, summary = compress_jobs.quantize_checkpoint(pruned_path, models_dir=root / 'chain')
+  floats = _kernels(load_model(pruned_path).variables)
+  codes = _kernels(load_model(path).variables)
+  for name in LAYERS:
+    zero = np.asarray(floats[name]) == 0
+    assert zero.sum() > 0
+    assert np.all(np.asarray(codes[name].value)[zero] == 0), name
+  assert summary['source']['path'] == str(pruned_path)
+  assert summary['source']['kind'] == 'pruned'
+  assert summary['source_bytes'] == pruned_summary['bytes']
+  # Sparse int8 codes (2 bytes a non-zero) against sparse float32 (5 bytes). On
+  # disk, Orbax's fixed overhead, which grows with the number of arrays and
+  # the length of the paths in the metadata, hides that for a model this small.
+  assert summary['array_bytes'] < pruned_summary['array_bytes'] * 0.7
+  assert summary['dense_float_bytes']['path'] == str(final_path)
+  assert summary['dense_float_bytes']['raw'] == storage.directory_bytes(final_path)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(bits=3), '--bits 3'),
+    (dict(calibration_batches=0), '--calibration-batches 0'),
+    (dict(mode='float16'), "--mode 'float16'"),
+    (dict(mode='qat', finetune_epochs=0), '--finetune-epochs 0'),
+    (dict(mode='static', calibration_batches=45), 'exceeds the 44 training batches'),
+    (dict(version='1.0'), 'already exists'),
+])
+def test_quantize_rejects_bad_settings_before_writing(root, final_path, quantized, kwargs,
+                                                      match):
+  quantized('dynamic')  # writes quantized 1.0 in models folder 'dynamic'
+  before = _snapshot(root)
+  with pytest.raises(DnnrError, match=match):
+    compress_jobs.quantize_checkpoint(final_path, models_dir=root / 'dynamic', **kwargs)
+  assert _snapshot(root) == before
+
+
+def test_quantize_refuses_a_quantized_checkpoint(root, quantized):
+  path, _, _ = quantized('dynamic')
+  before = _snapshot(root)
+  with pytest.raises(DnnrError, match='is already quantized'):
+    compress_jobs.quantize_checkpoint(path, mode='weight_only', bits=4)
+  assert _snapshot(root) == before
+
+
+# Calibration inputs.
+
+
+def test_dense_inputs_are_each_layers_input(source, dataset):
+  images = dataset.test.images[:5]
+  inputs = compress_jobs.dense_inputs(source.model, source.variables, images)
+  assert {name: value.shape for name, value in inputs.items()} == {
+      'trunk_0': (5, 64), 'trunk_1': (5, 32), 'deep': (5, 32), 'shortcut': (5, 32),
+      'head': (5, 16)}
+  params = source.variables['params']
+
+  def dense(name, x):
+    return np.asarray(x) @ np.asarray(params[name]['kernel']) + np.asarray(params[name]['bias'])
+
+  np.testing.assert_array_equal(np.asarray(inputs['trunk_0']), np.asarray(images))
+  np.testing.assert_allclose(inputs['trunk_1'], np.maximum(dense('trunk_0', images), 0),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(inputs['deep']), np.asarray(inputs['shortcut']))
+  np.testing.assert_allclose(inputs['deep'], np.maximum(dense('trunk_1', inputs['trunk_1']), 0),
+                             rtol=1e-5, atol=1e-5)
