@@ -78,7 +78,8 @@ def _prune(args: argparse.Namespace) -> int:
     _, summary = jobs.prune_checkpoint(
         args.model_path, method=args.method, sparsity=args.sparsity,
         schedule=args.schedule, finetune_epochs=args.finetune_epochs, n=args.n, m=args.m,
-        data_dir=args.data_dir, models_dir=args.models_dir, version=args.version,
+        learning_rate=args.learning_rate, data_dir=args.data_dir, models_dir=args.models_dir,
+        version=args.version,
         overwrite=args.overwrite, on_epoch=progress.update)
   return _print_compression(summary, args.json)
 
@@ -92,7 +93,8 @@ def _quantize(args: argparse.Namespace) -> int:
         args.model_path, mode=args.mode, bits=args.bits,
         per_channel=not args.per_tensor, calibration_batches=args.calibration_batches,
         calibration_method=args.calibration_method, finetune_epochs=args.finetune_epochs,
-        data_dir=args.data_dir, models_dir=args.models_dir, version=args.version,
+        learning_rate=args.learning_rate, data_dir=args.data_dir, models_dir=args.models_dir,
+        version=args.version,
         overwrite=args.overwrite, on_epoch=progress.update)
   return _print_compression(summary, args.json)
 
@@ -217,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--learning-rate', type=float,
+                      help="fine-tuning's peak learning rate (default: the source's)")
   parser.add_argument('--data-dir', help='directory with the MNIST IDX files')
   parser.add_argument('--models-dir', help="default: the source checkpoint's models folder")
   parser.add_argument('--version', help='MAJOR.MINOR (default: the next free one)')

@@ -24,7 +24,8 @@ ACCURACY_SLACK = 0.02
 PRUNE_RUNS = {
     'structured': dict(method='structured', sparsity=0.5, finetune_epochs=1),
     'nm': dict(method='nm', n=2, m=4, finetune_epochs=1),
-    'gradual': dict(method='global', schedule='gradual', sparsity=0.9, finetune_epochs=2),
+    'gradual': dict(method='global', schedule='gradual', sparsity=0.9, finetune_epochs=2,
+                    learning_rate=0.002),
 }
 QUANTIZE_RUNS = {
     'dynamic': dict(mode='dynamic', bits=8),
@@ -235,6 +236,8 @@ def test_gradual_prune_reaches_the_final_sparsity_exactly(pruned):
   assert zeros == round(0.9 * size)
   assert summary['compression']['sparsity_report']['overall']['zeros'] == zeros
   assert summary['routes']['route_agreement'] == 1.0
+  assert summary['compression']['learning_rate'] == 0.002
+  assert summary['config']['training']['learning_rate'] == 0.002
 
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -245,6 +248,7 @@ def test_gradual_prune_reaches_the_final_sparsity_exactly(pruned):
     (dict(method='structured', schedule='gradual'), 'gradual schedule'),
     (dict(schedule='gradual', finetune_epochs=0), 'gradual schedule'),
     (dict(finetune_epochs=-1), '--finetune-epochs -1'),
+    (dict(learning_rate=-0.01), '--learning-rate -0.01'),
     (dict(version='1.0'), 'already exists'),
     (dict(version='one'), 'MAJOR.MINOR'),
 ])

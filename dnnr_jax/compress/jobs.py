@@ -36,7 +36,7 @@ QUANTIZE_MODES = ('weight_only', 'dynamic', 'static', 'qat')
 def prune_checkpoint(
     path: str | os.PathLike, *, method: str = 'global', sparsity: float = 0.9,
     schedule: str = 'oneshot', finetune_epochs: int = 2, n: int = 2, m: int = 4,
-    data_dir=None, models_dir=None, version: str | None = None,
+    learning_rate: float | None = None, data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
 ) -> tuple[pathlib.Path, dict[str, Any]]:
   """Prunes a checkpoint and writes `<models>/pruned/pruned_model_v{version}`.
@@ -51,6 +51,7 @@ def prune_checkpoint(
       'gradual' (cubic schedule during fine-tuning; global/layer only).
     finetune_epochs: Adam epochs after (or during) pruning; 0 for none.
     n, m: the N:M pattern.
+    learning_rate: fine-tuning's peak learning rate; None keeps the source's.
     data_dir, models_dir, version, overwrite, on_epoch: as for training.
 
   Returns:
@@ -72,10 +73,11 @@ def prune_checkpoint(
     raise DnnrError(f'{source.path} is quantized; prune a final or pruned model, '
                     'then quantize the result.')
   params = source.variables['params']
-  config = _finetune_config(source, finetune_epochs)
+  config = _finetune_config(source, finetune_epochs, learning_rate)
   state_options: dict[str, Any] = {}
   settings = {'method': method, 'sparsity': sparsity, 'schedule': schedule,
-              'finetune_epochs': finetune_epochs}
+              'finetune_epochs': finetune_epochs,
+              'learning_rate': config.training.learning_rate}
   if method == 'structured':
     params, model_config, kept = structured.prune_units(params, config.model, sparsity)
     config = config.replace(model=model_config)
@@ -109,7 +111,7 @@ def quantize_checkpoint(
     path: str | os.PathLike, *, mode: str = 'dynamic', bits: int = 8,
     per_channel: bool = True, calibration_batches: int = 10,
     calibration_method: str = 'minmax', finetune_epochs: int = 2,
-    data_dir=None, models_dir=None, version: str | None = None,
+    learning_rate: float | None = None, data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
 ) -> tuple[pathlib.Path, dict[str, Any]]:
   """Quantizes a checkpoint's kernels; writes `<models>/quantized/quantized_model_v{version}`.
@@ -125,6 +127,7 @@ def quantize_checkpoint(
     calibration_batches: for 'static'.
     calibration_method: 'minmax' or 'percentile', for 'static'.
     finetune_epochs: for 'qat'.
+    learning_rate: QAT's peak learning rate; None keeps the source's.
     data_dir, models_dir, version, overwrite, on_epoch: as for training.
   """
   _check_choice('--mode', mode, QUANTIZE_MODES)
@@ -139,7 +142,7 @@ def quantize_checkpoint(
       path, 'quantized', data_dir, models_dir, version, overwrite)
   if _is_quantized(source):
     raise DnnrError(f'{source.path} is already quantized; quantize a final or pruned model.')
-  config = _finetune_config(source, finetune_epochs)
+  config = _finetune_config(source, finetune_epochs, learning_rate)
   params = source.variables['params']
   settings: dict[str, Any] = {'mode': mode, 'bits': bits, 'per_channel': per_channel}
   variables = dict(source.variables)
@@ -225,16 +228,19 @@ def _prepare(path, kind, data_dir, models_dir, version, overwrite):
   return source, out_path, dataset, version
 
 
-def _finetune_config(source, epochs: int) -> Config:
+def _finetune_config(source, epochs: int, learning_rate: float | None = None) -> Config:
   """The source config, trained for `epochs` with its final thresholds fixed."""
+  if learning_rate is not None and not learning_rate > 0:
+    raise DnnrError(f'--learning-rate {learning_rate} must be a positive number.')
   values = ThresholdValues(**{name: float(value)
                               for name, value in source.variables['thresholds'].items()})
   config = source.config
   return config.replace(
       thresholds=ThresholdsConfig(initial=values, final=values, annealing_start_epoch=0,
                                   total_epochs=None),
-      training=dataclasses.replace(config.training, epochs=max(epochs, 1),
-                                   checkpoint_every=0))
+      training=dataclasses.replace(
+          config.training, epochs=max(epochs, 1), checkpoint_every=0,
+          learning_rate=learning_rate or config.training.learning_rate))
 
 
 def _finish(source, out_path, kind, version, config, variables, dataset, settings, *,
