@@ -1,20 +1,17 @@
 """The `dnnr` command end to end, each run a real subprocess."""
 
-import concurrent.futures
-import json
-import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import pytest
 
+from tests.cli_helpers import assert_one_line_error, compile_cache, one_json, run, run_all, snapshot  # noqa: F401 (fixture)
 from tests.conftest import ROOT
 
 MODULE = (sys.executable, '-m', 'dnnr_jax')
 SMOKE = ('--config', 'configs/smoke.yaml')
-TIMEOUT_S = 300
+pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
 def _dnnr_script() -> str:
@@ -27,41 +24,6 @@ def _dnnr_script() -> str:
   return found
 
 
-def _run(*args) -> subprocess.CompletedProcess:
-  return subprocess.run(
-      [str(arg) for arg in args], cwd=ROOT, capture_output=True, text=True,
-      timeout=TIMEOUT_S, env=os.environ.copy())
-
-
-def _run_all(commands: dict) -> dict:
-  """Runs independent commands side by side; results by the same keys."""
-  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-    futures = {key: pool.submit(_run, *args) for key, args in commands.items()}
-    return {key: future.result() for key, future in futures.items()}
-
-
-def _json(run: subprocess.CompletedProcess) -> dict:
-  """The one JSON object a successful `--json` run prints."""
-  assert run.returncode == 0, run.stderr
-  lines = run.stdout.strip().splitlines()
-  assert len(lines) == 1, run.stdout
-  return json.loads(lines[0])
-
-
-def _snapshot(directory: pathlib.Path) -> dict:
-  return {str(f.relative_to(directory)): (f.stat().st_mtime_ns, f.read_bytes())
-          for f in sorted(directory.rglob('*')) if f.is_file()}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compile_cache(tmp_path_factory):
-  """One JAX compilation cache for every run here, so later runs compile less."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv('JAX_COMPILATION_CACHE_DIR',
-                 str(tmp_path_factory.mktemp('jax_cache')))
-    patch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-    patch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-    yield
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +31,7 @@ def launched(tmp_path_factory):
   """The first train, every bad-input run and the scripts' help, side by side.
 
   Returns:
-    By name: (run, words its stderr must hold, its models dir).
+    By name: (result, words its stderr must hold, its models dir).
   """
   tmp = tmp_path_factory.mktemp('cli')
   unknown_section = tmp / 'unknown_section.yaml'
@@ -117,7 +79,7 @@ def launched(tmp_path_factory):
                 config=('--config', 'configs/default.yaml')),
           [str(empty_data), 'data-dir']),
   }
-  runs = _run_all({name: command for name, (command, _) in cases.items()})
+  runs = run_all({name: command for name, (command, _) in cases.items()})
   return {name: (runs[name], words, tmp / name / 'models')
           for name, (_, words) in cases.items()}
 
@@ -128,32 +90,32 @@ def launched(tmp_path_factory):
 @pytest.fixture(scope='module')
 def first_train(launched):
   """`train --json` of the smoke config into a fresh models dir."""
-  run, _, models_dir = launched['train']
-  return models_dir, run
+  result, _, models_dir = launched['train']
+  return models_dir, result
 
 
 def test_train_writes_final_checkpoint(first_train):
-  models_dir, run = first_train
-  result = _json(run)
+  models_dir, result = first_train
+  summary = one_json(result)
   path = models_dir / 'final' / 'model_v1.0_final'
-  assert result['model'] == str(path)
+  assert summary['model'] == str(path)
   assert (path / 'variables').is_dir() and (path / 'metadata').is_dir()
-  assert result['epoch'] == 2
-  assert result['test']['n'] == 360
-  assert 0.5 < result['test']['accuracy'] <= 1
+  assert summary['epoch'] == 2
+  assert summary['test']['n'] == 360
+  assert 0.5 < summary['test']['accuracy'] <= 1
   # Progress goes to stderr, once per epoch; periodic checkpoints are gone.
-  assert 'epoch 2:' in run.stderr
+  assert 'epoch 2:' in result.stderr
   assert not (models_dir / 'checkpoints' / 'model_v1.0_final').exists()
 
 
 @pytest.fixture(scope='module')
 def after_first(first_train):
   """evaluate, a second train and a refused overwrite, side by side."""
-  models_dir, run = first_train
-  assert run.returncode == 0, run.stderr
+  models_dir, result = first_train
+  assert result.returncode == 0, result.stderr
   path = models_dir / 'final' / 'model_v1.0_final'
-  before = _snapshot(path)
-  runs = _run_all({
+  before = snapshot(path)
+  runs = run_all({
       'evaluate': (_dnnr_script(), 'evaluate', path, '--json'),
       'next': (*MODULE, 'train', *SMOKE, '--models-dir', models_dir,
                '--set', 'training.epochs=1', '--json'),
@@ -164,8 +126,8 @@ def after_first(first_train):
 
 
 def test_evaluate_matches_train(first_train, after_first):
-  trained = _json(first_train[1])
-  metrics = _json(after_first[3]['evaluate'])
+  trained = one_json(first_train[1])
+  metrics = one_json(after_first[3]['evaluate'])
   assert {'accuracy', 'loss', 'deep_fraction', 'n'} <= set(metrics)
   assert metrics['n'] == 360
   assert metrics['accuracy'] == trained['test']['accuracy']
@@ -176,7 +138,7 @@ def test_evaluate_matches_train(first_train, after_first):
 
 def test_second_train_takes_next_version(after_first):
   models_dir, _, _, runs = after_first
-  result = _json(runs['next'])
+  result = one_json(runs['next'])
   assert result['model'] == str(models_dir / 'final' / 'model_v1.1_final')
   assert result['epoch'] == 1
   assert sorted(p.name for p in (models_dir / 'final').iterdir()) == [
@@ -185,13 +147,13 @@ def test_second_train_takes_next_version(after_first):
 
 def test_train_refuses_to_overwrite(after_first):
   _, path, before, runs = after_first
-  run = runs['refused']
-  assert run.returncode == 2
-  assert run.stdout == ''
-  lines = run.stderr.strip().splitlines()
-  assert len(lines) == 1, run.stderr
+  result = runs['refused']
+  assert result.returncode == 2
+  assert result.stdout == ''
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
   assert str(path) in lines[0] and '--overwrite' in lines[0]
-  assert _snapshot(path) == before
+  assert snapshot(path) == before
 
 
 # Bad inputs: exit status 2 and one line naming the input.
@@ -203,24 +165,17 @@ def test_train_refuses_to_overwrite(after_first):
     'evaluate_not_checkpoint', 'empty_data_dir',
 ])
 def test_bad_input(launched, name):
-  run, words, models_dir = launched[name]
-  assert run.returncode == 2, run.stderr
-  assert run.stdout == ''
-  assert 'Traceback' not in run.stderr
-  lines = run.stderr.strip().splitlines()
-  assert len(lines) == 1, run.stderr
-  assert lines[0].startswith('error: ')
-  for word in words:
-    assert word in lines[0]
+  result, words, models_dir = launched[name]
+  assert_one_line_error(result, words)
   assert not models_dir.exists()  # nothing written
 
 
 @pytest.mark.parametrize('name', ['help_train', 'help_evaluate'])
 def test_script_help(launched, name):
-  run, words, _ = launched[name]
-  assert run.returncode == 0, run.stderr
+  result, words, _ = launched[name]
+  assert result.returncode == 0, result.stderr
   for word in words:
-    assert word in run.stdout
+    assert word in result.stdout
 
 
 # The default config on real MNIST.
@@ -228,7 +183,7 @@ def test_script_help(launched, name):
 
 def test_default_config_on_mnist(tmp_path, mnist_dir):
   models_dir = tmp_path / 'models'
-  trained = _json(_run(
+  trained = one_json(run(
       sys.executable, 'scripts/train.py', '--config', 'configs/default.yaml',
       '--set', 'training.epochs=1', '--data-dir', mnist_dir,
       '--models-dir', models_dir, '--json'))
@@ -236,7 +191,7 @@ def test_default_config_on_mnist(tmp_path, mnist_dir):
   assert trained['model'] == str(path)
   assert trained['test']['accuracy'] > 0.9
 
-  metrics = _json(_run(sys.executable, 'scripts/evaluate.py', path,
+  metrics = one_json(run(sys.executable, 'scripts/evaluate.py', path,
                        '--data-dir', mnist_dir, '--json'))
   assert metrics['n'] == 10000
   assert metrics['dataset'] == 'mnist'

@@ -1,10 +1,6 @@
 """`dnnr prune` and `dnnr quantize` end to end, each run a real subprocess."""
 
-import concurrent.futures
-import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
@@ -15,48 +11,14 @@ from dnnr_jax.checkpoint import load_model
 from dnnr_jax.compress import jobs as compress_jobs
 from dnnr_jax.compress import quantize, storage
 from dnnr_jax.config import load_config
-from tests.conftest import ROOT, SMOKE_CONFIG
+from tests.cli_helpers import assert_one_line_error, compile_cache, one_json, run, run_all, snapshot  # noqa: F401 (fixture)
+from tests.conftest import SMOKE_CONFIG
 
 MODULE = (sys.executable, '-m', 'dnnr_jax')
 PRUNE_80 = ('--method', 'global', '--sparsity', '0.8', '--finetune-epochs', '1')
-TIMEOUT_S = 300
+pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
-def _run(*args) -> subprocess.CompletedProcess:
-  return subprocess.run(
-      [str(arg) for arg in args], cwd=ROOT, capture_output=True, text=True,
-      timeout=TIMEOUT_S, env=os.environ.copy())
-
-
-def _run_all(commands: dict) -> dict:
-  """Runs independent commands side by side; results by the same keys."""
-  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-    futures = {key: pool.submit(_run, *args) for key, args in commands.items()}
-    return {key: future.result() for key, future in futures.items()}
-
-
-def _json(run: subprocess.CompletedProcess) -> dict:
-  """The one JSON object a successful `--json` run prints."""
-  assert run.returncode == 0, run.stderr
-  lines = run.stdout.strip().splitlines()
-  assert len(lines) == 1, run.stdout
-  return json.loads(lines[0])
-
-
-def _snapshot(directory: pathlib.Path) -> dict:
-  return {str(f.relative_to(directory)): (f.stat().st_mtime_ns, f.read_bytes())
-          for f in sorted(directory.rglob('*')) if f.is_file()}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compile_cache(tmp_path_factory):
-  """One JAX compilation cache for every run here, so later runs compile less."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv('JAX_COMPILATION_CACHE_DIR',
-                 str(tmp_path_factory.mktemp('jax_cache')))
-    patch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-    patch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-    yield
 
 
 @pytest.fixture(scope='module')
@@ -75,7 +37,7 @@ def first(sources):
   """The first prune, every bad input that needs no earlier output and the help, side by side.
 
   Returns:
-    By name: (run, words its one stderr line must hold, the models dir it must not create).
+    By name: (result, words its one stderr line must hold, the models dir it must not create).
   """
   tmp, final, quantized_path = sources
   cases = {
@@ -96,7 +58,7 @@ def first(sources):
       commands[name] = command
     else:  # A bad input: its own models folder, which must stay absent.
       commands[name] = (*command, '--models-dir', tmp / name / 'models')
-  runs = _run_all(commands)
+  runs = run_all(commands)
   return {name: (runs[name], words, tmp / name / 'models')
           for name, (_, words) in cases.items()}
 
@@ -109,10 +71,10 @@ def second(sources, first):
     (the first prune's path, a snapshot of its folder before, runs by name).
   """
   tmp, final, _ = sources
-  pruned = pathlib.Path(_json(first['prune_json'][0])['path'])
+  pruned = pathlib.Path(one_json(first['prune_json'][0])['path'])
   pruned_dir = pruned.parent
-  before = _snapshot(pruned_dir)
-  runs = _run_all({
+  before = snapshot(pruned_dir)
+  runs = run_all({
       'prune_table': (*MODULE, 'prune', final, *PRUNE_80, '--models-dir', tmp / 'table'),
       'quantize_json': (*MODULE, 'quantize', pruned, '--bits', '8', '--json'),
       'version_taken': (*MODULE, 'prune', final, '--version', '1.0'),
@@ -122,7 +84,7 @@ def second(sources, first):
 
 def test_prune_json(sources, first):
   tmp, final, _ = sources
-  result = _json(first['prune_json'][0])
+  result = one_json(first['prune_json'][0])
   path = tmp / 'models' / 'pruned' / 'pruned_model_v1.0'
   assert result['path'] == str(path)
   assert result['source']['path'] == str(final)
@@ -143,69 +105,62 @@ def test_prune_json(sources, first):
 
 def test_prune_table(sources, second):
   tmp, final, _ = sources
-  run = second[2]['prune_table']
-  assert run.returncode == 0, run.stderr
+  result = second[2]['prune_table']
+  assert result.returncode == 0, result.stderr
   for words in ('before', 'after', 'route agreement', '80.00%'):
-    assert words in run.stdout
-  assert not run.stdout.lstrip().startswith('{')
+    assert words in result.stdout
+  assert not result.stdout.lstrip().startswith('{')
   assert (tmp / 'table' / 'pruned' / 'pruned_model_v1.0').is_dir()
 
 
 def test_quantize_pruned_json(sources, first, second):
   tmp, final, _ = sources
   pruned, _, runs = second
-  result = _json(runs['quantize_json'])
+  result = one_json(runs['quantize_json'])
   path = tmp / 'models' / 'quantized' / 'quantized_model_v1.0'
   assert result['path'] == str(path)
   assert result['quantization'] == {'mode': 'dynamic', 'bits': 8}
   assert result['source']['path'] == str(pruned) and result['source']['kind'] == 'pruned'
   assert result['dense_float_bytes']['path'] == str(final)
-  assert result['source_bytes'] == _json(first['prune_json'][0])['bytes']
-  assert result['array_bytes'] < _json(first['prune_json'][0])['array_bytes']
+  assert result['source_bytes'] == one_json(first['prune_json'][0])['bytes']
+  assert result['array_bytes'] < one_json(first['prune_json'][0])['array_bytes']
   kernels = load_model(path).variables['params']
   assert all(isinstance(layer['kernel'], quantize.QArray) for layer in kernels.values())
 
 
 def test_prune_refuses_an_existing_version(second):
   pruned, before, runs = second
-  run = runs['version_taken']
-  assert run.returncode == 2
-  assert run.stdout == '' and 'Traceback' not in run.stderr
-  lines = run.stderr.strip().splitlines()
-  assert len(lines) == 1, run.stderr
+  result = runs['version_taken']
+  assert result.returncode == 2
+  assert result.stdout == '' and 'Traceback' not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
   assert lines[0].startswith('error: ')
   assert str(pruned) in lines[0] and '--overwrite' in lines[0]
-  assert _snapshot(pruned.parent) == before
+  assert snapshot(pruned.parent) == before
 
 
 @pytest.mark.parametrize('name', ['sparsity', 'missing', 'quantized_again'])
 def test_bad_input(first, name):
-  run, words, models_dir = first[name]
-  assert run.returncode == 2, run.stderr
-  assert run.stdout == ''
-  assert 'Traceback' not in run.stderr
-  lines = run.stderr.strip().splitlines()
-  assert len(lines) == 1, run.stderr
-  assert lines[0].startswith('error: ')
-  for word in words:
-    assert word in lines[0]
+  result, words, models_dir = first[name]
+  assert_one_line_error(result, words)
   assert not models_dir.exists()
 
 
 def test_bad_bits_is_an_argparse_error(first):
-  run, _, models_dir = first['bits']
-  assert run.returncode == 2
-  assert run.stdout == ''
-  assert 'Traceback' not in run.stderr
+  result, _, models_dir = first['bits']
+  assert result.returncode == 2
+  assert result.stdout == ''
+  assert 'Traceback' not in result.stderr
   # argparse prints the usage, then one error line.
-  last = run.stderr.strip().splitlines()[-1]
+  last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('dnnr quantize: error: argument --bits: invalid choice: 3')
   assert not models_dir.exists()
 
 
 @pytest.mark.parametrize('name', ['help_prune', 'help_quantize'])
 def test_script_help(first, name):
-  run, words, _ = first[name]
-  assert run.returncode == 0, run.stderr
+  result, words, _ = first[name]
+  assert result.returncode == 0, result.stderr
   for word in words:
-    assert word in run.stdout
+    assert word in result.stdout

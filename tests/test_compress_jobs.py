@@ -14,6 +14,7 @@ from dnnr_jax.config import RoutingConfig, load_config
 from dnnr_jax.data import load_dataset
 from dnnr_jax.errors import CheckpointError, DnnrError
 from dnnr_jax.model import model_from_config
+from tests.cli_helpers import snapshot
 from tests.conftest import SMOKE_CONFIG
 
 LAYERS = ('trunk_0', 'trunk_1', 'deep', 'shortcut', 'head')
@@ -37,11 +38,6 @@ QUANTIZE_RUNS = {
 
 def _kernels(variables) -> dict:
   return {name: variables['params'][name]['kernel'] for name in LAYERS}
-
-
-def _snapshot(directory: pathlib.Path) -> dict:
-  return {str(f.relative_to(directory)): (f.stat().st_mtime_ns, f.read_bytes())
-          for f in sorted(directory.rglob('*')) if f.is_file()}
 
 
 def _array_bytes(variables) -> int:
@@ -254,20 +250,20 @@ def test_gradual_prune_reaches_the_final_sparsity_exactly(pruned):
 ])
 def test_prune_rejects_bad_settings_before_writing(models_dir, final_path, oneshot, kwargs,
                                                    match):
-  before = _snapshot(models_dir)
+  before = snapshot(models_dir)
   with pytest.raises(DnnrError, match=match):
     compress_jobs.prune_checkpoint(final_path, **kwargs)
-  assert _snapshot(models_dir) == before
+  assert snapshot(models_dir) == before
 
 
 @pytest.mark.parametrize('method', ['global', 'layer', 'structured', 'nm'])
 def test_prune_refuses_a_quantized_checkpoint(root, quantized, method):
   path, _, _ = quantized('dynamic')
-  before = _snapshot(root)
+  before = snapshot(root)
   with pytest.raises(DnnrError, match='is quantized; prune a final or pruned model') as caught:
     compress_jobs.prune_checkpoint(path, method=method, sparsity=0.5, finetune_epochs=0)
   assert str(path) in str(caught.value)
-  assert _snapshot(root) == before
+  assert snapshot(root) == before
 
 
 def test_prune_refuses_a_missing_checkpoint(root):
@@ -393,18 +389,18 @@ def test_quantizing_a_pruned_checkpoint_keeps_its_zeros(final_path, root, onesho
 def test_quantize_rejects_bad_settings_before_writing(root, final_path, quantized, kwargs,
                                                       match):
   quantized('dynamic')  # writes quantized 1.0 in models folder 'dynamic'
-  before = _snapshot(root)
+  before = snapshot(root)
   with pytest.raises(DnnrError, match=match):
     compress_jobs.quantize_checkpoint(final_path, models_dir=root / 'dynamic', **kwargs)
-  assert _snapshot(root) == before
+  assert snapshot(root) == before
 
 
 def test_quantize_refuses_a_quantized_checkpoint(root, quantized):
   path, _, _ = quantized('dynamic')
-  before = _snapshot(root)
+  before = snapshot(root)
   with pytest.raises(DnnrError, match='is already quantized'):
     compress_jobs.quantize_checkpoint(path, mode='weight_only', bits=4)
-  assert _snapshot(root) == before
+  assert snapshot(root) == before
 
 
 # Calibration inputs.

@@ -1,0 +1,63 @@
+"""Helpers shared by the tests that run the real `dnnr` CLI in subprocesses."""
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+TIMEOUT_S = 300
+
+
+def run(*args) -> subprocess.CompletedProcess:
+  """Runs one command from the repository root, capturing its output."""
+  return subprocess.run(
+      [str(arg) for arg in args], cwd=ROOT, capture_output=True, text=True,
+      timeout=TIMEOUT_S, env=os.environ.copy())
+
+
+def run_all(commands: dict) -> dict:
+  """Runs independent commands side by side; results by the same keys."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    futures = {key: pool.submit(run, *args) for key, args in commands.items()}
+    return {key: future.result() for key, future in futures.items()}
+
+
+def one_json(result: subprocess.CompletedProcess) -> dict:
+  """The one JSON object a successful `--json` run prints."""
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1, result.stdout
+  return json.loads(lines[0])
+
+
+def snapshot(directory: pathlib.Path) -> dict:
+  """Every file under `directory` with its mtime and bytes, to prove nothing changed."""
+  return {str(f.relative_to(directory)): (f.stat().st_mtime_ns, f.read_bytes())
+          for f in sorted(directory.rglob('*')) if f.is_file()}
+
+
+@pytest.fixture(scope='module')
+def compile_cache(tmp_path_factory):
+  """One JAX compilation cache for a module's runs, so later runs compile less."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.mktemp('jax_cache')))
+    patch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+    patch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+    yield
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, words) -> None:
+  """Exit status 2, nothing on stdout, one `error:` line naming each of `words`."""
+  assert result.returncode == 2, result.stderr
+  assert result.stdout == ''
+  assert 'Traceback' not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith('error: ')
+  for word in words:
+    assert word in lines[0]
