@@ -37,7 +37,7 @@ from dnnr_jax.errors import CheckpointError, ConfigError
 from dnnr_jax.model import DynamicMLP, model_from_config
 
 FORMAT = 'dnnr_jax'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: arrays packed into one blob per dtype (compress.storage)
 KINDS = {
     'final': ('final', 'model_v{version}_final'),
     'pruned': ('pruned', 'pruned_model_v{version}'),
@@ -169,6 +169,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         f'{path} is an Orbax checkpoint but not a dnnr_jax model (no '
         f"'format: {FORMAT}' in its metadata); pass a checkpoint written by "
         'dnnr.')
+  if metadata.get('format_version') != FORMAT_VERSION:
+    raise CheckpointError(
+        f"{path} has checkpoint format {metadata.get('format_version')}, this dnnr_jax "
+        f'reads format {FORMAT_VERSION}; write it again with this version.')
   return metadata
 
 

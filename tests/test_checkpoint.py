@@ -1,6 +1,7 @@
 """Checkpoints: round trips, versions, safe saves, bad inputs, resume."""
 
 import dataclasses
+import json
 import pathlib
 import shutil
 from typing import Any
@@ -234,6 +235,13 @@ def _truncate_metadata(path: pathlib.Path, good: pathlib.Path) -> None:
   target.write_bytes(target.read_bytes()[:10])
 
 
+def _older_format(path: pathlib.Path, good: pathlib.Path) -> None:
+  shutil.copytree(good, path)
+  target = path / 'metadata' / 'metadata'
+  metadata = json.loads(target.read_text())
+  target.write_text(json.dumps({**metadata, 'format_version': 1}))
+
+
 def _incomplete_metadata(path: pathlib.Path, good: pathlib.Path) -> None:
   variables = checkpoint.load_model(good).variables
   checkpoint.save_checkpoint(path, variables, {'kind': 'final'})
@@ -249,9 +257,10 @@ def _incomplete_metadata(path: pathlib.Path, good: pathlib.Path) -> None:
     (_delete_array_metadata, 'damaged'),
     (_truncate_metadata, 'not a readable dnnr_jax checkpoint'),
     (_incomplete_metadata, 'incomplete metadata'),
+    (_older_format, 'has checkpoint format 1'),
 ], ids=['missing', 'file', 'empty', 'foreign', 'truncated_array',
         'deleted_array', 'deleted_array_metadata', 'truncated_metadata',
-        'incomplete_metadata'])
+        'incomplete_metadata', 'older_format'])
 # After a failed read, TensorStore may call back into Orbax's closed event loop.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_load_model_rejects(tmp_path, trained, make, words):

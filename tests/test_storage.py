@@ -125,3 +125,28 @@ def test_sparse_int8_checkpoint_is_much_smaller_on_disk(tmp_path):
   # 90% sparse int8: ~2 bytes per kept weight against 4 per weight.
   assert storage.directory_bytes(compact) < storage.directory_bytes(dense) / 10
   assert storage.gzip_bytes(compact) < storage.gzip_bytes(dense) / 10
+
+
+def test_a_fully_pruned_model_round_trips(tmp_path):
+  import jax
+
+  from dnnr_jax.checkpoint import load_model, save_checkpoint
+  from dnnr_jax.config import Config, ModelConfig
+  from tests.conftest import tree_allclose
+
+  variables = jax.tree.map(np.zeros_like, _variables())
+  config = Config(model=ModelConfig(hidden_sizes=(64, 48), deep_size=32))
+  path = save_checkpoint(tmp_path / 'zeros', variables,
+                         {'kind': 'pruned', 'config': config.to_dict(), 'num_features': 40})
+  tree_allclose(load_model(path).variables, variables, rtol=0, atol=0)
+
+
+def test_arrays_are_packed_into_one_blob_per_dtype():
+  from dnnr_jax.compress.quantize import quantize_params
+
+  variables = _variables()
+  variables['params'] = quantize_params(variables['params'], bits=8)
+  blobs, layout = storage.encode_variables(variables)
+  assert sorted(blobs) == ['float32', 'int8', 'uint8']
+  assert all(blob.ndim == 1 for blob in blobs.values())
+  assert len(layout) == 13  # 5 kernels, 5 biases, 3 thresholds
