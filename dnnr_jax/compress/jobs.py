@@ -67,13 +67,13 @@ def prune_checkpoint(
     raise DnnrError(
         'a gradual schedule prunes during fine-tuning: use --method global or layer '
         'with --finetune-epochs of at least 1.')
-  source, out_path, dataset, version = _prepare(
-      path, 'pruned', data_dir, models_dir, version, overwrite)
+  source, out_path, version = _prepare(path, 'pruned', models_dir, version, overwrite)
   if _is_quantized(source):
     raise DnnrError(f'{source.path} is quantized; prune a final or pruned model, '
                     'then quantize the result.')
   params = source.variables['params']
   config = _finetune_config(source, finetune_epochs, learning_rate)
+  dataset = load_dataset(source.config.data, data_dir)  # After every cheap check.
   state_options: dict[str, Any] = {}
   settings = {'method': method, 'sparsity': sparsity, 'schedule': schedule,
               'finetune_epochs': finetune_epochs,
@@ -138,11 +138,11 @@ def quantize_checkpoint(
   if mode == 'qat' and finetune_epochs < 1:
     raise DnnrError(f'--mode qat fine-tunes with fake quantization: --finetune-epochs '
                     f'{finetune_epochs} must be at least 1.')
-  source, out_path, dataset, version = _prepare(
-      path, 'quantized', data_dir, models_dir, version, overwrite)
+  source, out_path, version = _prepare(path, 'quantized', models_dir, version, overwrite)
   if _is_quantized(source):
     raise DnnrError(f'{source.path} is already quantized; quantize a final or pruned model.')
   config = _finetune_config(source, finetune_epochs, learning_rate)
+  dataset = load_dataset(source.config.data, data_dir)  # After every cheap check.
   params = source.variables['params']
   settings: dict[str, Any] = {'mode': mode, 'bits': bits, 'per_channel': per_channel}
   variables = dict(source.variables)
@@ -218,14 +218,14 @@ def _is_quantized(source) -> bool:
       source.variables, is_leaf=lambda leaf: isinstance(leaf, quantize.QArray)))
 
 
-def _prepare(path, kind, data_dir, models_dir, version, overwrite):
+def _prepare(path, kind, models_dir, version, overwrite):
+  """The source model, and the output path, checked to be free."""
   source = checkpoint_lib.load_model(path)
   models_dir = pathlib.Path(models_dir) if models_dir else source.path.parent.parent
   version = version or checkpoint_lib.next_version(models_dir, kind)
   out_path = checkpoint_lib.checkpoint_path(models_dir, kind, version)
   checkpoint_lib.ensure_writable(out_path, overwrite)
-  dataset = load_dataset(source.config.data, data_dir)
-  return source, out_path, dataset, version
+  return source, out_path, version
 
 
 def _finetune_config(source, epochs: int, learning_rate: float | None = None) -> Config:
