@@ -94,7 +94,9 @@ def fit(
     if resume and manager.latest_step() is not None:
       state, history = _restore(manager, state, config)
   model = model_from_config(config)
-  evaluate_variables = _evaluation_variables(state_options.get('apply_fn'), model)
+  # Evaluate what the training step runs (e.g. the fake-quantized model in QAT).
+  apply_fn = state_options.get('apply_fn')
+  evaluated = _AppliedModel(apply_fn) if apply_fn else model
   run_epoch = jit_train_epoch(config)
   epoch_seconds = []
   start = time.perf_counter()
@@ -112,12 +114,12 @@ def fit(
           'epoch': epoch + 1,
           'thresholds': thresholds_to_floats(state.thresholds),
           'train': train_metrics,
-          'test': evaluate_variables(state.variables, dataset.test, training.eval_batch_size),
+          'test': evaluate(evaluated, state.variables, dataset.test, training.eval_batch_size),
           'seconds': epoch_seconds[-1],
       }
       if dataset.validation is not None:
-        record['validation'] = evaluate_variables(
-            state.variables, dataset.validation, training.eval_batch_size)
+        record['validation'] = evaluate(
+            evaluated, state.variables, dataset.validation, training.eval_batch_size)
       history.append(record)
       if manager is not None:
         _save_periodic(manager, state, history, config)
@@ -133,14 +135,6 @@ def fit(
   throughput = (samples / statistics.median(epoch_seconds[1:])
                 if len(epoch_seconds) > 1 else None)
   return FitResult(state, history, time.perf_counter() - start, throughput)
-
-
-def _evaluation_variables(apply_fn, model):
-  """Evaluation with the model the training step runs (e.g. fake-quantized)."""
-  if apply_fn is None:
-    return lambda variables, split, batch_size: evaluate(model, variables, split, batch_size)
-  return lambda variables, split, batch_size: evaluate(
-      _AppliedModel(apply_fn), variables, split, batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
