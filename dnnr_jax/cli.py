@@ -99,6 +99,29 @@ def _quantize(args: argparse.Namespace) -> int:
   return _print_compression(summary, args.json)
 
 
+def _export(args: argparse.Namespace) -> int:
+  import logging
+
+  from dnnr_jax import export
+
+  # onnx_ir warns about untyped shape constants it skips; nothing a user can act on.
+  logging.getLogger('onnx_ir').setLevel(logging.ERROR)
+  check_inputs = None
+  if not args.raw_uint8_input:
+    check_inputs = export.real_check_inputs(args.model_path, data_dir=args.data_dir)
+  output, report = export.export_onnx(
+      args.model_path, output=args.output, raw_uint8_input=args.raw_uint8_input,
+      check_inputs=check_inputs, overwrite=args.overwrite)
+  if args.json:
+    print(json.dumps({'path': str(output), **report}))
+    return 0
+  differences = ', '.join(f'batch {size}: {value:.2g}'
+                          for size, value in report['max_abs_logit_difference'].items())
+  _stdout.print(f'wrote {output}; onnxruntime matches JAX (max |logit difference| '
+                f'{differences}; tolerance {report["tolerance"]}; argmax and routes equal)')
+  return 0
+
+
 def _print_compression(summary: dict[str, Any], as_json: bool) -> int:
   """The before/after table of a prune or quantize job."""
   if as_json:
@@ -215,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
   quantize.add_argument('--finetune-epochs', type=int, default=2, help='QAT epochs')
   _add_output_arguments(quantize)
   quantize.set_defaults(handler=_quantize)
+
+  export = commands.add_parser('export', help='export a checkpoint to ONNX, checked in onnxruntime')
+  export.add_argument('model_path', metavar='MODEL_PATH')
+  export.add_argument('--output', help='the .onnx file (default: beside the checkpoint)')
+  export.add_argument('--raw-uint8-input', action='store_true',
+                      help='take uint8 images [B, side, side]; normalise inside the graph')
+  export.add_argument('--data-dir', help='directory with the MNIST IDX files (for the check)')
+  export.add_argument('--overwrite', action='store_true', help='replace an existing file')
+  export.add_argument('--json', action='store_true', help='print one JSON object')
+  export.set_defaults(handler=_export)
   return parser
 
 

@@ -1,0 +1,146 @@
+"""ONNX export: onnxruntime agrees with JAX for every kind of checkpoint."""
+
+import collections
+import logging
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+from dnnr_jax import export, jobs
+from dnnr_jax.checkpoint import load_model
+from dnnr_jax.compress import jobs as compress_jobs
+from dnnr_jax.config import load_config
+from dnnr_jax.errors import DnnrError
+from tests.cli_helpers import one_json, run
+from tests.conftest import SMOKE_CONFIG
+
+logging.getLogger('onnx_ir').setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope='module')
+def checkpoints(tmp_path_factory):
+  """A smoke model in per-sample and in batch routing, shrunk, and int8."""
+  root = tmp_path_factory.mktemp('export')
+  made = {}
+  for routing in ('per_sample', 'batch'):
+    config = load_config(SMOKE_CONFIG, ['training.epochs=2', f'routing.mode={routing}'])
+    made[routing], _ = jobs.train_and_save(config, models_dir=root / routing)
+  made['structured'], _ = compress_jobs.prune_checkpoint(
+      made['per_sample'], method='structured', sparsity=0.5, finetune_epochs=0)
+  made['int8'], _ = compress_jobs.quantize_checkpoint(made['per_sample'], mode='dynamic')
+  return made
+
+
+def _inputs(path):
+  return export.real_check_inputs(path, rows=128)
+
+
+def _operators(path):
+  return collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+
+
+@pytest.mark.parametrize('name', ['per_sample', 'batch', 'structured', 'int8'])
+def test_export_agrees_with_jax(checkpoints, name):
+  path = checkpoints[name]
+  output, report = export.export_onnx(path, check_inputs=_inputs(path))
+  assert output == path.with_name(path.name + '.onnx') and output.is_file()
+  model = load_model(path)
+  session = onnxruntime.InferenceSession(str(output), providers=['CPUExecutionProvider'])
+  inputs = _inputs(path)
+  for batch_size in (1, 7, 128):
+    logits, deep_path = session.run(['logits', 'deep_path'], {'input': inputs[:batch_size]})
+    reference, reference_path = model.predict_with_routes(inputs[:batch_size])
+    assert logits.shape == (batch_size, 10)
+    np.testing.assert_allclose(logits, reference, atol=report['tolerance'])
+    np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(reference, -1))
+    np.testing.assert_array_equal(deep_path, reference_path)
+  assert set(report['max_abs_logit_difference']) == {1, 7, 128}
+
+
+def test_routing_lowers_to_where_or_if(checkpoints):
+  per_sample, _ = export.export_onnx(checkpoints['per_sample'], output=checkpoints[
+      'per_sample'].parent / 'where.onnx', check_inputs=_inputs(checkpoints['per_sample']))
+  batch, _ = export.export_onnx(checkpoints['batch'], output=checkpoints[
+      'batch'].parent / 'if.onnx', check_inputs=_inputs(checkpoints['batch']))
+  assert _operators(per_sample)['If'] == 0 and _operators(per_sample)['Where'] >= 1
+  assert _operators(batch)['If'] == 1
+
+
+def test_int8_weights_stay_int8(checkpoints):
+  float_file, _ = export.export_onnx(checkpoints['per_sample'], output=checkpoints[
+      'per_sample'].parent / 'float.onnx', check_inputs=_inputs(checkpoints['per_sample']))
+  int8_file, _ = export.export_onnx(checkpoints['int8'], output=checkpoints[
+      'int8'].parent / 'int8.onnx', check_inputs=_inputs(checkpoints['int8']))
+  kinds = collections.Counter(tensor.data_type for tensor in onnx.load(int8_file).graph.initializer)
+  assert kinds[onnx.TensorProto.INT8] == 5
+
+  def weight_bytes(path):
+    return sum(len(tensor.raw_data) for tensor in onnx.load(path).graph.initializer)
+
+  # The weights: a toy model's graph is mostly nodes, so compare what they hold.
+  assert weight_bytes(int8_file) < 0.4 * weight_bytes(float_file)
+
+
+def test_metadata_props(checkpoints):
+  output, _ = export.export_onnx(checkpoints['per_sample'], output=checkpoints[
+      'per_sample'].parent / 'meta.onnx', check_inputs=_inputs(checkpoints['per_sample']))
+  props = {prop.key: prop.value for prop in onnx.load(output).metadata_props}
+  model = load_model(checkpoints['per_sample'])
+  assert props['dnnr_jax.version'] == '1.0'
+  assert props['dnnr_jax.source_checkpoint'] == str(model.path)
+  assert props['dnnr_jax.normalisation'] == 'mean=0.3053,std=0.376'
+  for name, value in model.variables['thresholds'].items():
+    assert f'{name}={float(value):.9g}' in props['dnnr_jax.thresholds']
+
+
+def test_raw_uint8_input_normalises_inside_the_graph(checkpoints):
+  path = checkpoints['per_sample']
+  output, _ = export.export_onnx(path, output=path.parent / 'raw.onnx', raw_uint8_input=True)
+  graph_input = onnx.load(output).graph.input[0]
+  assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+  assert [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim] == [
+      'B', 8, 8]
+  images = np.random.default_rng(0).integers(0, 17, size=(5, 8, 8)).astype(np.uint8)
+  session = onnxruntime.InferenceSession(str(output), providers=['CPUExecutionProvider'])
+  logits, _ = session.run(['logits', 'deep_path'], {'input': images})
+  normalised = (images.reshape(5, 64) / 16.0 - 0.3053) / 0.3760
+  np.testing.assert_allclose(logits, load_model(path).predict(normalised), atol=1e-4)
+
+
+def test_a_mismatch_fails_and_writes_nothing(checkpoints, monkeypatch):
+  path = checkpoints['per_sample']
+  monkeypatch.setitem(export.TOLERANCE, 'float', -1.0)
+  with pytest.raises(DnnrError, match='onnxruntime disagrees with JAX'):
+    export.export_onnx(path, output=path.parent / 'bad.onnx', check_inputs=_inputs(path))
+  assert not list(path.parent.glob('*bad.onnx*'))
+
+
+@pytest.mark.parametrize('output, words', [
+    ('model.txt', 'does not end in .onnx'),
+    ('missing/dir/model.onnx', 'not a writable directory'),
+])
+def test_bad_outputs(checkpoints, tmp_path, output, words):
+  with pytest.raises(DnnrError, match=words):
+    export.export_onnx(checkpoints['per_sample'], output=tmp_path / output)
+
+
+def test_existing_file_is_kept_without_overwrite(checkpoints, tmp_path):
+  target = tmp_path / 'kept.onnx'
+  target.write_bytes(b'old')
+  with pytest.raises(DnnrError, match='already exists'):
+    export.export_onnx(checkpoints['per_sample'], output=target)
+  assert target.read_bytes() == b'old'
+
+
+def test_cli_export(checkpoints, tmp_path):
+  output = tmp_path / 'cli.onnx'
+  summary = one_json(run(sys.executable, '-m', 'dnnr_jax', 'export', checkpoints['int8'],
+                         '--output', output, '--json'))
+  assert summary['path'] == str(output) and output.is_file()
+  assert summary['tolerance'] == export.TOLERANCE['integer']
+  refused = run(sys.executable, '-m', 'dnnr_jax', 'export', checkpoints['int8'],
+                '--output', output)
+  assert refused.returncode == 2 and 'already exists' in refused.stderr
