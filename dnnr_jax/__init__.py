@@ -1,32 +1,54 @@
-"""dnnr_jax: Dynamic Neural Network Refinement in JAX/Flax."""
+"""dnnr_jax: Dynamic Neural Network Refinement in JAX/Flax.
 
-from dnnr_jax.checkpoint import LoadedModel as LoadedModel
-from dnnr_jax.checkpoint import load_model as load_model
-from dnnr_jax.checkpoint import save_checkpoint as save_checkpoint
-from dnnr_jax.complexity import batch_complexity as batch_complexity
-from dnnr_jax.config import Config as Config
-from dnnr_jax.config import config_from_dict as config_from_dict
-from dnnr_jax.config import load_config as load_config
-from dnnr_jax.data import Dataset as Dataset
-from dnnr_jax.data import Split as Split
-from dnnr_jax.data import load_dataset as load_dataset
-from dnnr_jax.errors import CheckpointError as CheckpointError
-from dnnr_jax.errors import ConfigError as ConfigError
-from dnnr_jax.errors import DataError as DataError
-from dnnr_jax.errors import DnnrError as DnnrError
-from dnnr_jax.fit import FitResult as FitResult
-from dnnr_jax.fit import fit as fit
-from dnnr_jax.jobs import evaluate_checkpoint as evaluate_checkpoint
-from dnnr_jax.jobs import train_and_save as train_and_save
-from dnnr_jax.model import DynamicMLP as DynamicMLP
-from dnnr_jax.model import init_variables as init_variables
-from dnnr_jax.model import model_from_config as model_from_config
-from dnnr_jax.routing import route as route
-from dnnr_jax.thresholds import linear_annealing as linear_annealing
-from dnnr_jax.train import TrainState as TrainState
-from dnnr_jax.train import create_train_state as create_train_state
-from dnnr_jax.train import evaluate as evaluate
-from dnnr_jax.train import train_epoch as train_epoch
-from dnnr_jax.train import train_step as train_step
+Names are imported on first use, so that `dnnr predict`, which serves with
+onnxruntime alone, never imports JAX.
+"""
+
+import importlib
 
 __version__ = '0.1.0'
+
+_EXPORTS = {
+    'LoadedModel': 'dnnr_jax.checkpoint',
+    'load_model': 'dnnr_jax.checkpoint',
+    'save_checkpoint': 'dnnr_jax.checkpoint',
+    'batch_complexity': 'dnnr_jax.complexity',
+    'Config': 'dnnr_jax.config',
+    'config_from_dict': 'dnnr_jax.config',
+    'load_config': 'dnnr_jax.config',
+    'Dataset': 'dnnr_jax.data',
+    'Split': 'dnnr_jax.data',
+    'load_dataset': 'dnnr_jax.data',
+    'CheckpointError': 'dnnr_jax.errors',
+    'ConfigError': 'dnnr_jax.errors',
+    'DataError': 'dnnr_jax.errors',
+    'DnnrError': 'dnnr_jax.errors',
+    'export_onnx': 'dnnr_jax.export',
+    'FitResult': 'dnnr_jax.fit',
+    'fit': 'dnnr_jax.fit',
+    'evaluate_checkpoint': 'dnnr_jax.jobs',
+    'train_and_save': 'dnnr_jax.jobs',
+    'DynamicMLP': 'dnnr_jax.model',
+    'init_variables': 'dnnr_jax.model',
+    'model_from_config': 'dnnr_jax.model',
+    'route': 'dnnr_jax.routing',
+    'predict_onnx': 'dnnr_jax.serve',
+    'linear_annealing': 'dnnr_jax.thresholds',
+    'TrainState': 'dnnr_jax.train',
+    'create_train_state': 'dnnr_jax.train',
+    'evaluate': 'dnnr_jax.train',
+    'train_epoch': 'dnnr_jax.train',
+    'train_step': 'dnnr_jax.train',
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted([*globals(), *_EXPORTS])

@@ -122,6 +122,21 @@ def _export(args: argparse.Namespace) -> int:
   return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+  from dnnr_jax import serve
+
+  result = serve.predict_onnx(args.model_path, args.images, args.labels,
+                              batch_size=args.batch_size)
+  if args.json:
+    print(json.dumps({key: value for key, value in result.items() if key != 'predictions'}))
+    return 0
+  accuracy = f"accuracy {result['accuracy']:.2%}, " if 'accuracy' in result else ''
+  print(f"{result['n']} images: {accuracy}deep path {result['deep_fraction']:.1%}, "
+        f"{result['samples_per_second']:,.0f} samples/s at batch {result['batch_size']} "
+        '(onnxruntime)')
+  return 0
+
+
 def _print_compression(summary: dict[str, Any], as_json: bool) -> int:
   """The before/after table of a prune or quantize job."""
   if as_json:
@@ -248,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
   export.add_argument('--overwrite', action='store_true', help='replace an existing file')
   export.add_argument('--json', action='store_true', help='print one JSON object')
   export.set_defaults(handler=_export)
+
+  predict = commands.add_parser('predict', help='serve an exported model with onnxruntime')
+  predict.add_argument('model_path', metavar='MODEL.onnx')
+  predict.add_argument('--images', required=True, help='IDX images (.gz or not)')
+  predict.add_argument('--labels', help='IDX labels, to report accuracy')
+  predict.add_argument('--batch-size', type=int, default=256)
+  predict.add_argument('--json', action='store_true', help='print one JSON object')
+  predict.set_defaults(handler=_predict)
   return parser
 
 
