@@ -116,7 +116,7 @@ def export_onnx(
                        opset=OPSET, input_names=['input'],
                        output_names=['logits', 'deep_path'])
   onnx.checker.check_model(onnx_model, full_check=True)
-  integer = metadata_kind(model) == 'integer'
+  integer = _compute_kind(model) == 'integer'
   _set_metadata(onnx_model, model, raw_uint8_input)
   if check_inputs is None:
     check_inputs = _random_inputs(model, raw_uint8_input, side)
@@ -136,7 +136,8 @@ def real_check_inputs(path: str | os.PathLike, *, data_dir=None, rows: int = 256
   return np.asarray(load_dataset(model.config.data, data_dir).test.images[:rows])
 
 
-def metadata_kind(model: LoadedModel) -> str:
+def _compute_kind(model: LoadedModel) -> str:
+  """'integer' when the quantized kernels multiply in integers, else 'float'."""
   quantization = model.metadata.get('quantization')
   if quantization and quantization.get('mode') != 'weight_only':
     return 'integer'
