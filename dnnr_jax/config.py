@@ -24,6 +24,8 @@ import yaml
 from dnnr_jax.errors import ConfigError
 
 DATASETS = ('mnist', 'digits')
+# The largest raw pixel value of each data set: MNIST bytes, digits' 0..16 counts.
+PIXEL_MAX = {'mnist': 255.0, 'digits': 16.0}
 ROUTING_MODES = ('per_sample', 'batch', 'deep', 'shallow')
 LR_SCHEDULES = ('constant', 'cosine')
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from dnnr_jax.config import DataConfig
+from dnnr_jax.config import PIXEL_MAX, DataConfig
 from dnnr_jax.errors import DataError
 from dnnr_jax.idx import read_idx
 
@@ -113,15 +113,17 @@ def load_dataset(
   if config.dataset == 'mnist':
     directory = find_mnist(data_dir)
     arrays = load_mnist_arrays(directory)
-    pixel_max, source = 255.0, str(directory)
+    source = str(directory)
     train = (arrays['train_images'], arrays['train_labels'])
     test = (arrays['test_images'], arrays['test_labels'])
   elif config.dataset == 'digits':
-    pixel_max, source = 16.0, DIGITS_SOURCE
+    source = DIGITS_SOURCE
     train, test = _digits_arrays()
   else:
     raise DataError(
         f'data.dataset = {config.dataset!r} is not one of: mnist, digits.')
+
+  pixel_max = PIXEL_MAX[config.dataset]
 
   def split(images: np.ndarray, labels: np.ndarray) -> Split:
     # In place, because a float32 copy of MNIST's training set is 188 MB.

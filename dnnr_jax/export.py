@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dnnr_jax.checkpoint import LoadedModel, load_model
+from dnnr_jax.config import PIXEL_MAX
 from dnnr_jax.errors import DnnrError
 
 OPSET = 21
 CHECK_BATCH_SIZES = (1, 7, 128)
-PIXEL_MAX = {'mnist': 255.0, 'digits': 16.0}
 # Float paths agree to float32 rounding; integer paths may differ by one
 # activation code where JAX and onnxruntime round a tie differently.
 TOLERANCE = {'float': 1e-4, 'integer': 5e-2}
@@ -101,9 +101,6 @@ def export_onnx(
   if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
     raise DnnrError(f'cannot write {output}: {output.parent} is not a writable directory; '
                     'choose another --output.')
-  if raw_uint8_input and model.config.data.dataset not in PIXEL_MAX:
-    raise DnnrError(f'--raw-uint8-input needs image data; {model.path.name} was trained on '
-                    f'{model.config.data.dataset}.')
   function = inference_function(model, raw_uint8_input=raw_uint8_input)
   side = math.isqrt(model.num_features)
   if raw_uint8_input and side * side != model.num_features:

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from dnnr_jax.config import PIXEL_MAX
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.idx import read_idx
-
-PIXEL_MAX = {'mnist': 255.0, 'digits': 16.0}
 
 
 def predict_onnx(
