@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 
 METRICS = ('variance', 'entropy', 'sparsity')
-ENTROPY_EPSILON = 1e-10
 SPARSITY_CUTOFF = 0.1
 
 
@@ -23,11 +22,16 @@ def variance(features: jax.Array) -> jax.Array:
 def entropy(features: jax.Array) -> jax.Array:
   """Entropy of the softmax over one example's features [F] -> [].
 
-  Computed as -sum(p * log(p + 1e-10)), the original's formula (the epsilon
-  changes the value slightly, so it is kept).
+  The original computes -sum(p * log(p + 1e-10)). This is the same sum
+  written as log Z - sum(p * (x - max x)), with p = exp(x - max x) / Z: no
+  elementwise log or epsilon, so about half the work per feature. The two
+  differ by less than F * 1e-10 (each term by at most 1e-10), below float32
+  rounding of the sum.
   """
-  probabilities = jax.nn.softmax(features)
-  return -jnp.sum(probabilities * jnp.log(probabilities + ENTROPY_EPSILON))
+  shifted = features - jnp.max(features)
+  exponentials = jnp.exp(shifted)
+  total = jnp.sum(exponentials)
+  return jnp.log(total) - jnp.sum(exponentials * shifted) / total
 
 
 def sparsity(features: jax.Array) -> jax.Array:

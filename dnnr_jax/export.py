@@ -6,6 +6,10 @@ the routing with the checkpoint's thresholds (per-sample routing becomes a
 normalisation of raw uint8 images too. Input `input` has a dynamic batch
 dimension; outputs are `logits` [B, classes] and `deep_path` bool [B].
 
+The graph is then rewritten for onnxruntime (`dnnr_jax.onnx_passes`): int8
+dots become `MatMulInteger` on the int8 weights, and redundant broadcasting
+nodes go.
+
 Each export is checked before it is kept: `onnx.checker` (full check), then an
 onnxruntime session on real batches (sizes 1, 7 and 128) against JAX: logits
 within a tolerance, identical argmax and identical routes. A mismatch raises
@@ -23,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dnnr_jax import onnx_passes
 from dnnr_jax.checkpoint import LoadedModel, load_model
 from dnnr_jax.config import PIXEL_MAX
 from dnnr_jax.errors import DnnrError
@@ -69,6 +74,7 @@ def export_onnx(
     raw_uint8_input: bool = False,
     check_inputs: np.ndarray | None = None,
     overwrite: bool = False,
+    extra_metadata: dict[str, str] | None = None,
 ) -> tuple[pathlib.Path, dict[str, Any]]:
   """Exports a checkpoint to ONNX and proves it in onnxruntime.
 
@@ -80,6 +86,7 @@ def export_onnx(
       and onnxruntime on; at least 128 rows. None uses standard-normal
       features (or random images), which exercise both routes less well.
     overwrite: replace an existing file.
+    extra_metadata: further `metadata_props` entries.
 
   Returns:
     The written path and the check's report: max abs logit difference per
@@ -112,9 +119,10 @@ def export_onnx(
   onnx_model = to_onnx(function, inputs=[input_spec], model_name=model.path.name,
                        opset=OPSET, input_names=['input'],
                        output_names=['logits', 'deep_path'])
+  onnx_model = onnx_passes.optimize(onnx_model)
   onnx.checker.check_model(onnx_model, full_check=True)
   integer = _compute_kind(model) == 'integer'
-  _set_metadata(onnx_model, model, raw_uint8_input)
+  _set_metadata(onnx_model, model, raw_uint8_input, extra_metadata or {})
   if check_inputs is None:
     check_inputs = _random_inputs(model, raw_uint8_input, side)
   report = check_against_jax(onnx_model.SerializeToString(), function, check_inputs,
@@ -175,7 +183,8 @@ def _random_inputs(model: LoadedModel, raw_uint8_input: bool, side: int) -> np.n
   return rng.normal(size=(rows, model.num_features)).astype(np.float32)
 
 
-def _set_metadata(onnx_model, model: LoadedModel, raw_uint8_input: bool) -> None:
+def _set_metadata(onnx_model, model: LoadedModel, raw_uint8_input: bool,
+                  extra: dict[str, str]) -> None:
   data = model.config.data
   entries = {
       'dnnr_jax.kind': model.metadata.get('kind', ''),
@@ -187,6 +196,7 @@ def _set_metadata(onnx_model, model: LoadedModel, raw_uint8_input: bool) -> None
       'dnnr_jax.normalisation': f'mean={data.mean},std={data.std}',
       'dnnr_jax.input': 'uint8 images' if raw_uint8_input else 'normalised float32 features',
       'dnnr_jax.dataset': data.dataset,
+      **extra,
   }
   del onnx_model.metadata_props[:]
   for key, value in entries.items():

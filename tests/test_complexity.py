@@ -47,3 +47,13 @@ def test_variance_is_unbiased():
 def test_sparsity_cutoff_is_strict():
   features = np.array([0.1, -0.1, 0.0999, -0.0999], np.float32)
   assert complexity.sparsity(features) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize('peak', [10.0, 25.0, 60.0])
+def test_entropy_of_peaked_inputs_matches_the_epsilon_formula(peak):
+  # Probabilities near and far below the original's 1e-10 epsilon.
+  features = np.zeros((1, 784), np.float32)
+  features[0, 3] = peak
+  actual = complexity.batch_complexity(features)['entropy']
+  expected = _reference(features.astype(np.float64))['entropy']
+  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)

@@ -31,6 +31,8 @@ def checkpoints(tmp_path_factory):
   made['structured'], _ = compress_jobs.prune_checkpoint(
       made['per_sample'], method='structured', sparsity=0.5, finetune_epochs=0)
   made['int8'], _ = compress_jobs.quantize_checkpoint(made['per_sample'], mode='dynamic')
+  made['int8_batch'], _ = compress_jobs.quantize_checkpoint(made['batch'], mode='dynamic')
+  made['static'], _ = compress_jobs.quantize_checkpoint(made['per_sample'], mode='static')
   return made
 
 
@@ -42,7 +44,8 @@ def _operators(path):
   return collections.Counter(node.op_type for node in onnx.load(path).graph.node)
 
 
-@pytest.mark.parametrize('name', ['per_sample', 'batch', 'structured', 'int8'])
+@pytest.mark.parametrize(
+    'name', ['per_sample', 'batch', 'structured', 'int8', 'int8_batch', 'static'])
 def test_export_agrees_with_jax(checkpoints, name):
   path = checkpoints[name]
   output, report = export.export_onnx(path, check_inputs=_inputs(path))
@@ -76,6 +79,15 @@ def test_int8_weights_stay_int8(checkpoints):
       'int8'].parent / 'int8.onnx', check_inputs=_inputs(checkpoints['int8']))
   kinds = collections.Counter(tensor.data_type for tensor in onnx.load(int8_file).graph.initializer)
   assert kinds[onnx.TensorProto.INT8] == 5
+  # Every int8 dot runs as MatMulInteger on uint8 activations and int8 weights.
+  graph = onnx.load(int8_file).graph
+  assert _operators(int8_file)['MatMulInteger'] == 5 and _operators(int8_file)['MatMul'] == 0
+  int8_weights = {tensor.name for tensor in graph.initializer
+                  if tensor.data_type == onnx.TensorProto.INT8}
+  assert {node.input[1] for node in graph.node if node.op_type == 'MatMulInteger'} == int8_weights
+  # The quantized activations are shifted to uint8 before their cast, not widened after it.
+  assert not [node for node in graph.node if node.op_type == 'Cast'
+              and onnx.helper.get_attribute_value(node.attribute[0]) == onnx.TensorProto.INT16]
 
   def weight_bytes(path):
     return sum(len(tensor.raw_data) for tensor in onnx.load(path).graph.initializer)

@@ -1,0 +1,112 @@
+"""Graph rewrites keep outputs exact and remove only what is redundant."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from dnnr_jax import onnx_passes
+
+
+def _model(nodes, inputs, outputs, initializers=()):
+  graph = helper.make_graph(nodes, 'g', inputs, outputs, list(initializers))
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 21)])
+  return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+def _run(model, **feeds):
+  session = onnxruntime.InferenceSession(
+      model.SerializeToString(), providers=['CPUExecutionProvider'])
+  return session.run(None, feeds)
+
+
+def _operators(model):
+  return collections.Counter(node.op_type for node in model.graph.node)
+
+
+def _int8_matmul_model(activation_type):
+  rng = np.random.default_rng(0)
+  weights = rng.integers(-127, 128, size=(6, 3)).astype(np.int8)
+  nodes = [
+      helper.make_node('Cast', ['x'], ['codes'], to=activation_type),
+      helper.make_node('Cast', ['codes'], ['a32'], to=TensorProto.INT32),
+      helper.make_node('Cast', ['w'], ['b32'], to=TensorProto.INT32),
+      helper.make_node('MatMul', ['a32', 'b32'], ['y']),
+  ]
+  return _model(
+      nodes, [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['B', 6])],
+      [helper.make_tensor_value_info('y', TensorProto.INT32, ['B', 3])],
+      [numpy_helper.from_array(weights, 'w')])
+
+
+@pytest.mark.parametrize('activation_type', [TensorProto.INT8, TensorProto.UINT8])
+def test_integer_matmul_becomes_matmul_integer_with_equal_results(activation_type):
+  model = _int8_matmul_model(activation_type)
+  low, high = (-128, 127) if activation_type == TensorProto.INT8 else (0, 255)
+  x = np.random.default_rng(1).integers(low, high + 1, size=(9, 6)).astype(np.float32)
+  x[0] = low
+  x[1] = high  # both ends of the code range survive the uint8 shift
+  optimized = onnx_passes.optimize(model)
+  onnx.checker.check_model(optimized, full_check=True)
+  assert _operators(optimized)['MatMulInteger'] == 1 and _operators(optimized)['MatMul'] == 0
+  np.testing.assert_array_equal(_run(optimized, x=x)[0], _run(model, x=x)[0])
+  # The weights stay the int8 initializer; no int32 copy is kept.
+  assert [t.data_type for t in optimized.graph.initializer
+          if t.name == 'w'] == [TensorProto.INT8]
+
+
+def test_float_matmul_is_left_alone():
+  weights = np.ones((4, 2), np.float32)
+  model = _model(
+      [helper.make_node('MatMul', ['x', 'w'], ['y'])],
+      [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['B', 4])],
+      [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['B', 2])],
+      [numpy_helper.from_array(weights, 'w')])
+  assert _operators(onnx_passes.optimize(model)) == {'MatMul': 1}
+
+
+def _broadcast_model(consumer):
+  """x [B, 4] minus its row sums broadcast by Reshape to [B, 1] and Expand to [B, 4]."""
+  nodes = [
+      helper.make_node('ReduceSum', ['x', 'axes'], ['sums'], keepdims=0),
+      helper.make_node('Shape', ['x'], ['shape']),
+      helper.make_node('Gather', ['shape', 'zero'], ['rows']),
+      helper.make_node('Concat', ['rows', 'one'], ['column_shape'], axis=0),
+      helper.make_node('Reshape', ['sums', 'column_shape'], ['column']),
+      helper.make_node('Expand', ['column', 'shape'], ['expanded']),
+      consumer,
+  ]
+  initializers = [numpy_helper.from_array(np.array([1], np.int64), 'axes'),
+                  numpy_helper.from_array(np.array([0], np.int64), 'zero'),
+                  numpy_helper.from_array(np.array([1], np.int64), 'one')]
+  model = _model(
+      nodes, [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['B', 4])],
+      [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)], initializers)
+  # jax2onnx records every intermediate shape; give the test graph the same.
+  shapes = {'sums': ['B'], 'column': ['B', 1], 'expanded': ['B', 4]}
+  del model.graph.value_info[:]
+  model.graph.value_info.extend(
+      helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+      for name, shape in shapes.items())
+  return model
+
+
+def test_expand_into_a_broadcasting_op_and_reshape_to_column_are_simplified():
+  model = _broadcast_model(helper.make_node('Sub', ['x', 'expanded'], ['y']))
+  optimized = onnx_passes.optimize(model)
+  onnx.checker.check_model(optimized, full_check=True)
+  assert _operators(optimized) == {'ReduceSum': 1, 'Unsqueeze': 1, 'Sub': 1}
+  x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+  np.testing.assert_array_equal(_run(optimized, x=x)[0], _run(model, x=x)[0])
+
+
+def test_expand_into_a_reduction_is_kept():
+  # ReduceSum does not broadcast: dropping the Expand would change its result.
+  model = _broadcast_model(helper.make_node('ReduceSum', ['expanded', 'axes'], ['y']))
+  optimized = onnx_passes.optimize(model)
+  assert _operators(optimized)['Expand'] == 1
+  x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+  np.testing.assert_allclose(_run(optimized, x=x)[0], _run(model, x=x)[0])
