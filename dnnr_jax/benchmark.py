@@ -1,24 +1,34 @@
-"""Training throughput and accuracy, measured the same way every time.
+"""Training throughput, inference speed and accuracy, measured the same way every time.
 
-Throughput is samples per second of the compiled epoch (`lax.scan` over
-on-device batches), after one compiling epoch, as the median of `repeats`
-timed epochs; each timing waits for the device (`block_until_ready`).
+Training throughput is samples per second of the compiled epoch (`lax.scan`
+over on-device batches), after one compiling epoch, as the median of
+`repeats` timed epochs; each timing waits for the device
+(`block_until_ready`).
+
+Inference is timed as a server calls it: host NumPy batch in, host result
+out, after warm-up (and compilation). Latency is the median time per call at
+batch 1; throughput the samples per second at batch 256 from the median call
+time; each median is over `REPEATS` runs of as many calls as fill about
+`seconds / REPEATS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import platform
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
+from dnnr_jax.checkpoint import LoadedModel
 from dnnr_jax.config import Config
 from dnnr_jax.data import Dataset
+from dnnr_jax.errors import DnnrError
 from dnnr_jax.fit import fit
 from dnnr_jax.train import create_train_state, jit_train_epoch
 
@@ -95,6 +105,57 @@ def training_throughput(
   return results
 
 
+def run_suite(
+    config: Config,
+    dataset: Dataset,
+    *,
+    batch_sizes: Sequence[int] = (64, 128, 1024),
+    repeats: int = 5,
+    routing_modes: Sequence[str] | None = None,
+    models: Sequence[str | os.PathLike] = (),
+    accuracy: bool = False,
+    training: bool = True,
+    seconds: float = 2.0,
+) -> dict[str, Any]:
+  """The `dnnr benchmark` suite: one JSON-ready record of everything measured.
+
+  Args:
+    config, dataset: what training throughput runs on.
+    batch_sizes, repeats: see `training_throughput`.
+    routing_modes: modes to time (None: the config's).
+    models: checkpoints, timed in JAX and, where `PATH.onnx` exists, in
+      onnxruntime; or .onnx files, timed in onnxruntime. Inputs are the first
+      test examples of `dataset`.
+    accuracy: also train `config` from scratch (see `accuracy_run`).
+    training: time training at all.
+    seconds: about how long each inference figure is timed.
+  """
+  from dnnr_jax.checkpoint import load_model
+  from dnnr_jax.config import RoutingConfig
+
+  results: dict[str, Any] = {'machine': machine(), 'dataset': dataset.name,
+                             'training': [], 'inference': []}
+  if training:
+    for mode in routing_modes or [config.routing.mode]:
+      routed = config.replace(routing=RoutingConfig(mode=mode))
+      results['training'] += training_throughput(routed, dataset, batch_sizes, repeats)
+  inputs = np.asarray(dataset.test.images[:THROUGHPUT_BATCH])
+  for path in models:
+    path = pathlib.Path(path)
+    onnx_file = path if path.suffix == '.onnx' else path.with_name(path.name + '.onnx')
+    if path.suffix != '.onnx':
+      record = jax_inference(load_model(path), inputs, seconds)
+      results['inference'].append({'model': path.name, 'engine': 'jax', **record})
+    elif not path.is_file():
+      raise DnnrError(f'{path} is not a file; pass an .onnx file written by dnnr export.')
+    if onnx_file.is_file():
+      record = onnx_inference(onnx_file, inputs, seconds)
+      results['inference'].append({'model': onnx_file.name, 'engine': 'onnxruntime', **record})
+  if accuracy:
+    results['accuracy'] = accuracy_run(config, dataset)
+  return results
+
+
 def accuracy_run(config: Config, dataset: Dataset) -> dict[str, Any]:
   """Trains `config` from scratch and reports the final test metrics and
   the wall time (compilation and per-epoch evaluation included)."""
@@ -113,3 +174,57 @@ def accuracy_run(config: Config, dataset: Dataset) -> dict[str, Any]:
       'best_test_accuracy': float(np.max(
           [record['test']['accuracy'] for record in result.history])),
   }
+
+
+REPEATS = 5
+LATENCY_BATCH = 1
+THROUGHPUT_BATCH = 256
+
+
+def seconds_per_call(call: Callable[[], Any], seconds: float = 1.0) -> float:
+  """Median seconds of one `call()`, over `REPEATS` timed runs after warm-up."""
+  start = time.perf_counter()
+  for _ in range(3):
+    call()
+  calls = max(1, int(seconds / REPEATS / ((time.perf_counter() - start) / 3)))
+  medians = []
+  for _ in range(REPEATS):
+    start = time.perf_counter()
+    for _ in range(calls):
+      call()
+    medians.append((time.perf_counter() - start) / calls)
+  return statistics.median(medians)
+
+
+def _speed(run_batch: Callable[[np.ndarray], Any], inputs: np.ndarray,
+           seconds: float) -> dict[str, float]:
+  if inputs.shape[0] < THROUGHPUT_BATCH:
+    inputs = np.resize(inputs, (THROUGHPUT_BATCH,) + inputs.shape[1:])
+  one, batch = inputs[:LATENCY_BATCH], inputs[:THROUGHPUT_BATCH]
+  latency = seconds_per_call(lambda: run_batch(one), seconds)
+  per_batch = seconds_per_call(lambda: run_batch(batch), seconds)
+  return {'latency_us': latency * 1e6, 'throughput': THROUGHPUT_BATCH / per_batch}
+
+
+def jax_inference(model: LoadedModel, inputs: np.ndarray, seconds: float = 1.0) -> dict[str, float]:
+  """Batch-1 latency (µs) and batch-256 throughput (samples/s) of `model.predict`.
+
+  Args:
+    model: a loaded checkpoint (quantized ones run their integer path).
+    inputs: normalised features [N, F]; rows are reused if N < 256.
+    seconds: about how long each of the two figures is timed.
+  """
+  return _speed(model.predict_with_routes, np.asarray(inputs, np.float32), seconds)
+
+
+def onnx_inference(path: str | os.PathLike, inputs: np.ndarray,
+                   seconds: float = 1.0) -> dict[str, float]:
+  """Batch-1 latency (µs) and batch-256 throughput (samples/s) in onnxruntime.
+
+  One default CPU session (all cores), as `dnnr predict` uses.
+  """
+  import onnxruntime
+
+  session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+  name = session.get_inputs()[0].name
+  return _speed(lambda batch: session.run(None, {name: batch}), inputs, seconds)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dnnr_jax.config import ROUTING_MODES
 from dnnr_jax.errors import DnnrError
 
 _stdout = Console(highlight=False)
@@ -100,12 +101,9 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-  import logging
-
   from dnnr_jax import export
 
-  # onnx_ir warns about untyped shape constants it skips; nothing a user can act on.
-  logging.getLogger('onnx_ir').setLevel(logging.ERROR)
+  _quiet_onnx_ir()
   check_inputs = None
   if not args.raw_uint8_input:
     check_inputs = export.real_check_inputs(args.model_path, data_dir=args.data_dir)
@@ -135,6 +133,87 @@ def _predict(args: argparse.Namespace) -> int:
         f"{result['samples_per_second']:,.0f} samples/s at batch {result['batch_size']} "
         '(onnxruntime)')
   return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+  from dnnr_jax import pipeline
+  from dnnr_jax.config import load_config
+
+  _quiet_onnx_ir()
+  config = load_config(args.config, args.set)
+  with _StageProgress(config) as progress:
+    result = pipeline.run_pipeline(
+        config, data_dir=args.data_dir, models_dir=args.models_dir, version=args.version,
+        force=args.force, on_stage=progress.stage, on_epoch=progress.epoch)
+  report_json = result.report_dir / 'report.json'
+  if args.json:
+    print(json.dumps({'report': str(report_json), 'ran': result.ran, 'skipped': result.skipped,
+                      'rows': result.report['rows']}))
+    return 0
+  table = Table(title=f'dnnr pipeline v{args.version}: {result.report_dir}/report.md')
+  for column in ('artifact', 'accuracy', 'deep', 'non-zeros', 'bytes', 'x smaller',
+                 'latency µs', 'samples/s'):
+    table.add_column(column, justify='right')
+  for row in result.report['rows']:
+    engine = 'jax' if row['format'] == 'orbax' else 'onnxruntime'
+    table.add_row(row['artifact'], f"{row['test_accuracy']:.2%}", f"{row['deep_fraction']:.1%}",
+                  f"{row['nonzeros']:,}", f"{row['bytes']:,}", f"{row['smaller_than_final']:.1f}",
+                  f"{row[engine + '_latency_us']:.1f}", f"{row[engine + '_throughput']:,.0f}")
+  _stdout.print(table)
+  if result.skipped:
+    _stdout.print(f"reused: {', '.join(result.skipped)} (pass --force to rebuild)")
+  return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+  from dnnr_jax import benchmark
+  from dnnr_jax.config import load_config
+  from dnnr_jax.data import load_dataset
+
+  config = load_config(args.config, args.set)
+  dataset = load_dataset(config.data, args.data_dir)
+  results = benchmark.run_suite(
+      config, dataset, batch_sizes=args.batch_sizes, repeats=args.repeats,
+      routing_modes=args.routing, models=args.models, accuracy=args.accuracy,
+      training=not args.no_training, seconds=args.seconds)
+  if args.output:
+    with open(args.output, 'w') as output:
+      json.dump(results, output, indent=2)
+  if args.json:
+    print(json.dumps(results))
+    return 0
+  machine = results['machine']
+  _stdout.print(f"{machine['cpu']} ({machine['cpu_count']} cores), JAX {machine['jax']} on "
+                f"{machine['backend']}: {', '.join(machine['devices'])}")
+  if results['training']:
+    table = Table(title='Training throughput (samples/s after compilation, median)')
+    for column in ('routing', 'batch', 'samples/s', 'min', 'max', 'compile s'):
+      table.add_column(column, justify='right')
+    for row in results['training']:
+      table.add_row(row['routing'], str(row['batch_size']), f"{row['samples_per_second']:,.0f}",
+                    f"{row['min']:,.0f}", f"{row['max']:,.0f}", f"{row['compile_seconds']:.2f}")
+    _stdout.print(table)
+  if results['inference']:
+    table = Table(title='Inference (median; latency at batch 1, throughput at batch 256)')
+    for column in ('model', 'engine', 'latency µs', 'samples/s'):
+      table.add_column(column, justify='right')
+    for row in results['inference']:
+      table.add_row(row['model'], row['engine'], f"{row['latency_us']:.1f}",
+                    f"{row['throughput']:,.0f}")
+    _stdout.print(table)
+  if 'accuracy' in results:
+    accuracy = results['accuracy']
+    _stdout.print(f"{dataset.name}: test accuracy {accuracy['test_accuracy']:.2%} after "
+                  f"{accuracy['epochs']} epochs in {accuracy['wall_seconds']:.1f} s "
+                  f"(deep fraction {accuracy['test_deep_fraction']:.1%})")
+  return 0
+
+
+def _quiet_onnx_ir() -> None:
+  import logging
+
+  # onnx_ir warns about untyped shape constants it skips; nothing a user can act on.
+  logging.getLogger('onnx_ir').setLevel(logging.ERROR)
 
 
 def _print_compression(summary: dict[str, Any], as_json: bool) -> int:
@@ -196,6 +275,53 @@ class _EpochProgress:
           f"epoch {record['epoch']}: loss {train['loss']:.4f}, "
           f"train acc {train['accuracy']:.2%}, test acc {test['accuracy']:.2%}, "
           f"deep {train['deep_fraction']:.1%}, {record['seconds']:.2f} s")
+
+
+class _StageProgress:
+  """One progress bar per pipeline stage, advanced by epochs where it trains."""
+
+  def __init__(self, config):
+    prune, quantize, pipeline = config.compress.prune, config.compress.quantize, config.pipeline
+    self._totals = {
+        'train': config.training.epochs,
+        'prune': prune.finetune_epochs,
+        'quantize': quantize.finetune_epochs if quantize.mode == 'qat' else None,
+        'sweep': len(pipeline.sweep_sparsities) * max(pipeline.sweep_finetune_epochs, 1),
+    }
+    self._progress = Progress(
+        TextColumn('[bold]{task.description:>8}'), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn('{task.fields[status]}'), console=_stderr)
+    self._tasks: dict[str, Any] = {}
+
+  def __enter__(self) -> _StageProgress:
+    self._progress.start()
+    return self
+
+  def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+    if exc_type is not None and issubclass(exc_type, DnnrError):
+      self._progress.live.transient = True
+      self._progress.live.stop()
+    else:
+      self._progress.stop()
+
+  def stage(self, name: str, event: str) -> None:
+    if event == 'start':
+      self._tasks[name] = self._progress.add_task(
+          name, total=self._totals.get(name) or 1, status='running')
+    elif event == 'skip':
+      self._progress.add_task(name, total=1, completed=1, status='reused')
+    else:
+      task = self._tasks[name]
+      self._progress.update(task, completed=self._progress.tasks[task].total, status='done')
+    if not self._progress.console.is_terminal:
+      self._progress.console.print(f'{name}: {event}')
+
+  def epoch(self, name: str, record: dict[str, Any]) -> None:
+    task = self._tasks.get(name)
+    if task is None:
+      return
+    self._progress.advance(task)
+    self._progress.update(task, status=f"test {record['test']['accuracy']:.2%}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +389,44 @@ def build_parser() -> argparse.ArgumentParser:
   export.add_argument('--overwrite', action='store_true', help='replace an existing file')
   export.add_argument('--json', action='store_true', help='print one JSON object')
   export.set_defaults(handler=_export)
+
+  pipeline = commands.add_parser(
+      'pipeline', help='train, prune, quantize, export and report, resumably')
+  pipeline.add_argument('--config', default='configs/default.yaml',
+                        help='YAML config with compress and pipeline sections '
+                             '(default: %(default)s)')
+  pipeline.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                        help='override a config key, e.g. compress.prune.sparsity=0.8')
+  pipeline.add_argument('--data-dir', help='directory with the MNIST IDX files')
+  pipeline.add_argument('--models-dir', default='models',
+                        help='root of final/, pruned/, quantized/, reports/ (default: %(default)s)')
+  pipeline.add_argument('--version', default='1.0', help='MAJOR.MINOR (default: %(default)s)')
+  pipeline.add_argument('--force', action='store_true',
+                        help='rebuild every artifact, replacing existing ones')
+  pipeline.add_argument('--json', action='store_true', help='print one JSON object')
+  pipeline.set_defaults(handler=_pipeline)
+
+  bench = commands.add_parser(
+      'benchmark', help='training throughput, and inference speed of checkpoints and ONNX files')
+  bench.add_argument('--config', default='configs/default.yaml',
+                     help='YAML config (default: %(default)s)')
+  bench.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
+  bench.add_argument('--data-dir', help='directory with the MNIST IDX files')
+  bench.add_argument('--batch-sizes', type=int, nargs='+', default=[64, 128, 1024])
+  bench.add_argument('--repeats', type=int, default=5, help='timed epochs per batch size')
+  bench.add_argument('--routing', nargs='+', choices=ROUTING_MODES,
+                     help="routing modes to time (default: the config's)")
+  bench.add_argument('--no-training', action='store_true', help='skip training throughput')
+  bench.add_argument('--models', nargs='+', default=[], metavar='PATH',
+                     help='checkpoints (JAX, and onnxruntime where PATH.onnx exists) '
+                          'or .onnx files to time')
+  bench.add_argument('--seconds', type=float, default=2.0,
+                     help='about how long each inference figure is timed')
+  bench.add_argument('--accuracy', action='store_true',
+                     help='also train the config from scratch and report test accuracy')
+  bench.add_argument('--output', help='also write the results as JSON here')
+  bench.add_argument('--json', action='store_true', help='print one JSON object')
+  bench.set_defaults(handler=_benchmark)
 
   predict = commands.add_parser('predict', help='serve an exported model with onnxruntime')
   predict.add_argument('model_path', metavar='MODEL.onnx')

@@ -28,6 +28,11 @@ DATASETS = ('mnist', 'digits')
 PIXEL_MAX = {'mnist': 255.0, 'digits': 16.0}
 ROUTING_MODES = ('per_sample', 'batch', 'deep', 'shallow')
 LR_SCHEDULES = ('constant', 'cosine')
+PRUNE_METHODS = ('global', 'layer', 'structured', 'nm')
+PRUNE_SCHEDULES = ('oneshot', 'gradual')
+QUANTIZE_MODES = ('weight_only', 'dynamic', 'static', 'qat')
+CALIBRATION_METHODS = ('minmax', 'percentile')
+QUANTIZE_SOURCES = ('final', 'pruned')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +174,114 @@ class TrainingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PruneConfig:
+  """The pipeline's pruning stage (`dnnr prune` takes the same as flags).
+
+  Attributes:
+    method: 'global' or 'layer' magnitude, 'structured' (whole units) or 'nm'.
+    sparsity: fraction of kernel weights (units for 'structured') removed.
+    schedule: 'oneshot' (prune, then fine-tune with the mask fixed) or
+      'gradual' (Zhu & Gupta's cubic schedule during fine-tuning).
+    finetune_epochs: Adam epochs after or during pruning.
+    learning_rate: fine-tuning's peak learning rate; None keeps training's.
+    n, m: the N:M pattern for 'nm'.
+  """
+  method: str = 'global'
+  sparsity: float = 0.9
+  schedule: str = 'gradual'
+  finetune_epochs: int = 10
+  learning_rate: float | None = None
+  n: int = 2
+  m: int = 4
+
+  def validate(self) -> None:
+    _check_choice('compress.prune.method', self.method, PRUNE_METHODS)
+    _check_fraction('compress.prune.sparsity', self.sparsity)
+    _check_choice('compress.prune.schedule', self.schedule, PRUNE_SCHEDULES)
+    _check_at_least('compress.prune.finetune_epochs', self.finetune_epochs, 0)
+    if self.learning_rate is not None:
+      _check_positive('compress.prune.learning_rate', self.learning_rate)
+    if self.schedule == 'gradual' and (
+        self.method not in ('global', 'layer') or self.finetune_epochs < 1):
+      raise ConfigError(
+          'compress.prune.schedule = gradual prunes during fine-tuning: it needs method '
+          'global or layer and finetune_epochs of at least 1.')
+    _check_at_least('compress.prune.n', self.n, 1)
+    if self.m <= self.n:
+      raise ConfigError(f'compress.prune.m = {self.m} must be larger than n = {self.n}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+  """The pipeline's quantization stage (`dnnr quantize` takes the same as flags).
+
+  Attributes:
+    source: quantize the 'pruned' model (pruned + int8) or the 'final' one.
+    mode: 'weight_only', 'dynamic', 'static' or 'qat'.
+    bits: 8 or 4.
+    per_channel: one scale per output channel, else per tensor.
+    calibration_batches: training batches that calibrate 'static'.
+    calibration_method: 'minmax' or 'percentile'.
+    finetune_epochs: QAT epochs.
+    learning_rate: QAT's peak learning rate; None keeps training's.
+  """
+  source: str = 'pruned'
+  mode: str = 'dynamic'
+  bits: int = 8
+  per_channel: bool = True
+  calibration_batches: int = 10
+  calibration_method: str = 'minmax'
+  finetune_epochs: int = 2
+  learning_rate: float | None = None
+
+  def validate(self) -> None:
+    _check_choice('compress.quantize.source', self.source, QUANTIZE_SOURCES)
+    _check_choice('compress.quantize.mode', self.mode, QUANTIZE_MODES)
+    if self.bits not in (4, 8):
+      raise ConfigError(f'compress.quantize.bits = {self.bits!r} must be 4 or 8.')
+    _check_at_least('compress.quantize.calibration_batches', self.calibration_batches, 1)
+    _check_choice('compress.quantize.calibration_method', self.calibration_method,
+                  CALIBRATION_METHODS)
+    minimum = 1 if self.mode == 'qat' else 0
+    _check_at_least('compress.quantize.finetune_epochs', self.finetune_epochs, minimum)
+    if self.learning_rate is not None:
+      _check_positive('compress.quantize.learning_rate', self.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+  """What `dnnr pipeline` does after training."""
+  prune: PruneConfig = PruneConfig()
+  quantize: QuantizeConfig = QuantizeConfig()
+
+  def validate(self) -> None:
+    self.prune.validate()
+    self.quantize.validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """The pipeline's sweep and measurements.
+
+  Attributes:
+    sweep_sparsities: one pruned, fine-tuned model per sparsity for the
+      accuracy-against-sparsity plot (with the prune stage's method and
+      schedule); empty for no sweep.
+    sweep_finetune_epochs: fine-tuning epochs of each sweep model.
+    benchmark_seconds: about how long each latency or throughput is timed.
+  """
+  sweep_sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
+  sweep_finetune_epochs: int = 2
+  benchmark_seconds: float = 1.0
+
+  def validate(self) -> None:
+    for index, sparsity in enumerate(self.sweep_sparsities):
+      _check_fraction(f'pipeline.sweep_sparsities[{index}]', sparsity)
+    _check_at_least('pipeline.sweep_finetune_epochs', self.sweep_finetune_epochs, 0)
+    _check_positive('pipeline.benchmark_seconds', self.benchmark_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """The whole configuration of a dnnr_jax run."""
   data: DataConfig = DataConfig()
@@ -176,6 +289,8 @@ class Config:
   thresholds: ThresholdsConfig = ThresholdsConfig()
   routing: RoutingConfig = RoutingConfig()
   training: TrainingConfig = TrainingConfig()
+  compress: CompressConfig = CompressConfig()
+  pipeline: PipelineConfig = PipelineConfig()
 
   @property
   def annealing_total_epochs(self) -> int:
@@ -363,6 +478,11 @@ def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
 def _check_finite(key: str, value: float) -> None:
   if not math.isfinite(value):
     raise ConfigError(f'{key} = {value!r} must be a finite number.')
+
+
+def _check_fraction(key: str, value: float) -> None:
+  if not (math.isfinite(value) and 0 <= value < 1):
+    raise ConfigError(f'{key} = {value!r} must be in [0, 1).')
 
 
 def _check_positive(key: str, value: float) -> None:

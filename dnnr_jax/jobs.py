@@ -33,6 +33,7 @@ def train_and_save(
     overwrite: bool = False,
     resume: bool = False,
     on_epoch: EpochCallback | None = None,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> tuple[pathlib.Path, FitResult]:
   """The `dnnr train` job: data, training, final checkpoint.
 
@@ -40,7 +41,7 @@ def train_and_save(
   (the next free version when None); periodic checkpoints to
   `<models_dir>/checkpoints/model_v{version}` and are removed once the final
   one is written. An existing final version fails before any work unless
-  `overwrite`.
+  `overwrite`. `extra_metadata` entries are added to the checkpoint's metadata.
 
   Returns:
     The checkpoint path and the training result.
@@ -82,6 +83,7 @@ def train_and_save(
           'backend': jax.default_backend(),
       },
   }
+  metadata.update(extra_metadata or {})
   saved = checkpoint_lib.save_checkpoint(
       path, result.state.variables, metadata, overwrite=overwrite)
   shutil.rmtree(periodic_dir, ignore_errors=True)

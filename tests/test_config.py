@@ -57,12 +57,29 @@ def test_overrides_are_parsed_as_yaml():
     ('thresholds.final.entropy=.inf', 'thresholds.final.entropy'),
     ('thresholds.annealing_start_epoch=9', 'thresholds.annealing_start_epoch'),
     ('training=5', 'training'),
+    ('compress.prune.sparsity=1.0', 'compress.prune.sparsity'),
+    ('compress.prune.sparsity=-0.1', 'compress.prune.sparsity'),
+    ('compress.prune.method=random', 'compress.prune.method'),
+    ('compress.prune.finetune_epochs=0', 'compress.prune.schedule'),
+    ('compress.prune.m=2', 'compress.prune.m'),
+    ('compress.prune.spars=0.5', 'compress.prune.spars'),
+    ('compress.quantize.bits=3', 'compress.quantize.bits'),
+    ('compress.quantize.source=pruned_twice', 'compress.quantize.source'),
+    ('compress.quantize.mode=fp8', 'compress.quantize.mode'),
+    ('compress.quantize.learning_rate=0', 'compress.quantize.learning_rate'),
+    ('pipeline.sweep_sparsities=[0.5, 1.5]', 'pipeline.sweep_sparsities[1]'),
+    ('pipeline.benchmark_seconds=0', 'pipeline.benchmark_seconds'),
 ])
 def test_bad_values_name_the_key(override, named):
   with pytest.raises(ConfigError) as error:
     load_config(ROOT / 'configs' / 'smoke.yaml', [override])
   assert named in str(error.value)
   assert str(ROOT / 'configs' / 'smoke.yaml') in str(error.value)
+
+
+def test_qat_needs_finetuning_epochs():
+  with pytest.raises(ConfigError, match='compress.quantize.finetune_epochs'):
+    load_config(None, ['compress.quantize.mode=qat', 'compress.quantize.finetune_epochs=0'])
 
 
 @pytest.mark.parametrize('override', ['training.epochs', '=3', 'training.epochs.x=1'])

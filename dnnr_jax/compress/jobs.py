@@ -21,16 +21,19 @@ import numpy as np
 
 from dnnr_jax import checkpoint as checkpoint_lib
 from dnnr_jax.compress import gradual, prune, qat, quantize, storage, structured
-from dnnr_jax.config import Config, ThresholdsConfig, ThresholdValues
+from dnnr_jax.config import (
+    PRUNE_METHODS,
+    PRUNE_SCHEDULES,
+    QUANTIZE_MODES,
+    Config,
+    ThresholdsConfig,
+    ThresholdValues,
+)
 from dnnr_jax.data import Dataset, load_dataset
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.fit import EpochCallback, fit
 from dnnr_jax.model import Dense, model_from_config
 from dnnr_jax.train import evaluate
-
-PRUNE_METHODS = ('global', 'layer', 'structured', 'nm')
-PRUNE_SCHEDULES = ('oneshot', 'gradual')
-QUANTIZE_MODES = ('weight_only', 'dynamic', 'static', 'qat')
 
 
 def prune_checkpoint(
@@ -38,6 +41,7 @@ def prune_checkpoint(
     schedule: str = 'oneshot', finetune_epochs: int = 2, n: int = 2, m: int = 4,
     learning_rate: float | None = None, data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> tuple[pathlib.Path, dict[str, Any]]:
   """Prunes a checkpoint and writes `<models>/pruned/pruned_model_v{version}`.
 
@@ -52,7 +56,8 @@ def prune_checkpoint(
     finetune_epochs: Adam epochs after (or during) pruning; 0 for none.
     n, m: the N:M pattern.
     learning_rate: fine-tuning's peak learning rate; None keeps the source's.
-    data_dir, models_dir, version, overwrite, on_epoch: as for training.
+    data_dir, models_dir, version, overwrite, on_epoch, extra_metadata: as
+      for training.
 
   Returns:
     The new checkpoint's path and a summary (what the metadata records, plus
@@ -104,7 +109,7 @@ def prune_checkpoint(
   report = prune.sparsity_report(params)
   settings['sparsity_report'] = report
   return _finish(source, out_path, 'pruned', version, config, variables, dataset,
-                 settings, overwrite=overwrite)
+                 settings, overwrite=overwrite, extra_metadata=extra_metadata)
 
 
 def quantize_checkpoint(
@@ -113,6 +118,7 @@ def quantize_checkpoint(
     calibration_method: str = 'minmax', finetune_epochs: int = 2,
     learning_rate: float | None = None, data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> tuple[pathlib.Path, dict[str, Any]]:
   """Quantizes a checkpoint's kernels; writes `<models>/quantized/quantized_model_v{version}`.
 
@@ -128,7 +134,8 @@ def quantize_checkpoint(
     calibration_method: 'minmax' or 'percentile', for 'static'.
     finetune_epochs: for 'qat'.
     learning_rate: QAT's peak learning rate; None keeps the source's.
-    data_dir, models_dir, version, overwrite, on_epoch: as for training.
+    data_dir, models_dir, version, overwrite, on_epoch, extra_metadata: as
+      for training.
   """
   _check_choice('--mode', mode, QUANTIZE_MODES)
   if bits not in quantize.BITS:
@@ -180,7 +187,8 @@ def quantize_checkpoint(
   # For QAT, `convert` is this call: the weights land on the trained grid.
   variables['params'] = qat.convert(params, bits=bits, per_channel=per_channel)
   return _finish(source, out_path, 'quantized', version, config, variables, dataset,
-                 settings, overwrite=overwrite, quantization={'mode': mode, 'bits': bits})
+                 settings, overwrite=overwrite, quantization={'mode': mode, 'bits': bits},
+                 extra_metadata=extra_metadata)
 
 
 def dense_inputs(model: nn.Module, variables: Any, inputs: jax.Array) -> dict[str, jax.Array]:
@@ -244,7 +252,7 @@ def _finetune_config(source, epochs: int, learning_rate: float | None = None) ->
 
 
 def _finish(source, out_path, kind, version, config, variables, dataset, settings, *,
-            overwrite, quantization=None):
+            overwrite, quantization=None, extra_metadata=None):
   weight_only = bool(quantization) and quantization['mode'] == 'weight_only'
   model = model_from_config(config, weight_only=weight_only)
   batch_size = config.training.eval_batch_size
@@ -265,6 +273,7 @@ def _finish(source, out_path, kind, version, config, variables, dataset, setting
   }
   if quantization:
     metadata['quantization'] = quantization
+  metadata.update(extra_metadata or {})
   saved = checkpoint_lib.save_checkpoint(out_path, variables, metadata, overwrite=overwrite)
   summary = {**metadata, 'path': str(saved), 'bytes': _bytes(saved),
              'source_bytes': _bytes(source.path), 'dense_float_bytes': _dense_float_bytes(source)}

@@ -1,0 +1,101 @@
+"""The pipeline report's PNG plots, drawn with matplotlib from report.json's data.
+
+Each function takes the report dictionary and a path, draws one figure and
+writes it (via a temporary file, so a crash never leaves half a PNG);
+`write_all` draws those the report has data for.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import matplotlib
+
+matplotlib.use('Agg')  # Files only; never a window.
+import matplotlib.pyplot as plt  # noqa: E402
+
+_SUMMARY_KEYS = ('overall', 'all_params')
+
+
+def training_curves(report: dict[str, Any], path: pathlib.Path) -> None:
+  """Loss and accuracy per epoch, train and test."""
+  history = report['history']
+  epochs = [record['epoch'] for record in history]
+  figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 4))
+  for split in ('train', 'test'):
+    loss.plot(epochs, [record[split]['loss'] for record in history], label=split)
+    accuracy.plot(epochs, [record[split]['accuracy'] for record in history], label=split)
+  loss.set(xlabel='epoch', ylabel='cross-entropy', title='Loss')
+  accuracy.set(xlabel='epoch', ylabel='accuracy', title='Accuracy')
+  for axes in (loss, accuracy):
+    axes.legend()
+    axes.grid(alpha=0.3)
+  _save(figure, path)
+
+
+def thresholds_and_routes(report: dict[str, Any], path: pathlib.Path) -> None:
+  """The hybrid thresholds and the deep-path fraction per epoch."""
+  history = report['history']
+  epochs = [record['epoch'] for record in history]
+  figure, (thresholds, routes) = plt.subplots(1, 2, figsize=(10, 4))
+  for name in history[0]['thresholds']:
+    thresholds.plot(epochs, [record['thresholds'][name] for record in history], label=name)
+  for split in ('train', 'test'):
+    routes.plot(epochs, [record[split]['deep_fraction'] for record in history], label=split)
+  thresholds.set(xlabel='epoch', ylabel='threshold', title='Hybrid thresholds')
+  routes.set(xlabel='epoch', ylabel='fraction of inputs', title='Deep-path fraction',
+             ylim=(-0.02, 1.02))
+  for axes in (thresholds, routes):
+    axes.legend()
+    axes.grid(alpha=0.3)
+  _save(figure, path)
+
+
+def sparsity_per_layer(report: dict[str, Any], path: pathlib.Path) -> None:
+  """Fraction of zero weights in each pruned kernel, and overall."""
+  layers = report['sparsity_report']
+  names = [name for name in layers if name not in _SUMMARY_KEYS] + ['overall']
+  figure, axes = plt.subplots(figsize=(7, 4))
+  bars = axes.bar(names, [layers[name]['sparsity'] for name in names], color='tab:blue')
+  bars[-1].set_color('tab:orange')
+  axes.bar_label(bars, labels=[f"{layers[name]['sparsity']:.1%}" for name in names])
+  axes.set(ylabel='sparsity', title='Sparsity per layer (pruned model)', ylim=(0, 1.1))
+  axes.tick_params(axis='x', rotation=30)
+  _save(figure, path)
+
+
+def accuracy_against_sparsity(report: dict[str, Any], path: pathlib.Path) -> None:
+  """Test accuracy of each sweep model, the dense model at sparsity 0."""
+  points = sorted((item['measured_sparsity'], item['test_accuracy']) for item in report['sweep'])
+  points.insert(0, (0.0, report['final_test_accuracy']))
+  figure, axes = plt.subplots(figsize=(6, 4))
+  axes.plot([x for x, _ in points], [y for _, y in points], marker='o')
+  axes.set(xlabel='sparsity of the pruned kernels', ylabel='test accuracy',
+           title='Accuracy against sparsity (one fine-tuned model each)')
+  axes.grid(alpha=0.3)
+  _save(figure, path)
+
+
+def write_all(report: dict[str, Any], directory: pathlib.Path) -> dict[str, str]:
+  """Draws every plot the report has data for; returns {name: file name}."""
+  plots = {}
+  if report.get('history'):
+    plots['training curves'] = ('training.png', training_curves)
+    plots['thresholds and deep-path fraction'] = ('thresholds.png', thresholds_and_routes)
+  if report.get('sparsity_report'):
+    plots['sparsity per layer'] = ('sparsity.png', sparsity_per_layer)
+  if report.get('sweep'):
+    plots['accuracy against sparsity'] = ('sweep.png', accuracy_against_sparsity)
+  for file_name, draw in plots.values():
+    draw(report, directory / file_name)
+  return {name: file_name for name, (file_name, _) in plots.items()}
+
+
+def _save(figure, path: pathlib.Path) -> None:
+  figure.tight_layout()
+  temporary = path.with_name(f'.{path.name}.partial')
+  figure.savefig(temporary, format='png', dpi=100)
+  plt.close(figure)
+  os.replace(temporary, path)

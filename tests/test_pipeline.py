@@ -1,0 +1,138 @@
+"""`dnnr pipeline` end to end through the real CLI: artifacts, report, resume, force."""
+
+import json
+import math
+import shutil
+import sys
+
+import pytest
+
+from dnnr_jax import pipeline
+from dnnr_jax.config import load_config
+from tests.cli_helpers import assert_one_line_error, compile_cache, one_json, run, snapshot  # noqa: F401 (fixture)
+from tests.conftest import SMOKE_CONFIG
+
+pytestmark = pytest.mark.usefixtures('compile_cache')
+
+ROW_KEYS = ('artifact', 'format', 'path', 'test_accuracy', 'deep_fraction', 'route_agreement',
+            'parameters', 'nonzeros', 'bytes', 'gzip_bytes', 'smaller_than_final')
+STAGES = ['train', 'prune', 'quantize', 'export', 'sweep']
+
+
+def _pipeline(models, *extra):
+  return run(sys.executable, '-m', 'dnnr_jax', 'pipeline', '--config', SMOKE_CONFIG,
+             '--models-dir', models, '--json', *extra)
+
+
+@pytest.fixture(scope='module')
+def first_run(tmp_path_factory):
+  models = tmp_path_factory.mktemp('pipeline') / 'models'
+  return models, one_json(_pipeline(models))
+
+
+def test_every_artifact_and_the_report_are_written(first_run):
+  models, summary = first_run
+  assert summary['ran'] == STAGES and summary['skipped'] == []
+  for path in ('final/model_v1.0_final', 'pruned/pruned_model_v1.0',
+               'quantized/quantized_model_v1.0'):
+    assert (models / path).is_dir() and (models / f'{path}.onnx').is_file()
+  report_dir = models / 'reports' / 'v1.0'
+  report = json.loads((report_dir / 'report.json').read_text())
+  assert [row['artifact'] for row in report['rows']] == [
+      'final', 'pruned', 'quantized', 'final onnx', 'pruned onnx', 'quantized onnx']
+  for row in report['rows']:
+    engine = 'jax' if row['format'] == 'orbax' else 'onnxruntime'
+    for key in ROW_KEYS + (f'{engine}_latency_us', f'{engine}_throughput'):
+      assert key in row, (row['artifact'], key)
+    assert math.isfinite(row[f'{engine}_latency_us']) and row[f'{engine}_throughput'] > 0
+  assert set(report['plots'].values()) == {
+      'training.png', 'thresholds.png', 'sparsity.png', 'sweep.png'}
+  for name in report['plots'].values():
+    assert (report_dir / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert [item['sparsity'] for item in report['sweep']] == [0.5, 0.9]
+  markdown = (report_dir / 'report.md').read_text()
+  assert '| quantized onnx |' in markdown and '![sparsity per layer](sparsity.png)' in markdown
+
+
+def test_pruned_and_quantized_are_smaller_and_sparse(first_run):
+  models, summary = first_run
+  rows = {row['artifact']: row for row in summary['rows']}
+  assert rows['pruned']['nonzeros'] < 0.3 * rows['final']['nonzeros']
+  # A toy model's checkpoint is mostly metadata; the MNIST figures are in the README.
+  assert rows['quantized']['bytes'] < rows['final']['bytes']
+  assert rows['pruned']['bytes'] < rows['final']['bytes']
+  assert rows['quantized onnx']['bytes'] < rows['final onnx']['bytes']
+
+
+def test_every_onnx_agrees_with_its_checkpoint(first_run):
+  _, summary = first_run
+  rows = {row['artifact']: row for row in summary['rows']}
+  for kind in ('final', 'pruned', 'quantized'):
+    assert rows[f'{kind} onnx']['test_accuracy'] == rows[kind]['test_accuracy']
+    assert rows[f'{kind} onnx']['deep_fraction'] == rows[kind]['deep_fraction']
+    assert rows[f'{kind} onnx']['route_agreement'] == 1.0
+
+
+def test_report_numbers_equal_dnnr_evaluate(first_run):
+  _, summary = first_run
+  for row in summary['rows'][:3]:
+    evaluated = one_json(run(sys.executable, '-m', 'dnnr_jax', 'evaluate', row['path'], '--json'))
+    assert evaluated['accuracy'] == row['test_accuracy']
+    assert evaluated['deep_fraction'] == row['deep_fraction']
+
+
+def test_rerun_skips_finished_stages_and_rebuilds_only_what_is_missing(first_run):
+  models, _ = first_run
+  final = models / 'final'
+  before = snapshot(final)
+  assert one_json(_pipeline(models))['ran'] == []
+  assert snapshot(final) == before
+  # An interrupted run: the quantized checkpoint and its export never got written.
+  shutil.rmtree(models / 'quantized')
+  summary = one_json(_pipeline(models))
+  assert summary['ran'] == ['quantize', 'export'] and snapshot(final) == before
+  assert (models / 'quantized' / 'quantized_model_v1.0.onnx').is_file()
+
+
+def test_other_settings_are_refused_and_force_rebuilds(first_run):
+  models, _ = first_run
+  before = snapshot(models / 'pruned')
+  refused = _pipeline(models, '--set', 'compress.prune.sparsity=0.5')
+  assert_one_line_error(refused, ['pruned_model_v1.0', '--force'])
+  assert snapshot(models / 'pruned') == before
+  summary = one_json(_pipeline(models, '--force'))
+  assert summary['ran'] == STAGES
+
+
+def test_stage_hashes_follow_their_inputs():
+  base = pipeline.stage_hashes(load_config(SMOKE_CONFIG))
+
+  def changed(*overrides):
+    hashes = pipeline.stage_hashes(load_config(SMOKE_CONFIG, overrides))
+    return {name for name in base if hashes[name] != base[name]}
+
+  assert changed('training.seed=1') == {'final', 'pruned', 'quantized', 'sweep'}
+  assert changed('compress.prune.sparsity=0.5') == {'pruned', 'quantized'}
+  assert changed('compress.quantize.bits=4') == {'quantized'}
+  assert changed('compress.quantize.source=final') == {'quantized'}
+  assert changed('pipeline.sweep_sparsities=[0.3]') == {'sweep'}
+  assert changed('pipeline.benchmark_seconds=2.0') == set()
+
+
+def test_benchmark_command_times_training_and_every_engine(first_run):
+  models, _ = first_run
+  final = models / 'final' / 'model_v1.0_final'
+  quantized_onnx = models / 'quantized' / 'quantized_model_v1.0.onnx'
+  results = one_json(run(
+      sys.executable, '-m', 'dnnr_jax', 'benchmark', '--config', SMOKE_CONFIG,
+      '--batch-sizes', '32', '--repeats', '1', '--models', final, quantized_onnx,
+      '--seconds', '0.05', '--json'))
+  assert [row['batch_size'] for row in results['training']] == [32]
+  assert results['training'][0]['samples_per_second'] > 0
+  assert [(row['model'], row['engine']) for row in results['inference']] == [
+      ('model_v1.0_final', 'jax'), ('model_v1.0_final.onnx', 'onnxruntime'),
+      ('quantized_model_v1.0.onnx', 'onnxruntime')]
+  assert all(row['latency_us'] > 0 and row['throughput'] > 0 for row in results['inference'])
+  missing = run(sys.executable, '-m', 'dnnr_jax', 'benchmark', '--config', SMOKE_CONFIG,
+                '--no-training', '--models', models / 'missing.onnx')
+  assert_one_line_error(missing, ['missing.onnx'])
