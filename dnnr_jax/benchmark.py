@@ -8,8 +8,8 @@ over on-device batches), after one compiling epoch, as the median of
 Inference is timed as a server calls it: host NumPy batch in, host result
 out, after warm-up (and compilation). Latency is the median time per call at
 batch 1; throughput the samples per second at batch 256 from the median call
-time; each median is over `REPEATS` runs of as many calls as fill about
-`seconds / REPEATS`.
+time. Models compared are timed side by side (`compare_inference`): each of
+`REPEATS` rounds runs every model once, about `seconds / REPEATS` each.
 """
 
 from __future__ import annotations
@@ -140,17 +140,20 @@ def run_suite(
       routed = config.replace(routing=RoutingConfig(mode=mode))
       results['training'] += training_throughput(routed, dataset, batch_sizes, repeats)
   inputs = np.asarray(dataset.test.images[:THROUGHPUT_BATCH])
+  runners, engines = {}, {}
   for path in models:
     path = pathlib.Path(path)
     onnx_file = path if path.suffix == '.onnx' else path.with_name(path.name + '.onnx')
     if path.suffix != '.onnx':
-      record = jax_inference(load_model(path), inputs, seconds)
-      results['inference'].append({'model': path.name, 'engine': 'jax', **record})
+      runners[path.name], engines[path.name] = jax_runner(load_model(path)), 'jax'
     elif not path.is_file():
       raise DnnrError(f'{path} is not a file; pass an .onnx file written by dnnr export.')
     if onnx_file.is_file():
-      record = onnx_inference(onnx_file, inputs, seconds)
-      results['inference'].append({'model': onnx_file.name, 'engine': 'onnxruntime', **record})
+      runners[onnx_file.name], engines[onnx_file.name] = onnx_runner(onnx_file), 'onnxruntime'
+  if runners:
+    speeds = compare_inference(runners, inputs, seconds)
+    results['inference'] = [{'model': name, 'engine': engines[name], **speeds[name]}
+                            for name in runners]
   if accuracy:
     results['accuracy'] = accuracy_run(config, dataset)
   return results
@@ -179,52 +182,60 @@ def accuracy_run(config: Config, dataset: Dataset) -> dict[str, Any]:
 REPEATS = 5
 LATENCY_BATCH = 1
 THROUGHPUT_BATCH = 256
+Runner = Callable[[np.ndarray], Any]  # one inference call on a host batch
 
 
-def seconds_per_call(call: Callable[[], Any], seconds: float = 1.0) -> float:
-  """Median seconds of one `call()`, over `REPEATS` timed runs after warm-up."""
-  start = time.perf_counter()
-  for _ in range(3):
-    call()
-  calls = max(1, int(seconds / REPEATS / ((time.perf_counter() - start) / 3)))
-  medians = []
-  for _ in range(REPEATS):
-    start = time.perf_counter()
-    for _ in range(calls):
-      call()
-    medians.append((time.perf_counter() - start) / calls)
-  return statistics.median(medians)
+def jax_runner(model: LoadedModel) -> Runner:
+  """`model.predict_with_routes` (quantized checkpoints run their integer path)."""
+  return model.predict_with_routes
 
 
-def _speed(run_batch: Callable[[np.ndarray], Any], inputs: np.ndarray,
-           seconds: float) -> dict[str, float]:
-  if inputs.shape[0] < THROUGHPUT_BATCH:
-    inputs = np.resize(inputs, (THROUGHPUT_BATCH,) + inputs.shape[1:])
-  one, batch = inputs[:LATENCY_BATCH], inputs[:THROUGHPUT_BATCH]
-  latency = seconds_per_call(lambda: run_batch(one), seconds)
-  per_batch = seconds_per_call(lambda: run_batch(batch), seconds)
-  return {'latency_us': latency * 1e6, 'throughput': THROUGHPUT_BATCH / per_batch}
-
-
-def jax_inference(model: LoadedModel, inputs: np.ndarray, seconds: float = 1.0) -> dict[str, float]:
-  """Batch-1 latency (µs) and batch-256 throughput (samples/s) of `model.predict`.
-
-  Args:
-    model: a loaded checkpoint (quantized ones run their integer path).
-    inputs: normalised features [N, F]; rows are reused if N < 256.
-    seconds: about how long each of the two figures is timed.
-  """
-  return _speed(model.predict_with_routes, np.asarray(inputs, np.float32), seconds)
-
-
-def onnx_inference(path: str | os.PathLike, inputs: np.ndarray,
-                   seconds: float = 1.0) -> dict[str, float]:
-  """Batch-1 latency (µs) and batch-256 throughput (samples/s) in onnxruntime.
-
-  One default CPU session (all cores), as `dnnr predict` uses.
-  """
+def onnx_runner(path: str | os.PathLike) -> Runner:
+  """One default onnxruntime CPU session (all cores), as `dnnr predict` uses."""
   import onnxruntime
 
   session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
   name = session.get_inputs()[0].name
-  return _speed(lambda batch: session.run(None, {name: batch}), inputs, seconds)
+  return lambda batch: session.run(None, {name: batch})
+
+
+def compare_inference(runners: dict[str, Runner], inputs: np.ndarray,
+                      seconds: float = 1.0) -> dict[str, dict[str, float]]:
+  """Batch-1 latency (µs) and batch-256 throughput (samples/s) of each runner.
+
+  The runners are timed side by side: each of `REPEATS` rounds times every
+  runner once, so a slow spell of a shared machine hits them all alike; each
+  figure is the median over the rounds.
+
+  Args:
+    runners: name -> one inference call.
+    inputs: normalised features [N, F]; rows are reused if N < 256.
+    seconds: about how long each runner's figure is timed, per batch size.
+  """
+  inputs = np.asarray(inputs, np.float32)
+  if inputs.shape[0] < THROUGHPUT_BATCH:
+    inputs = np.resize(inputs, (THROUGHPUT_BATCH,) + inputs.shape[1:])
+  results = {name: {} for name in runners}
+  for key, size in (('latency_us', LATENCY_BATCH), ('throughput', THROUGHPUT_BATCH)):
+    batch = inputs[:size]
+    calls = {name: _calls_per_round(run, batch, seconds) for name, run in runners.items()}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(REPEATS):
+      for name, run in runners.items():
+        start = time.perf_counter()
+        for _ in range(calls[name]):
+          run(batch)
+        times[name].append((time.perf_counter() - start) / calls[name])
+    for name, values in times.items():
+      per_call = statistics.median(values)
+      results[name][key] = per_call * 1e6 if key == 'latency_us' else size / per_call
+  return results
+
+
+def _calls_per_round(run: Runner, batch: np.ndarray, seconds: float) -> int:
+  """Warms `run` up (compiling it) and sizes a round to about seconds / REPEATS."""
+  run(batch)
+  start = time.perf_counter()
+  for _ in range(3):
+    run(batch)
+  return max(1, int(seconds / REPEATS / ((time.perf_counter() - start) / 3)))

@@ -7,9 +7,12 @@ onnxruntime runs several times slower than float. `optimize` rewrites it to
 (VNNI where the CPU has it) with the int8 weights kept as int8 initializers.
 The int32 result is the same, so outputs do not change.
 
-It also removes what broadcasting already does: an `Expand` whose consumers
-broadcast anyway, a `Reshape` that only appends unit axes (an `Unsqueeze`),
-`Identity` nodes, and the shape arithmetic left unused. Every pass keeps the
+It also removes work: a `ReduceLogSumExp` that recomputes exponentials the
+graph already sums, a bias `Add` after a `Gemm` with zero bias (folded into
+the `Gemm`), an `Expand` whose consumers broadcast anyway, a `Reshape` that
+only appends unit axes (an `Unsqueeze`), `Abs` of a ReLU, `Identity` nodes,
+repeated subexpressions (the deep block and the shortcut quantize the same
+input), and the shape arithmetic left unused. Every pass keeps the
 graph's outputs bit for bit; `dnnr_jax.export` proves the result in
 onnxruntime against JAX before it writes anything.
 """
@@ -55,7 +58,7 @@ class IntegerMatMulPass(ir.passes.InPlacePass):
       node.graph.insert_before(node, new_nodes)
       output = integer.outputs[0]
       output.dtype, output.shape = ir.DataType.INT32, node.outputs[0].shape
-      ir.convenience.replace_all_uses_with(node.outputs[0], output, replace_graph_outputs=True)
+      _replace(node.outputs[0], output)
       node.graph.remove(node, safe=True)
       modified = True
     return ir.passes.PassResult(model, modified)
@@ -101,7 +104,82 @@ class UnsqueezeReshapePass(ir.passes.InPlacePass):
       node.graph.insert_before(node, unsqueeze)
       output = unsqueeze.outputs[0]
       output.dtype, output.shape = reshaped.dtype, reshaped.shape
-      ir.convenience.replace_all_uses_with(reshaped, output, replace_graph_outputs=True)
+      _replace(reshaped, output)
+      node.graph.remove(node, safe=True)
+      modified = True
+    return ir.passes.PassResult(model, modified)
+
+
+class LogOfSummedExpPass(ir.passes.InPlacePass):
+  """`ReduceLogSumExp(x)` -> `Log(ReduceSum(Exp(x)))` when that sum already exists.
+
+  jax2onnx turns `log(sum(exp(x)))` into `ReduceLogSumExp`, which recomputes
+  every exponential (and is slow in onnxruntime) although the graph already
+  sums them.
+  """
+
+  def call(self, model: ir.Model) -> ir.passes.PassResult:
+    modified = False
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+      if node.op_type != 'ReduceLogSumExp' or node.domain:
+        continue
+      total = _existing_exp_sum(node)
+      if total is None:
+        continue
+      log = ir.node('Log', [total], name=f'{node.name}_log')
+      node.graph.insert_before(node, log)
+      output = log.outputs[0]
+      output.dtype, output.shape = node.outputs[0].dtype, node.outputs[0].shape
+      _replace(node.outputs[0], output)
+      node.graph.remove(node, safe=True)
+      modified = True
+    return ir.passes.PassResult(model, modified)
+
+
+class GemmBiasPass(ir.passes.InPlacePass):
+  """`Add(Gemm(a, b, zeros), bias)` -> `Gemm(a, b, bias)` for a constant bias [N] or [1, N].
+
+  A `Reshape` of a constant with a constant shape is folded first, as
+  jax2onnx reshapes Dense biases to [1, N].
+  """
+
+  def call(self, model: ir.Model) -> ir.passes.PassResult:
+    modified = False
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+      if node.op_type != 'Gemm' or node.domain or len(node.inputs) != 3:
+        continue
+      uses = list(node.outputs[0].uses())
+      if len(uses) != 1 or uses[0].node.op_type != 'Add' or node.outputs[0].is_graph_output():
+        continue
+      add = uses[0].node
+      zeros = ir.convenience.get_const_tensor(node.inputs[2]) if node.inputs[2] else None
+      bias = _constant_value(add.inputs[1 - uses[0].idx])
+      columns = node.outputs[0].shape[-1] if node.outputs[0].shape else None
+      if (zeros is None or np.any(zeros.numpy()) or bias is None or not isinstance(columns, int)
+          or bias.size != columns or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1)):
+        continue
+      node.replace_input_with(2, _constant(node.graph, f'{node.name}_bias',
+                                           bias.reshape(columns).astype(np.float32)))
+      # The old C was zero, so its beta (jax2onnx writes 0) never mattered; now it must be 1.
+      node.attributes['beta'] = ir.AttrFloat32('beta', 1.0)
+      _replace(add.outputs[0], node.outputs[0])
+      add.graph.remove(add, safe=True)
+      modified = True
+    return ir.passes.PassResult(model, modified)
+
+
+class AbsOfReluPass(ir.passes.InPlacePass):
+  """`Abs(Relu(x))` -> `Relu(x)`: a ReLU's output is never negative."""
+
+  def call(self, model: ir.Model) -> ir.passes.PassResult:
+    modified = False
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+      if node.op_type != 'Abs' or node.domain or node.outputs[0].is_graph_output():
+        continue
+      producer = node.inputs[0].producer()
+      if producer is None or producer.op_type != 'Relu' or producer.domain:
+        continue
+      ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
       node.graph.remove(node, safe=True)
       modified = True
     return ir.passes.PassResult(model, modified)
@@ -112,14 +190,64 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
   ir_model = ir.from_proto(model)
   ir.passes.Sequential(
       IntegerMatMulPass(),
+      LogOfSummedExpPass(),
+      GemmBiasPass(),
       BroadcastExpandPass(),
       UnsqueezeReshapePass(),
+      AbsOfReluPass(),
       common.IdentityEliminationPass(),
+      # The deep block and the shortcut quantize the same input: compute it once
+      # (equal constants first become one, so equal nodes have equal inputs).
+      common.DeduplicateInitializersPass(),
+      common.CommonSubexpressionEliminationPass(),
       common.RemoveUnusedNodesPass(),
       common.TopologicalSortPass(),
       common.NameFixPass(),  # unique names for the new values, subgraphs included
   )(ir_model)
   return ir.to_proto(ir_model)
+
+
+def _replace(old: ir.Value, new: ir.Value) -> None:
+  """Points every use of `old` at the newly made `new`; a graph output keeps its name."""
+  name = old.name if old.is_graph_output() else None
+  ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+  if name is not None:
+    old.name = f'{name}_replaced'
+    new.name = name
+
+
+def _existing_exp_sum(node: ir.Node) -> ir.Value | None:
+  """The output of `ReduceSum(Exp(x))` with `node`'s axes and keepdims, if present."""
+  source = node.inputs[0]
+  keepdims = node.attributes.get_int('keepdims', 1)
+  axes = _constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+  for use in source.uses():
+    exp = use.node
+    if exp.op_type != 'Exp' or exp.domain:
+      continue
+    for sum_use in exp.outputs[0].uses():
+      total = sum_use.node
+      if (total.op_type == 'ReduceSum' and not total.domain and len(total.inputs) > 1
+          and total.attributes.get_int('keepdims', 1) == keepdims
+          and axes is not None and np.array_equal(_constant_value(total.inputs[1]), axes)):
+        return total.outputs[0]
+  return None
+
+
+def _constant_value(value: ir.Value | None) -> np.ndarray | None:
+  """The value of a constant, or of a Reshape of a constant by a constant shape."""
+  if value is None:
+    return None
+  tensor = ir.convenience.get_const_tensor(value)
+  if tensor is not None:
+    return tensor.numpy()
+  producer = value.producer()
+  if producer is not None and producer.op_type == 'Reshape' and not producer.domain:
+    data, shape = (_constant_value(input_value) for input_value in producer.inputs[:2])
+    if data is not None and shape is not None and not producer.attributes.get_int(
+        'allowzero', 0) and 0 not in shape:
+      return data.reshape(shape)
+  return None
 
 
 def _int8_source(value: ir.Value | None) -> ir.Value | None:

@@ -254,6 +254,9 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes,
   models = {kind: checkpoint_lib.load_model(paths[kind]) for kind in ARTIFACTS}
   _, final_routes = models['final'].predict_with_routes(images)
   final_bytes = storage.directory_bytes(paths['final'])
+  runners = {kind: benchmark.jax_runner(models[kind]) for kind in ARTIFACTS}
+  runners.update({f'{kind} onnx': benchmark.onnx_runner(onnx_paths[kind]) for kind in ARTIFACTS})
+  speeds = benchmark.compare_inference(runners, images[:benchmark.THROUGHPUT_BATCH], seconds)
   rows = []
   for kind in ARTIFACTS:
     model = models[kind]
@@ -267,7 +270,7 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes,
         'route_agreement': float(np.mean(routes == final_routes)),
         **counts, 'bytes': raw, 'gzip_bytes': packed,
         'smaller_than_final': final_bytes / raw,
-        **_prefix('jax', benchmark.jax_inference(model, images, seconds)),
+        **_prefix('jax', speeds[kind]),
     })
   for kind in ARTIFACTS:
     session = onnxruntime.InferenceSession(str(onnx_paths[kind]),
@@ -289,7 +292,7 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes,
         'parameters': source_row['parameters'], 'nonzeros': source_row['nonzeros'],
         'bytes': len(data), 'gzip_bytes': len(gzip.compress(data, 9, mtime=0)),
         'smaller_than_final': final_bytes / len(data),
-        **_prefix('onnxruntime', benchmark.onnx_inference(onnx_paths[kind], images, seconds)),
+        **_prefix('onnxruntime', speeds[f'{kind} onnx']),
     })
   final_metadata = models['final'].metadata
   pruned_metadata = models['pruned'].metadata

@@ -110,3 +110,70 @@ def test_expand_into_a_reduction_is_kept():
   assert _operators(optimized)['Expand'] == 1
   x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
   np.testing.assert_allclose(_run(optimized, x=x)[0], _run(model, x=x)[0])
+
+
+def _float_input(*shape):
+  return helper.make_tensor_value_info('x', TensorProto.FLOAT, list(shape))
+
+
+def test_log_sum_exp_reuses_the_existing_sum_of_exponentials():
+  axes = numpy_helper.from_array(np.array([1], np.int64), 'axes')
+  nodes = [
+      helper.make_node('Exp', ['x'], ['e']),
+      helper.make_node('ReduceSum', ['e', 'axes'], ['total'], keepdims=0),
+      helper.make_node('ReduceLogSumExp', ['x', 'axes'], ['log_total'], keepdims=0),
+      helper.make_node('Div', ['log_total', 'total'], ['y']),
+  ]
+  model = _model(nodes, [_float_input('B', 5)],
+                 [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['B'])], [axes])
+  optimized = onnx_passes.optimize(model)
+  assert _operators(optimized) == {'Exp': 1, 'ReduceSum': 1, 'Log': 1, 'Div': 1}
+  x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+  np.testing.assert_allclose(_run(optimized, x=x)[0], _run(model, x=x)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize('beta', [0.0, 1.0])
+def test_bias_add_folds_into_a_zero_bias_gemm(beta):
+  rng = np.random.default_rng(0)
+  initializers = [
+      numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), 'w'),
+      numpy_helper.from_array(np.zeros(3, np.float32), 'zero'),
+      numpy_helper.from_array(rng.normal(size=3).astype(np.float32), 'b'),
+      numpy_helper.from_array(np.array([1, 3], np.int64), 'row'),
+  ]
+  nodes = [
+      # jax2onnx writes beta=0 with a zero C; the fold must make the bias count.
+      helper.make_node('Gemm', ['x', 'w', 'zero'], ['product'], beta=beta),
+      helper.make_node('Reshape', ['b', 'row'], ['bias']),
+      helper.make_node('Add', ['product', 'bias'], ['sum']),
+      helper.make_node('Relu', ['sum'], ['y']),
+  ]
+  model = _model(nodes, [_float_input('B', 4)],
+                 [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['B', 3])], initializers)
+  optimized = onnx_passes.optimize(model)
+  assert _operators(optimized) == {'Gemm': 1, 'Relu': 1}
+  x = rng.normal(size=(6, 4)).astype(np.float32)
+  np.testing.assert_allclose(_run(optimized, x=x)[0], _run(model, x=x)[0], rtol=1e-6)
+
+
+def test_abs_of_relu_and_repeated_subexpressions_go():
+  nodes = [
+      helper.make_node('Relu', ['x'], ['r']),
+      helper.make_node('Abs', ['r'], ['a']),
+      helper.make_node('ReduceMax', ['a', 'axes_1'], ['m1'], keepdims=1),
+      helper.make_node('ReduceMax', ['a', 'axes_2'], ['m2'], keepdims=1),  # equal axes
+      helper.make_node('Add', ['m1', 'm2'], ['y']),
+  ]
+  axes = [numpy_helper.from_array(np.array([1], np.int64), name) for name in ('axes_1', 'axes_2')]
+  model = _model(nodes, [_float_input('B', 5)],
+                 [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['B', 1])], axes)
+  optimized = onnx_passes.optimize(model)
+  assert _operators(optimized) == {'Relu': 1, 'ReduceMax': 1, 'Add': 1}
+  x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+  np.testing.assert_array_equal(_run(optimized, x=x)[0], _run(model, x=x)[0])
+
+
+def test_abs_of_anything_else_is_kept():
+  model = _model([helper.make_node('Abs', ['x'], ['y'])], [_float_input('B', 2)],
+                 [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['B', 2])])
+  assert _operators(onnx_passes.optimize(model)) == {'Abs': 1}
