@@ -197,3 +197,14 @@ def test_default_config_on_mnist(tmp_path, mnist_dir):
   assert metrics['dataset'] == 'mnist'
   assert metrics['accuracy'] > 0.9
   assert metrics['accuracy'] == trained['test']['accuracy']
+
+  # Served from its ONNX export with onnxruntime alone: the same accuracy and routes.
+  export = one_json(run(sys.executable, 'scripts/export_onnx.py', path,
+                        '--data-dir', mnist_dir, '--json'))
+  served = one_json(run(
+      sys.executable, '-m', 'dnnr_jax', 'predict', export['path'],
+      '--images', mnist_dir / 't10k-images-idx3-ubyte.gz',
+      '--labels', mnist_dir / 't10k-labels-idx1-ubyte.gz', '--json'))
+  assert served['n'] == 10000
+  assert served['accuracy'] == metrics['accuracy']
+  assert served['deep_fraction'] == metrics['deep_fraction']
