@@ -12,9 +12,10 @@ Stages, each a library job:
 6. report   -> `<models>/reports/v{V}/`: report.md, report.json and PNG plots
 
 Every artifact records the hash of the settings that made it (its own and its
-inputs'). A rerun skips an artifact whose hash matches, rebuilds nothing that
-is missing twice, and refuses, without touching it, an existing artifact made
-from other settings unless `force` (which reruns every stage).
+inputs'). A rerun skips an artifact whose hash matches and whose inputs were
+reused too (a retrained model rebuilds everything made from it), and
+refuses, without touching it, an existing artifact made from other settings
+unless `force` (which reruns every stage).
 """
 
 from __future__ import annotations
@@ -107,8 +108,12 @@ def run_pipeline(
   on_stage = on_stage or (lambda stage, event: None)
   ran, skipped, seconds = [], [], {}
   dataset = load_dataset(config.data, data_dir)  # Fails early on missing data.
-  for kind in ARTIFACTS:  # Refuse before any work, not after an hour of it.
-    _reusable(paths[kind], hashes[kind], force)
+  # Refuse before any work, not after an hour of it. An artifact is reused only
+  # when its inputs are too: a retrained final model rebuilds everything after it.
+  reuse = {kind: _reusable(paths[kind], hashes[kind], force) for kind in ARTIFACTS}
+  reuse['pruned'] = reuse['pruned'] and reuse['final']
+  reuse['quantized'] = reuse['quantized'] and reuse[config.compress.quantize.source]
+  rebuild = {kind: force or not reuse[kind] for kind in ARTIFACTS}
 
   def stage(name, reusable, work):
     if reusable:
@@ -129,37 +134,40 @@ def run_pipeline(
     return {'pipeline': {'hash': hashes[kind], 'version': version}}
 
   prune, quantize = config.compress.prune, config.compress.quantize
-  stage('train', _reusable(paths['final'], hashes['final'], force), lambda: jobs.train_and_save(
-      config, data_dir=data_dir, models_dir=models_dir, version=version, overwrite=force,
+  stage('train', reuse['final'], lambda: jobs.train_and_save(
+      config, data_dir=data_dir, models_dir=models_dir, version=version,
+      overwrite=rebuild['final'],
       on_epoch=epochs('train'), extra_metadata=pipeline_metadata('final')))
-  stage('prune', _reusable(paths['pruned'], hashes['pruned'], force),
+  stage('prune', reuse['pruned'],
         lambda: compress_jobs.prune_checkpoint(
             paths['final'], method=prune.method, sparsity=prune.sparsity,
             schedule=prune.schedule, finetune_epochs=prune.finetune_epochs, n=prune.n, m=prune.m,
             learning_rate=prune.learning_rate, data_dir=data_dir, models_dir=models_dir,
-            version=version, overwrite=force, on_epoch=epochs('prune'),
+            version=version, overwrite=rebuild['pruned'], on_epoch=epochs('prune'),
             extra_metadata=pipeline_metadata('pruned')))
-  stage('quantize', _reusable(paths['quantized'], hashes['quantized'], force),
+  stage('quantize', reuse['quantized'],
         lambda: compress_jobs.quantize_checkpoint(
             paths[quantize.source], mode=quantize.mode, bits=quantize.bits,
             per_channel=quantize.per_channel, calibration_batches=quantize.calibration_batches,
             calibration_method=quantize.calibration_method,
             finetune_epochs=quantize.finetune_epochs, learning_rate=quantize.learning_rate,
-            data_dir=data_dir, models_dir=models_dir, version=version, overwrite=force,
-            on_epoch=epochs('quantize'), extra_metadata=pipeline_metadata('quantized')))
+            data_dir=data_dir, models_dir=models_dir, version=version,
+            overwrite=rebuild['quantized'], on_epoch=epochs('quantize'),
+            extra_metadata=pipeline_metadata('quantized')))
 
   check_inputs = np.asarray(dataset.test.images[:256])
   onnx_paths = {kind: export.default_output(checkpoint_lib.load_model(paths[kind]))
                 for kind in ARTIFACTS}
 
-  def export_all():
-    for kind in ARTIFACTS:
-      if force or not _onnx_matches(onnx_paths[kind], hashes[kind]):
-        export.export_onnx(paths[kind], check_inputs=check_inputs, overwrite=True,
-                           extra_metadata={'dnnr_jax.pipeline_hash': hashes[kind]})
+  stale = [kind for kind in ARTIFACTS
+           if rebuild[kind] or not _onnx_matches(onnx_paths[kind], hashes[kind])]
 
-  stage('export', all(_onnx_matches(onnx_paths[kind], hashes[kind]) for kind in ARTIFACTS)
-        and not force, export_all)
+  def export_all():
+    for kind in stale:
+      export.export_onnx(paths[kind], check_inputs=check_inputs, overwrite=True,
+                         extra_metadata={'dnnr_jax.pipeline_hash': hashes[kind]})
+
+  stage('export', not stale, export_all)
 
   sweep_file = report_dir / 'sweep.json'
 
@@ -168,7 +176,7 @@ def run_pipeline(
     report_dir.mkdir(parents=True, exist_ok=True)
     _write_json(sweep_file, {'hash': hashes['sweep'], 'results': results})
 
-  stage('sweep', not force and _json_hash(sweep_file) == hashes['sweep'], sweep)
+  stage('sweep', not rebuild['final'] and _json_hash(sweep_file) == hashes['sweep'], sweep)
 
   on_stage('report', 'start')
   report = build_report(config, paths, onnx_paths, dataset, report_dir, hashes, data_dir)

@@ -94,6 +94,13 @@ def test_rerun_skips_finished_stages_and_rebuilds_only_what_is_missing(first_run
   assert (models / 'quantized' / 'quantized_model_v1.0.onnx').is_file()
 
 
+def test_a_retrained_model_rebuilds_everything_made_from_it(first_run):
+  models, _ = first_run
+  shutil.rmtree(models / 'final' / 'model_v1.0_final')
+  # The pruned and quantized models on disk came from the deleted model: rebuilt too.
+  assert one_json(_pipeline(models))['ran'] == STAGES
+
+
 def test_other_settings_are_refused_and_force_rebuilds(first_run):
   models, _ = first_run
   before = snapshot(models / 'pruned')
