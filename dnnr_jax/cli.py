@@ -456,8 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: {error}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print('interrupted; finished checkpoints are kept (resume with --resume).',
-          file=sys.stderr)
+    print('interrupted; finished checkpoints are kept (dnnr train --resume, or the same '
+          'dnnr pipeline command, continues).', file=sys.stderr)
     return 130
 
 

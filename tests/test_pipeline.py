@@ -143,3 +143,14 @@ def test_benchmark_command_times_training_and_every_engine(first_run):
   missing = run(sys.executable, '-m', 'dnnr_jax', 'benchmark', '--config', SMOKE_CONFIG,
                 '--no-training', '--models', models / 'missing.onnx')
   assert_one_line_error(missing, ['missing.onnx'])
+
+
+@pytest.mark.parametrize('extra, words', [
+    (['--version', 'one'], ['version', 'MAJOR.MINOR']),
+    (['--set', 'compress.prune.sparsity=1.5'], ['compress.prune.sparsity']),
+    (['--set', 'pipeline.sweeps=[0.5]'], ['pipeline.sweeps']),
+])
+def test_bad_pipeline_inputs_fail_before_any_work(tmp_path, extra, words):
+  models = tmp_path / 'models'
+  assert_one_line_error(_pipeline(models, *extra), words)
+  assert not models.exists()
