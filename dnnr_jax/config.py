@@ -152,6 +152,8 @@ class TrainingConfig:
       means route in 'batch' mode).
     checkpoint_every: epochs between periodic checkpoints; 0 disables them.
     keep_checkpoints: periodic checkpoints kept on disk.
+    scan_unroll: optimizer steps per iteration of the epoch's loop; 4 is
+      about 10 % faster on an H100, 1 is best on CPU.
   """
   epochs: int = 10
   batch_size: int = 64
@@ -161,6 +163,7 @@ class TrainingConfig:
   eval_batch_size: int = 1000
   checkpoint_every: int = 1
   keep_checkpoints: int = 2
+  scan_unroll: int = 1
 
   def validate(self) -> None:
     _check_at_least('training.epochs', self.epochs, 1)
@@ -171,6 +174,7 @@ class TrainingConfig:
     _check_at_least('training.eval_batch_size', self.eval_batch_size, 1)
     _check_at_least('training.checkpoint_every', self.checkpoint_every, 0)
     _check_at_least('training.keep_checkpoints', self.keep_checkpoints, 1)
+    _check_at_least('training.scan_unroll', self.scan_unroll, 1)
 
 
 @dataclasses.dataclass(frozen=True)

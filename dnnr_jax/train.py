@@ -134,12 +134,14 @@ def train_epoch(
     *,
     batch_size: int,
     schedule: ThresholdSchedule,
+    unroll: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One pass over the shuffled training split, as one `lax.scan`.
 
   Sets the thresholds for `state.epoch` from `schedule`, shuffles on device,
   drops the last partial batch (a different one every epoch) and counts the
-  epoch.
+  epoch. `unroll` steps run per loop iteration (`lax.scan`'s unroll): fewer
+  iterations help where each costs a launch, as on a GPU.
 
   Returns:
     The new state and the epoch's running means: 'loss', 'accuracy',
@@ -155,7 +157,7 @@ def train_epoch(
   def body(state, indices):
     return train_step(state, (train.images[indices], train.labels[indices]))
 
-  state, sums = jax.lax.scan(body, state, batches)
+  state, sums = jax.lax.scan(body, state, batches, unroll=unroll)
   seen = steps * batch_size
   metrics = {
       'loss': jnp.sum(sums['loss']) / seen,
@@ -172,6 +174,7 @@ def jit_train_epoch(config: Config) -> Callable:
           train_epoch,
           batch_size=config.training.batch_size,
           schedule=schedule_from_config(config),
+          unroll=config.training.scan_unroll,
       ),
       donate_argnums=0,
   )

@@ -57,6 +57,7 @@ def test_overrides_are_parsed_as_yaml():
     ('thresholds.final.entropy=.inf', 'thresholds.final.entropy'),
     ('thresholds.annealing_start_epoch=9', 'thresholds.annealing_start_epoch'),
     ('training=5', 'training'),
+    ('training.scan_unroll=0', 'training.scan_unroll'),
     ('compress.prune.sparsity=1.0', 'compress.prune.sparsity'),
     ('compress.prune.sparsity=-0.1', 'compress.prune.sparsity'),
     ('compress.prune.method=random', 'compress.prune.method'),

@@ -65,6 +65,23 @@ def test_epochs_are_deterministic_and_seeded(config, digits):
   assert not np.allclose(first['head']['kernel'], other['head']['kernel'])
 
 
+def test_unrolled_epoch_takes_the_same_steps(config, digits):
+  steps = digits.train.labels.shape[0] // config.training.batch_size
+
+  def one_epoch(unroll):
+    unrolled = config.replace(training=dataclasses.replace(config.training, scan_unroll=unroll))
+    state = create_train_state(unrolled, digits.num_features, steps)
+    state, metrics = jit_train_epoch(unrolled)(state, digits.train)
+    return state, metrics
+
+  # 3 does not divide the epoch's steps: the remainder runs too.
+  assert steps % 3
+  (plain, plain_metrics), (unrolled, unrolled_metrics) = one_epoch(1), one_epoch(3)
+  assert int(unrolled.step) == int(plain.step) == steps
+  tree_allclose(unrolled.params, plain.params, rtol=1e-5, atol=1e-6)
+  tree_allclose(unrolled_metrics, plain_metrics, rtol=1e-5, atol=1e-6)
+
+
 def test_evaluate_matches_a_direct_computation(config, digits):
   state = create_train_state(config, digits.num_features, 10)
   model = model_from_config(config)
