@@ -31,6 +31,8 @@ _EXPORTS = {
     'DynamicMLP': 'dnnr_jax.model',
     'init_variables': 'dnnr_jax.model',
     'model_from_config': 'dnnr_jax.model',
+    'PipelineResult': 'dnnr_jax.pipeline',
+    'run_pipeline': 'dnnr_jax.pipeline',
     'route': 'dnnr_jax.routing',
     'predict_onnx': 'dnnr_jax.serve',
     'linear_annealing': 'dnnr_jax.thresholds',
