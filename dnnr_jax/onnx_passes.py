@@ -12,9 +12,10 @@ graph already sums, a bias `Add` after a `Gemm` with zero bias (folded into
 the `Gemm`), an `Expand` whose consumers broadcast anyway, a `Reshape` that
 only appends unit axes (an `Unsqueeze`), `Abs` of a ReLU, `Identity` nodes,
 repeated subexpressions (the deep block and the shortcut quantize the same
-input), and the shape arithmetic left unused. Every pass keeps the
-graph's outputs bit for bit; `dnnr_jax.export` proves the result in
-onnxruntime against JAX before it writes anything.
+input), and the shape arithmetic left unused. Every pass computes the same
+function: bit for bit, or (the log-sum-exp and Gemm bias rewrites) up to
+float rounding; `dnnr_jax.export` proves the result in onnxruntime against
+JAX before it writes anything.
 """
 
 from __future__ import annotations
