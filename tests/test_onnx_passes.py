@@ -177,3 +177,20 @@ def test_abs_of_anything_else_is_kept():
   model = _model([helper.make_node('Abs', ['x'], ['y'])], [_float_input('B', 2)],
                  [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['B', 2])])
   assert _operators(onnx_passes.optimize(model)) == {'Abs': 1}
+
+
+@pytest.mark.parametrize('keepdims', [0, 1])
+def test_sum_of_squares_becomes_mul_and_reduce_sum(keepdims):
+  axes = numpy_helper.from_array(np.array([1], np.int64), 'axes')
+  model = _model(
+      [helper.make_node('ReduceSumSquare', ['x', 'axes'], ['y'], keepdims=keepdims)],
+      [_float_input('B', 5)], [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)],
+      [axes])
+  optimized = onnx_passes.optimize(model)
+  onnx.checker.check_model(optimized, full_check=True)
+  assert _operators(optimized) == {'Mul': 1, 'ReduceSum': 1}
+  x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+  expected = _run(model, x=x)[0]
+  actual = _run(optimized, x=x)[0]
+  assert actual.shape == expected.shape
+  np.testing.assert_allclose(actual, expected, rtol=1e-6)
