@@ -79,7 +79,8 @@ def _prune(args: argparse.Namespace) -> int:
     _, summary = jobs.prune_checkpoint(
         args.model_path, method=args.method, sparsity=args.sparsity,
         schedule=args.schedule, finetune_epochs=args.finetune_epochs, n=args.n, m=args.m,
-        learning_rate=args.learning_rate, data_dir=args.data_dir, models_dir=args.models_dir,
+        learning_rate=args.learning_rate, distill=args.distill, temperature=args.temperature,
+        data_dir=args.data_dir, models_dir=args.models_dir,
         version=args.version,
         overwrite=args.overwrite, on_epoch=progress.update)
   return _print_compression(summary, args.json)
@@ -363,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
   prune.add_argument('--finetune-epochs', type=int, default=2)
   prune.add_argument('--n', type=int, default=2, help='N of N:M (default 2)')
   prune.add_argument('--m', type=int, default=4, help='M of N:M (default 4)')
+  prune.add_argument('--distill', type=float, default=0.0,
+                     help='share of the fine-tuning loss that distils the source model '
+                          '(default 0: labels only; 0.5 works well)')
+  prune.add_argument('--temperature', type=float, default=4.0,
+                     help='distillation temperature (default %(default)s)')
   _add_output_arguments(prune)
   prune.set_defaults(handler=_prune)
 

@@ -188,6 +188,9 @@ class PruneConfig:
       'gradual' (Zhu & Gupta's cubic schedule during fine-tuning).
     finetune_epochs: Adam epochs after or during pruning.
     learning_rate: fine-tuning's peak learning rate; None keeps training's.
+    distill: share of the fine-tuning loss that distils the unpruned model's
+      outputs (0: labels only).
+    distill_temperature: the temperature that softens them.
     n, m: the N:M pattern for 'nm'.
   """
   method: str = 'global'
@@ -195,6 +198,8 @@ class PruneConfig:
   schedule: str = 'gradual'
   finetune_epochs: int = 10
   learning_rate: float | None = None
+  distill: float = 0.0
+  distill_temperature: float = 4.0
   n: int = 2
   m: int = 4
 
@@ -205,6 +210,12 @@ class PruneConfig:
     _check_at_least('compress.prune.finetune_epochs', self.finetune_epochs, 0)
     if self.learning_rate is not None:
       _check_positive('compress.prune.learning_rate', self.learning_rate)
+    if not (math.isfinite(self.distill) and 0 <= self.distill <= 1):
+      raise ConfigError(f'compress.prune.distill = {self.distill!r} must be in [0, 1].')
+    if self.distill and self.finetune_epochs < 1:
+      raise ConfigError('compress.prune.distill acts while fine-tuning: it needs '
+                        'finetune_epochs of at least 1.')
+    _check_positive('compress.prune.distill_temperature', self.distill_temperature)
     if self.schedule == 'gradual' and (
         self.method not in ('global', 'layer') or self.finetune_epochs < 1):
       raise ConfigError(

@@ -68,9 +68,9 @@ def fit(
     resume: continue from the latest checkpoint in `checkpoint_dir`, which
       must have been written with the same config.
     on_epoch: called with each epoch's record, e.g. for a progress bar.
-    **state_options: `params`, `wrap_optimizer` and `apply_fn` for
-      `create_train_state`, to fine-tune (prune, QAT) instead of training
-      from scratch.
+    **state_options: `params`, `wrap_optimizer`, `apply_fn` and `teacher`
+      for `create_train_state`, to fine-tune (prune, QAT, distil) instead of
+      training from scratch.
 
   Returns:
     The final state, the per-epoch history and timings.

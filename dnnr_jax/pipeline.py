@@ -142,7 +142,8 @@ def run_pipeline(
         lambda: compress_jobs.prune_checkpoint(
             paths['final'], method=prune.method, sparsity=prune.sparsity,
             schedule=prune.schedule, finetune_epochs=prune.finetune_epochs, n=prune.n, m=prune.m,
-            learning_rate=prune.learning_rate, data_dir=data_dir, models_dir=models_dir,
+            learning_rate=prune.learning_rate, distill=prune.distill,
+            temperature=prune.distill_temperature, data_dir=data_dir, models_dir=models_dir,
             version=version, overwrite=rebuild['pruned'], on_epoch=epochs('prune'),
             extra_metadata=pipeline_metadata('pruned')))
   stage('quantize', reuse['quantized'],
@@ -234,11 +235,13 @@ def _sweep(config: Config, final_path, report_dir, data_dir, on_epoch) -> list[d
   results = []
   try:
     for index, sparsity in enumerate(config.pipeline.sweep_sparsities):
-      schedule = prune.schedule if config.pipeline.sweep_finetune_epochs > 0 else 'oneshot'
+      epochs = config.pipeline.sweep_finetune_epochs
+      schedule = prune.schedule if epochs > 0 else 'oneshot'
       path, summary = compress_jobs.prune_checkpoint(
           final_path, method=prune.method, sparsity=sparsity, schedule=schedule,
-          finetune_epochs=config.pipeline.sweep_finetune_epochs, n=prune.n, m=prune.m,
-          learning_rate=prune.learning_rate, data_dir=data_dir, models_dir=scratch,
+          finetune_epochs=epochs, n=prune.n, m=prune.m,
+          learning_rate=prune.learning_rate, distill=prune.distill if epochs else 0.0,
+          temperature=prune.distill_temperature, data_dir=data_dir, models_dir=scratch,
           version=f'1.{index}', on_epoch=on_epoch)
       report = summary['compression']['sparsity_report']['overall']
       results.append({'sparsity': sparsity, 'measured_sparsity': report['sparsity'],

@@ -12,6 +12,7 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,6 +24,27 @@ from dnnr_jax.model import init_variables, model_from_config
 from dnnr_jax.thresholds import ThresholdSchedule, schedule_from_config
 
 
+@flax.struct.dataclass
+class Teacher:
+  """A fixed model whose softened outputs the student also learns (distillation).
+
+  The loss becomes (1 - weight) * cross-entropy with the labels + weight *
+  T^2 * cross-entropy between softmax(student / T) and softmax(teacher / T),
+  T the temperature (Hinton et al. 2015); the T^2 keeps the soft term's
+  gradient on the scale of the hard one.
+
+  Attributes:
+    variables: the teacher's variables (a pytree; not trained).
+    apply_fn: the teacher's `model.apply`, returning (logits, routes).
+    weight: the soft term's share of the loss, in [0, 1].
+    temperature: T > 0.
+  """
+  variables: Any
+  apply_fn: Callable = flax.struct.field(pytree_node=False)
+  weight: float = flax.struct.field(pytree_node=False, default=0.5)
+  temperature: float = flax.struct.field(pytree_node=False, default=4.0)
+
+
 class TrainState(train_state.TrainState):
   """Params, optimizer state, thresholds, counters and the shuffling key.
 
@@ -30,10 +52,12 @@ class TrainState(train_state.TrainState):
     thresholds: the hybrid thresholds of the current epoch.
     epoch: epochs completed.
     rng: base PRNG key; epoch e shuffles with `fold_in(rng, e)`.
+    teacher: a model to distil from while training, or None.
   """
   thresholds: dict[str, jax.Array]
   epoch: jax.Array
   rng: jax.Array
+  teacher: Teacher | None = None
 
   @property
   def variables(self) -> dict[str, Any]:
@@ -60,6 +84,7 @@ def create_train_state(
     wrap_optimizer: Callable[[optax.GradientTransformation],
                              optax.GradientTransformation] | None = None,
     apply_fn: Callable | None = None,
+    teacher: Teacher | None = None,
 ) -> TrainState:
   """A train state at epoch 0, seeded by `training.seed`.
 
@@ -70,6 +95,7 @@ def create_train_state(
     params: start from these params (fine-tuning) instead of fresh ones.
     wrap_optimizer: wraps the configured Adam, e.g. in a pruning transform.
     apply_fn: replaces `model.apply`, e.g. with fake quantization for QAT.
+    teacher: distil from this model (e.g. the dense one, while pruning).
   """
   model = model_from_config(config)
   init_key, shuffle_key = jax.random.split(
@@ -86,6 +112,9 @@ def create_train_state(
       thresholds=variables['thresholds'],
       epoch=jnp.zeros((), jnp.int32),
       rng=shuffle_key,
+      # Copied for the same reason as the params.
+      teacher=None if teacher is None else teacher.replace(
+          variables=jax.tree.map(jnp.array, teacher.variables)),
   )
   # `create` counts steps with a Python int; an array keeps every epoch's
   # input signature the same, so the epoch compiles once.
@@ -93,12 +122,14 @@ def create_train_state(
 
 
 def batch_sums(
-    apply_fn: Callable, variables: dict, images: jax.Array, labels: jax.Array
+    apply_fn: Callable, variables: dict, images: jax.Array, labels: jax.Array,
+    teacher: Teacher | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean loss of a batch, and its sums for metrics.
 
   Returns:
-    (mean cross-entropy, {'loss': sum, 'correct': count, 'deep': count}).
+    (mean training loss: cross-entropy, or with a teacher the distillation
+    loss; {'loss': sum of cross-entropies, 'correct': count, 'deep': count}).
   """
   logits, deep_path = apply_fn(variables, images)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -107,7 +138,14 @@ def batch_sums(
       'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
       'deep': jnp.sum(deep_path),
   }
-  return jnp.mean(losses), sums
+  if teacher is None:
+    return jnp.mean(losses), sums
+  teacher_logits = jax.lax.stop_gradient(teacher.apply_fn(teacher.variables, images)[0])
+  temperature = teacher.temperature
+  soft = optax.softmax_cross_entropy(
+      logits / temperature, jax.nn.softmax(teacher_logits / temperature))
+  mixed = (1 - teacher.weight) * losses + teacher.weight * temperature**2 * soft
+  return jnp.mean(mixed), sums
 
 
 def train_step(
@@ -122,7 +160,7 @@ def train_step(
 
   def loss_fn(params):
     variables = {'params': params, 'thresholds': state.thresholds}
-    return batch_sums(state.apply_fn, variables, images, labels)
+    return batch_sums(state.apply_fn, variables, images, labels, state.teacher)
 
   grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
   return state.apply_gradients(grads=grads), sums

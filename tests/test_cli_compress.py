@@ -43,6 +43,7 @@ def first(sources):
   cases = {
       'prune_json': ((*MODULE, 'prune', final, *PRUNE_80, '--json'), None),
       'sparsity': ((*MODULE, 'prune', final, '--sparsity', '1.5'), ['sparsity 1.5', '[0, 1)']),
+      'distill': ((*MODULE, 'prune', final, '--distill', '2'), ['--distill 2.0', '[0, 1]']),
       'bits': ((*MODULE, 'quantize', final, '--bits', '3'), None),
       'missing': ((*MODULE, 'prune', tmp / 'absent'), [str(tmp / 'absent')]),
       'quantized_again': ((*MODULE, 'quantize', quantized_path),
@@ -140,7 +141,7 @@ def test_prune_refuses_an_existing_version(second):
   assert snapshot(pruned.parent) == before
 
 
-@pytest.mark.parametrize('name', ['sparsity', 'missing', 'quantized_again'])
+@pytest.mark.parametrize('name', ['sparsity', 'distill', 'missing', 'quantized_again'])
 def test_bad_input(first, name):
   result, words, models_dir = first[name]
   assert_one_line_error(result, words)

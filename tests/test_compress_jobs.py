@@ -27,6 +27,8 @@ PRUNE_RUNS = {
     'nm': dict(method='nm', n=2, m=4, finetune_epochs=1),
     'gradual': dict(method='global', schedule='gradual', sparsity=0.9, finetune_epochs=2,
                     learning_rate=0.002),
+    'distilled': dict(method='global', schedule='gradual', sparsity=0.9, finetune_epochs=2,
+                      learning_rate=0.002, distill=0.5, temperature=3.0),
 }
 QUANTIZE_RUNS = {
     'dynamic': dict(mode='dynamic', bits=8),
@@ -236,7 +238,27 @@ def test_gradual_prune_reaches_the_final_sparsity_exactly(pruned):
   assert summary['config']['training']['learning_rate'] == 0.002
 
 
+def test_distilled_prune_records_its_teacher_and_keeps_the_mask(pruned, source):
+  _, plain, _ = pruned('gradual')
+  _, summary, loaded = pruned('distilled')
+  settings = summary['compression']
+  assert (settings['distill'], settings['temperature']) == (0.5, 3.0)
+  assert 'distill' not in plain['compression']
+  kernels = [np.asarray(kernel) for kernel in _kernels(loaded.variables).values()]
+  assert sum(int(np.sum(kernel == 0)) for kernel in kernels) == round(
+      0.9 * sum(kernel.size for kernel in kernels))
+  # The soft targets change the weights the labels alone would give.
+  assert not np.allclose(_kernels(loaded.variables)['head'],
+                         _kernels(load_model(pruned('gradual')[0]).variables)['head'])
+  # The teacher is the source itself, untouched by the (donating) training.
+  assert np.isfinite(np.asarray(source.variables['params']['head']['kernel'])).all()
+  assert summary['metrics']['test']['accuracy'] > 0.5
+
+
 @pytest.mark.parametrize('kwargs, match', [
+    (dict(distill=1.5), '--distill 1.5'),
+    (dict(distill=0.5, finetune_epochs=0), '--distill acts while fine-tuning'),
+    (dict(distill=0.5, temperature=0.0), '--temperature 0.0'),
     (dict(sparsity=1.0), 'sparsity 1.0 is not in'),
     (dict(sparsity=-0.1), 'sparsity -0.1 is not in'),
     (dict(method='random'), "--method 'random'"),
@@ -376,6 +398,19 @@ def test_quantizing_a_pruned_checkpoint_keeps_its_zeros(final_path, root, onesho
   assert summary['array_bytes'] < pruned_summary['array_bytes'] * 0.7
   assert summary['dense_float_bytes']['path'] == str(final_path)
   assert summary['dense_float_bytes']['raw'] == storage.directory_bytes(final_path)
+
+
+def test_qat_of_a_pruned_checkpoint_trains_only_its_non_zeros(root, oneshot):
+  pruned_path, _ = oneshot['global']
+  path, summary = compress_jobs.quantize_checkpoint(
+      pruned_path, mode='qat', finetune_epochs=1, models_dir=root / 'qat_chain')
+  floats = _kernels(load_model(pruned_path).variables)
+  codes = _kernels(load_model(path).variables)
+  for name in LAYERS:
+    zero = np.asarray(floats[name]) == 0
+    assert zero.sum() > 0
+    assert np.all(np.asarray(codes[name].value)[zero] == 0), name
+  assert summary['compression']['finetune_epochs'] == 1
 
 
 @pytest.mark.parametrize('kwargs, match', [

@@ -63,6 +63,8 @@ def test_overrides_are_parsed_as_yaml():
     ('compress.prune.method=random', 'compress.prune.method'),
     ('compress.prune.finetune_epochs=0', 'compress.prune.schedule'),
     ('compress.prune.m=2', 'compress.prune.m'),
+    ('compress.prune.distill=1.5', 'compress.prune.distill'),
+    ('compress.prune.distill_temperature=0', 'compress.prune.distill_temperature'),
     ('compress.prune.spars=0.5', 'compress.prune.spars'),
     ('compress.quantize.bits=3', 'compress.quantize.bits'),
     ('compress.quantize.source=pruned_twice', 'compress.quantize.source'),

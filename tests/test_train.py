@@ -13,7 +13,14 @@ from dnnr_jax.errors import DnnrError
 from dnnr_jax.fit import fit
 from dnnr_jax.model import model_from_config
 from dnnr_jax.thresholds import schedule_from_config
-from dnnr_jax.train import create_train_state, evaluate, jit_train_epoch, train_step
+from dnnr_jax.train import (
+    Teacher,
+    batch_sums,
+    create_train_state,
+    evaluate,
+    jit_train_epoch,
+    train_step,
+)
 from tests.conftest import SMOKE_CONFIG, tree_allclose
 
 
@@ -141,3 +148,30 @@ def test_short_real_mnist_run_learns(mnist_dir):
   assert final['test']['n'] == 10000
   assert final['test']['accuracy'] > 0.92
   assert final['train']['loss'] < 0.5
+
+
+def test_distillation_loss(config, digits):
+  state = create_train_state(config, digits.num_features, 10)
+  model = model_from_config(config)
+  images, labels = digits.train.images[:32], digits.train.labels[:32]
+  variables = state.variables
+  plain, plain_sums = batch_sums(model.apply, variables, images, labels)
+  # Weight 0: the labels alone, whatever the teacher says.
+  other = jax.tree.map(lambda leaf: leaf * 0.5, variables)
+  mute = Teacher(other, model.apply, weight=0.0, temperature=2.0)
+  unweighted, sums = batch_sums(model.apply, variables, images, labels, mute)
+  np.testing.assert_allclose(unweighted, plain, rtol=1e-6)
+  tree_allclose(sums, plain_sums, rtol=0, atol=0)  # metrics stay the hard ones
+
+  # Weight 1 with the student as its own teacher: the soft loss is at its
+  # minimum, so its gradient vanishes.
+  def soft_loss(params, teacher):
+    return batch_sums(model.apply, {**variables, 'params': params}, images, labels, teacher)[0]
+
+  itself = Teacher(variables, model.apply, weight=1.0, temperature=3.0)
+  gradients = jax.grad(soft_loss)(variables['params'], itself)
+  assert max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(gradients)) < 1e-5
+  # Against another teacher it pulls the student towards it.
+  elsewhere = Teacher(other, model.apply, weight=1.0, temperature=3.0)
+  gradients = jax.grad(soft_loss)(variables['params'], elsewhere)
+  assert max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(gradients)) > 1e-3

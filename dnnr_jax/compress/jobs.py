@@ -33,13 +33,14 @@ from dnnr_jax.data import Dataset, load_dataset
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.fit import EpochCallback, fit
 from dnnr_jax.model import Dense, model_from_config
-from dnnr_jax.train import evaluate
+from dnnr_jax.train import Teacher, evaluate
 
 
 def prune_checkpoint(
     path: str | os.PathLike, *, method: str = 'global', sparsity: float = 0.9,
     schedule: str = 'oneshot', finetune_epochs: int = 2, n: int = 2, m: int = 4,
-    learning_rate: float | None = None, data_dir=None, models_dir=None, version: str | None = None,
+    learning_rate: float | None = None, distill: float = 0.0, temperature: float = 4.0,
+    data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
     extra_metadata: dict[str, Any] | None = None,
 ) -> tuple[pathlib.Path, dict[str, Any]]:
@@ -56,6 +57,10 @@ def prune_checkpoint(
     finetune_epochs: Adam epochs after (or during) pruning; 0 for none.
     n, m: the N:M pattern.
     learning_rate: fine-tuning's peak learning rate; None keeps the source's.
+    distill: while fine-tuning, this share of the loss distils the source
+      model's outputs softened at `temperature` (see `train.Teacher`); 0 for
+      plain fine-tuning on the labels.
+    temperature: the distillation temperature.
     data_dir, models_dir, version, overwrite, on_epoch, extra_metadata: as
       for training.
 
@@ -68,6 +73,12 @@ def prune_checkpoint(
   prune.check_sparsity(sparsity)
   if finetune_epochs < 0:
     raise DnnrError(f'--finetune-epochs {finetune_epochs} is negative; pass 0 for none.')
+  if not 0 <= distill <= 1:
+    raise DnnrError(f'--distill {distill} is not a share of the loss in [0, 1]; pass e.g. 0.5.')
+  if distill and finetune_epochs < 1:
+    raise DnnrError('--distill acts while fine-tuning: pass --finetune-epochs of at least 1.')
+  if not temperature > 0:
+    raise DnnrError(f'--temperature {temperature} must be a positive number, e.g. 4.')
   if schedule == 'gradual' and (method not in ('global', 'layer') or finetune_epochs < 1):
     raise DnnrError(
         'a gradual schedule prunes during fine-tuning: use --method global or layer '
@@ -83,6 +94,10 @@ def prune_checkpoint(
   settings = {'method': method, 'sparsity': sparsity, 'schedule': schedule,
               'finetune_epochs': finetune_epochs,
               'learning_rate': config.training.learning_rate}
+  if distill:
+    # The source model as it is (dense, float) teaches the pruned one.
+    state_options['teacher'] = Teacher(source.variables, source.model.apply, distill, temperature)
+    settings.update(distill=distill, temperature=temperature)
   if method == 'structured':
     params, model_config, kept = structured.prune_units(params, config.model, sparsity)
     config = config.replace(model=model_config)
@@ -160,8 +175,11 @@ def quantize_checkpoint(
       return model.apply({**variables, 'params': qat.fake_quantize_params(
           variables['params'], bits=bits, per_channel=per_channel)}, inputs)
 
+    # A pruned source keeps its zeros: its exact zeros are its mask.
+    zeros = prune.zero_masks(params)
+    wrap = (lambda tx: gradual.keep_masked(tx, zeros)) if zeros is not None else None
     params = fit(config, dataset, on_epoch=on_epoch, params=params,
-                 apply_fn=fake_quantized_apply).state.params
+                 apply_fn=fake_quantized_apply, wrap_optimizer=wrap).state.params
     settings['finetune_epochs'] = finetune_epochs
   if mode == 'static':
     batch_size = config.training.batch_size

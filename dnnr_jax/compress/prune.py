@@ -242,6 +242,19 @@ def nm_masks(
   return nm_masks_from_scores(selected_scores(params, patterns, score), n, m)
 
 
+def zero_masks(params: Params, patterns: str | Sequence[str] = DEFAULT_PATTERNS) -> Masks | None:
+  """Masks that keep the non-zeros of the selected leaves of already pruned params.
+
+  A leaf without exact zeros gets None (nothing to keep at zero); None when
+  no selected leaf has any, i.e. the params are not pruned.
+  """
+  chosen = select(params, patterns)
+  masks = jax.tree.map(
+      lambda leaf, keep: (leaf != 0) if keep and not bool(jnp.all(leaf != 0)) else None,
+      params, chosen)
+  return None if all(mask is None for mask in jax.tree.leaves(masks, is_leaf=_is_none)) else masks
+
+
 def apply_masks(params: Params, masks: Masks) -> Params:
   """Zeroes (exactly +0.0) the pruned weights; leaves under a `None` mask are untouched."""
   return jax.tree.map(
