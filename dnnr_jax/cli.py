@@ -152,14 +152,15 @@ def _pipeline(args: argparse.Namespace) -> int:
                       'rows': result.report['rows']}))
     return 0
   table = Table(title=f'dnnr pipeline v{args.version}: {result.report_dir}/report.md')
-  for column in ('artifact', 'accuracy', 'deep', 'non-zeros', 'bytes', 'x smaller',
-                 'latency µs', 'samples/s'):
+  table.add_column('artifact', no_wrap=True)
+  for column in ('accuracy', 'nnz', 'bytes', '× smaller', 'µs b=1', 'k/s b=256'):
     table.add_column(column, justify='right')
   for row in result.report['rows']:
     engine = 'jax' if row['format'] == 'orbax' else 'onnxruntime'
-    table.add_row(row['artifact'], f"{row['test_accuracy']:.2%}", f"{row['deep_fraction']:.1%}",
-                  f"{row['nonzeros']:,}", f"{row['bytes']:,}", f"{row['smaller_than_final']:.1f}",
-                  f"{row[engine + '_latency_us']:.1f}", f"{row[engine + '_throughput']:,.0f}")
+    table.add_row(row['artifact'], f"{row['test_accuracy']:.2%}", f"{row['nonzeros']:,}",
+                  f"{row['bytes']:,}", f"{row['smaller_than_final']:.1f}",
+                  f"{row[engine + '_latency_us']:.0f}",
+                  f"{row[engine + '_throughput'] / 1000:,.0f}")
   _stdout.print(table)
   if result.skipped:
     _stdout.print(f"reused: {', '.join(result.skipped)} (pass --force to rebuild)")
@@ -310,7 +311,7 @@ class _StageProgress:
       self._tasks[name] = self._progress.add_task(
           name, total=self._totals.get(name) or 1, status='running')
     elif event == 'skip':
-      self._progress.add_task(name, total=1, completed=1, status='reused')
+      self._progress.add_task(name, total=1, completed=1, status='reused', start=False)
     else:
       task = self._tasks[name]
       self._progress.update(task, completed=self._progress.tasks[task].total, status='done')
