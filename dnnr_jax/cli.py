@@ -242,6 +242,16 @@ def _print_compression(summary: dict[str, Any], as_json: bool) -> int:
   return 0
 
 
+def _stop(progress: Progress, exc_type: Any) -> None:
+  """Ends a progress display; after a bad input only its one-line message stays."""
+  if exc_type is not None and issubclass(exc_type, DnnrError):
+    # No stale bar, no blank line (`Progress.stop` adds one on non-terminals).
+    progress.live.transient = True
+    progress.live.stop()
+  else:
+    progress.stop()
+
+
 class _EpochProgress:
   """A progress bar over epochs that shows the last epoch's metrics."""
 
@@ -258,13 +268,7 @@ class _EpochProgress:
     return self
 
   def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
-    if exc_type is not None and issubclass(exc_type, DnnrError):
-      # A bad input leaves only its one-line message: no stale bar, no blank
-      # line (`Progress.stop` adds one on non-terminals).
-      self._progress.live.transient = True
-      self._progress.live.stop()
-    else:
-      self._progress.stop()
+    _stop(self._progress, exc_type)
 
   def update(self, record: dict[str, Any]) -> None:
     train, test = record['train'], record['test']
@@ -300,11 +304,7 @@ class _StageProgress:
     return self
 
   def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
-    if exc_type is not None and issubclass(exc_type, DnnrError):
-      self._progress.live.transient = True
-      self._progress.live.stop()
-    else:
-      self._progress.stop()
+    _stop(self._progress, exc_type)
 
   def stage(self, name: str, event: str) -> None:
     if event == 'start':

@@ -62,9 +62,9 @@ def inference_function(model: LoadedModel, *, raw_uint8_input: bool = False):
   return raw
 
 
-def default_output(model: LoadedModel) -> pathlib.Path:
+def default_output(checkpoint: pathlib.Path) -> pathlib.Path:
   """`models/final/model_v1.0_final.onnx` beside `models/final/model_v1.0_final`."""
-  return model.path.with_name(model.path.name + '.onnx')
+  return checkpoint.with_name(checkpoint.name + '.onnx')
 
 
 def export_onnx(
@@ -100,7 +100,7 @@ def export_onnx(
   from jax2onnx import to_onnx
 
   model = load_model(path)
-  output = pathlib.Path(output) if output else default_output(model)
+  output = pathlib.Path(output) if output else default_output(model.path)
   if output.suffix != '.onnx':
     raise DnnrError(f'--output {output} does not end in .onnx; name an .onnx file.')
   if output.exists() and not overwrite:

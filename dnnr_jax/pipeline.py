@@ -157,8 +157,7 @@ def run_pipeline(
             extra_metadata=pipeline_metadata('quantized')))
 
   check_inputs = np.asarray(dataset.test.images[:256])
-  onnx_paths = {kind: export.default_output(checkpoint_lib.load_model(paths[kind]))
-                for kind in ARTIFACTS}
+  onnx_paths = {kind: export.default_output(paths[kind]) for kind in ARTIFACTS}
 
   stale = [kind for kind in ARTIFACTS
            if rebuild[kind] or not _onnx_matches(onnx_paths[kind], hashes[kind])]
@@ -180,7 +179,7 @@ def run_pipeline(
   stage('sweep', not rebuild['final'] and _json_hash(sweep_file) == hashes['sweep'], sweep)
 
   on_stage('report', 'start')
-  report = build_report(config, paths, onnx_paths, dataset, report_dir, hashes, data_dir)
+  report = build_report(config, paths, onnx_paths, dataset, report_dir, hashes)
   report['stage_seconds'] = seconds
   report['ran'], report['skipped'] = ran, skipped
   write_report(report, report_dir)
@@ -252,13 +251,13 @@ def _sweep(config: Config, final_path, report_dir, data_dir, on_epoch) -> list[d
   return results
 
 
-def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes,
-                 data_dir=None) -> dict[str, Any]:
+def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes) -> dict[str, Any]:
   """One row per artifact (three checkpoints, three ONNX files), measured now."""
   import onnxruntime
 
-  from dnnr_jax import benchmark, jobs
+  from dnnr_jax import benchmark
   from dnnr_jax.compress import storage
+  from dnnr_jax.train import evaluate
 
   images, labels = (np.asarray(value) for value in dataset.test)
   seconds = config.pipeline.benchmark_seconds
@@ -271,7 +270,9 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes,
   rows = []
   for kind in ARTIFACTS:
     model = models[kind]
-    evaluation = jobs.evaluate_checkpoint(paths[kind], data_dir=data_dir)
+    # What `dnnr evaluate` computes, on the test split already loaded.
+    evaluation = evaluate(model.model, model.variables, dataset.test,
+                          model.config.training.eval_batch_size)
     _, routes = model.predict_with_routes(images)
     counts = _parameter_counts(model.variables['params'])
     raw, packed = storage.directory_bytes(paths[kind]), storage.gzip_bytes(paths[kind])

@@ -42,6 +42,16 @@ def _kernels(variables) -> dict:
   return {name: variables['params'][name]['kernel'] for name in LAYERS}
 
 
+def _assert_zeros_kept(pruned_path, quantized_path) -> None:
+  """Every kernel has pruned zeros, and its codes are zero exactly there."""
+  floats = _kernels(load_model(pruned_path).variables)
+  codes = _kernels(load_model(quantized_path).variables)
+  for name in LAYERS:
+    zero = np.asarray(floats[name]) == 0
+    assert zero.sum() > 0
+    assert np.all(np.asarray(codes[name].value)[zero] == 0), name
+
+
 def _array_bytes(variables) -> int:
   arrays, _ = storage.encode_variables(variables)
   return sum(leaf.nbytes for leaf in jax.tree.leaves(arrays))
@@ -383,12 +393,7 @@ def test_qat_quantization_trains_then_converts(source, quantized):
 def test_quantizing_a_pruned_checkpoint_keeps_its_zeros(final_path, root, oneshot):
   pruned_path, pruned_summary = oneshot['global']
   path, summary = compress_jobs.quantize_checkpoint(pruned_path, models_dir=root / 'chain')
-  floats = _kernels(load_model(pruned_path).variables)
-  codes = _kernels(load_model(path).variables)
-  for name in LAYERS:
-    zero = np.asarray(floats[name]) == 0
-    assert zero.sum() > 0
-    assert np.all(np.asarray(codes[name].value)[zero] == 0), name
+  _assert_zeros_kept(pruned_path, path)
   assert summary['source']['path'] == str(pruned_path)
   assert summary['source']['kind'] == 'pruned'
   assert summary['source_bytes'] == pruned_summary['bytes']
@@ -404,12 +409,7 @@ def test_qat_of_a_pruned_checkpoint_trains_only_its_non_zeros(root, oneshot):
   pruned_path, _ = oneshot['global']
   path, summary = compress_jobs.quantize_checkpoint(
       pruned_path, mode='qat', finetune_epochs=1, models_dir=root / 'qat_chain')
-  floats = _kernels(load_model(pruned_path).variables)
-  codes = _kernels(load_model(path).variables)
-  for name in LAYERS:
-    zero = np.asarray(floats[name]) == 0
-    assert zero.sum() > 0
-    assert np.all(np.asarray(codes[name].value)[zero] == 0), name
+  _assert_zeros_kept(pruned_path, path)
   assert summary['compression']['finetune_epochs'] == 1
 
 
