@@ -37,7 +37,11 @@ from dnnr_jax.errors import CheckpointError, ConfigError
 from dnnr_jax.model import DynamicMLP, model_from_config
 
 FORMAT = 'dnnr_jax'
-FORMAT_VERSION = 2  # 2: arrays packed into one blob per dtype (compress.storage)
+# 2: arrays packed into one blob per dtype (compress.storage); 3: float32
+# arrays that float16 holds exactly may be stored as float16. Format 2 reads
+# the same way, so both are read.
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (2, 3)
 KINDS = {
     'final': ('final', 'model_v{version}_final'),
     'pruned': ('pruned', 'pruned_model_v{version}'),
@@ -169,10 +173,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         f'{path} is an Orbax checkpoint but not a dnnr_jax model (no '
         f"'format: {FORMAT}' in its metadata); pass a checkpoint written by "
         'dnnr.')
-  if metadata.get('format_version') != FORMAT_VERSION:
+  if metadata.get('format_version') not in READABLE_FORMAT_VERSIONS:
     raise CheckpointError(
         f"{path} has checkpoint format {metadata.get('format_version')}, this dnnr_jax "
-        f'reads format {FORMAT_VERSION}; write it again with this version.')
+        f'reads formats {", ".join(map(str, READABLE_FORMAT_VERSIONS))}; write it again '
+        'with this version.')
   return metadata
 
 

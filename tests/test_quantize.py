@@ -53,8 +53,41 @@ def test_symmetric_uses_the_whole_code_range(bits):
   q = q_lib.quantize(w, bits=bits, axis=-1)
   qmax = 2 ** (bits - 1) - 1
   np.testing.assert_array_equal(np.asarray(q.value)[0], [-qmax, qmax])
-  np.testing.assert_allclose(np.asarray(q.scale), [[2.0 / qmax, 0.5 / qmax]])
+  # max|w| / qmax, raised to the next float16 value.
+  exact = np.array([[2.0 / qmax, 0.5 / qmax]], np.float32)
+  scale = np.asarray(q.scale)
+  assert np.all(scale >= exact) and np.all(scale <= exact * (1 + 2**-10))
+  np.testing.assert_array_equal(scale.astype(np.float16).astype(np.float32), scale)
   assert q.axis == 1 and q.zero_point is None
+
+
+@settings(deadline=None)
+@given(x=hnp.arrays(np.float32, 64,
+                    elements=st.floats(-1e6, 1e6, width=32, allow_subnormal=False)))
+def test_float16_ceil_is_the_least_float16_value_not_below(x):
+  up = np.asarray(q_lib.float16_ceil(x))
+  finfo = np.finfo(np.float16)
+  in_range = (np.abs(x) >= finfo.tiny) & (np.abs(x) < finfo.max)
+  np.testing.assert_array_equal(up[~in_range], x[~in_range])
+  x, up = x[in_range], up[in_range]
+  assert np.all(up >= x)
+  np.testing.assert_array_equal(up.astype(np.float16).astype(np.float32), up)
+  below = np.nextafter(up.astype(np.float16), np.float16(-np.inf)).astype(np.float32)
+  assert np.all(below < x)
+
+
+def test_float16_round_rounds_float_leaves_and_keeps_qarrays():
+  w = np.array([[0.3, -1.7], [2.2, 0.05]], np.float32)
+  tree = {'dense': {'kernel': q_lib.quantize(w, bits=4),
+                    'bias': np.array([0.1, 1e-9, 7e5, 0.0], np.float32)},
+          'count': np.arange(3, dtype=np.int32)}
+  rounded = q_lib.float16_round(tree)
+  bias = np.asarray(rounded['dense']['bias'])
+  # 0.1 becomes its float16 value; 1e-9 and 7e5 (outside float16) stay.
+  np.testing.assert_array_equal(
+      bias, np.array([np.float16(0.1), 1e-9, 7e5, 0.0], np.float32))
+  assert rounded['dense']['kernel'] is tree['dense']['kernel']
+  assert rounded['count'] is tree['count']
 
 
 def test_asymmetric_keeps_zero_exact_and_spans_the_range():

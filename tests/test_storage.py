@@ -147,6 +147,24 @@ def test_arrays_are_packed_into_one_blob_per_dtype():
   variables = _variables()
   variables['params'] = quantize_params(variables['params'], bits=8)
   blobs, layout = storage.encode_variables(variables)
-  assert sorted(blobs) == ['float32', 'int8', 'uint8']
+  # The float16-exact scales, zero biases and thresholds share one float16 blob.
+  assert sorted(blobs) == ['float16', 'int8', 'uint8']
   assert all(blob.ndim == 1 for blob in blobs.values())
   assert len(layout) == 13  # 5 kernels, 5 biases, 3 thresholds
+
+
+def test_float32_arrays_float16_holds_are_stored_in_two_bytes_exactly():
+  from dnnr_jax.compress.quantize import float16_round
+
+  rng = np.random.default_rng(0)
+  variables = {'exact': np.asarray(float16_round(rng.normal(size=(16,)).astype(np.float32))),
+               'inexact': (rng.normal(size=(16,)) * np.pi).astype(np.float32),
+               'nan': np.array([0.5, np.nan], np.float32)}
+  blobs, layout = storage.encode_variables(variables)
+  assert layout['exact']['arrays']['dense'][1] == 'float16'
+  assert layout['inexact']['arrays']['dense'][1] == 'float32'
+  assert layout['nan']['arrays']['dense'][1] == 'float32'
+  decoded = storage.decode_variables(blobs, layout)
+  for name, array in variables.items():
+    assert decoded[name].dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(decoded[name]), array)

@@ -137,6 +137,9 @@ def quantize_checkpoint(
 ) -> tuple[pathlib.Path, dict[str, Any]]:
   """Quantizes a checkpoint's kernels; writes `<models>/quantized/quantized_model_v{version}`.
 
+  The weight scales and the biases are rounded to float16 values (the scales
+  upwards), so each is stored in two bytes, exactly.
+
   Args:
     path: the source checkpoint (final or pruned; pruned zeros stay zero).
     mode: 'weight_only' (integer weights, float compute), 'dynamic' (integer
@@ -203,7 +206,11 @@ def quantize_checkpoint(
         'ranges': {name: [float(value.minimum), float(value.maximum)]
                    for name, value in ranges.items()}}
   # For QAT, `convert` is this call: the weights land on the trained grid.
-  variables['params'] = qat.convert(params, bits=bits, per_channel=per_channel)
+  # The biases are rounded to float16 values, as the weight scales are: each
+  # is then two bytes on disk, and moves by at most 2**-11 of itself.
+  variables['params'] = quantize.float16_round(
+      qat.convert(params, bits=bits, per_channel=per_channel))
+  settings['bias_precision'] = 'float16'
   return _finish(source, out_path, 'quantized', version, config, variables, dataset,
                  settings, overwrite=overwrite, quantization={'mode': mode, 'bits': bits},
                  extra_metadata=extra_metadata)

@@ -9,7 +9,9 @@ instead of 4·n; for int8 weights (1 + 1)·(1 − s)·n.
 
 `encode_sparse` and `decode_sparse` are exact inverses for any array;
 `encode_variables` picks the smallest encoding of every leaf of a variables
-pytree (QArrays included) and `decode_variables` restores it exactly.
+pytree (QArrays included) and `decode_variables` restores it exactly. A
+float32 array whose every value float16 holds exactly (quantization scales
+and the biases of quantized models are rounded so) is stored as float16.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def encode_variables(variables: Any) -> tuple[dict[str, Any], dict[str, dict[str
     else:
       entry, spec = _encode_dense_or_sparse(np.asarray(leaf))
     for name, array in entry.items():
+      array = _narrowed(array)
       parts = blobs.setdefault(array.dtype.name, [])
       offset = sum(part.size for part in parts)
       spec['arrays'][name] = [list(array.shape), array.dtype.name, offset]
@@ -162,16 +165,25 @@ def decode_variables(blobs: dict[str, Any], layout: dict[str, dict[str, Any]]) -
     elif spec['encoding'] == 'int4':
       value = np.asarray(quantize.unpack_int4(entry['packed'], shape))
     else:
-      value = np.asarray(entry['dense'])
+      value = np.asarray(entry['dense'], dtype)
     if spec['kind'] == 'qarray':
       value = quantize.QArray(
-          jnp.asarray(value), jnp.asarray(entry['scale']),
+          jnp.asarray(value), jnp.asarray(entry['scale'], jnp.float32),
           jnp.asarray(entry['zero_point']) if 'zero_point' in entry else None,
           bits=spec['bits'], axis=spec['axis'], symmetric=spec['symmetric'])
     else:
       value = jnp.asarray(value)
     _put(variables, path, value)
   return variables
+
+
+def _narrowed(array: np.ndarray) -> np.ndarray:
+  """float16 if that holds every value of a float32 array exactly, else the array."""
+  if array.dtype == np.float32 and array.size:
+    half = array.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), array):  # NaN is never equal: kept.
+      return half
+  return array
 
 
 def _put(tree: dict[str, Any], path: str, value: Any) -> None:
