@@ -30,7 +30,7 @@ from dnnr_jax.config import Config
 from dnnr_jax.data import Dataset
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.fit import fit
-from dnnr_jax.train import create_train_state, jit_train_epoch
+from dnnr_jax.train import create_train_state, jit_train_epoch, train_step
 
 
 def machine() -> dict[str, Any]:
@@ -53,6 +53,31 @@ def machine() -> dict[str, Any]:
   }
 
 
+def matmul_gflops(size: int = 1024, seconds: float = 1.0) -> float:
+  """The default device's float32 matmul rate, GFLOP/s, on [size, size] operands.
+
+  The best a training step can do is its FLOPs at this rate: it bounds the
+  samples/s that any implementation reaches on this machine.
+  """
+  operands = jax.random.normal(jax.random.PRNGKey(0), (2, size, size), np.float32)
+  multiply = jax.jit(lambda pair: pair[0] @ pair[1])
+  multiply(operands).block_until_ready()
+  calls, start = 0, time.perf_counter()
+  while (elapsed := time.perf_counter() - start) < seconds or calls < 3:
+    multiply(operands).block_until_ready()
+    calls += 1
+  return 2 * size**3 * calls / elapsed / 1e9
+
+
+def step_flops(state, batch_size: int, num_features: int) -> float:
+  """FLOPs of one compiled `train_step` at this batch size (XLA's cost analysis)."""
+  batch = (jax.ShapeDtypeStruct((batch_size, num_features), np.float32),
+           jax.ShapeDtypeStruct((batch_size,), np.int32))
+  cost = jax.jit(train_step).lower(state, batch).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get('flops', float('nan')))
+
+
 def training_throughput(
     config: Config,
     dataset: Dataset,
@@ -71,7 +96,8 @@ def training_throughput(
   Returns:
     One record per batch size: 'batch_size', 'samples_per_second' (median),
     'min', 'max', 'compile_seconds' (the first epoch, compilation included),
-    'epoch_seconds' (median), 'samples_per_epoch'.
+    'epoch_seconds' (median), 'samples_per_epoch', 'flops_per_sample' (of
+    one step, per example) and 'gflops' (the rate those FLOPs ran at).
   """
   results = []
   for batch_size in batch_sizes:
@@ -92,6 +118,7 @@ def training_throughput(
       seconds.append(time.perf_counter() - start)
     samples = steps * batch_size
     rates = [samples / value for value in seconds]
+    flops = step_flops(state, batch_size, dataset.num_features) / batch_size
     results.append({
         'batch_size': batch_size,
         'samples_per_second': samples / statistics.median(seconds),
@@ -100,6 +127,8 @@ def training_throughput(
         'compile_seconds': compile_seconds,
         'epoch_seconds': statistics.median(seconds),
         'samples_per_epoch': samples,
+        'flops_per_sample': flops,
+        'gflops': flops * samples / statistics.median(seconds) / 1e9,
         'routing': sized.routing.mode,
     })
   return results
@@ -136,6 +165,7 @@ def run_suite(
   results: dict[str, Any] = {'machine': machine(), 'dataset': dataset.name,
                              'training': [], 'inference': []}
   if training:
+    results['machine']['matmul_gflops'] = matmul_gflops()
     for mode in routing_modes or [config.routing.mode]:
       routed = config.replace(routing=RoutingConfig(mode=mode))
       results['training'] += training_throughput(routed, dataset, batch_sizes, repeats)

@@ -189,12 +189,20 @@ def _benchmark(args: argparse.Namespace) -> int:
                 f"{machine['backend']}: {', '.join(machine['devices'])}")
   if results['training']:
     table = Table(title='Training throughput (samples/s after compilation, median)')
-    for column in ('routing', 'batch', 'samples/s', 'min', 'max', 'compile s'):
+    for column in ('routing', 'batch', 'samples/s', 'min', 'max', 'MFLOP/sample', 'GFLOP/s',
+                   'compile s'):
       table.add_column(column, justify='right')
     for row in results['training']:
       table.add_row(row['routing'], str(row['batch_size']), f"{row['samples_per_second']:,.0f}",
-                    f"{row['min']:,.0f}", f"{row['max']:,.0f}", f"{row['compile_seconds']:.2f}")
+                    f"{row['min']:,.0f}", f"{row['max']:,.0f}",
+                    f"{row['flops_per_sample'] / 1e6:.2f}", f"{row['gflops']:.1f}",
+                    f"{row['compile_seconds']:.2f}")
     _stdout.print(table)
+    peak = machine['matmul_gflops']
+    fastest = min(row['flops_per_sample'] for row in results['training'])
+    _stdout.print(f'float32 matmul on this device: {peak:.1f} GFLOP/s, so at most '
+                  f'{peak * 1e9 / fastest:,.0f} training samples/s at '
+                  f'{fastest / 1e6:.2f} MFLOP per sample')
   if results['inference']:
     table = Table(title='Inference (median; latency at batch 1, throughput at batch 256)')
     for column in ('model', 'engine', 'latency µs', 'samples/s'):

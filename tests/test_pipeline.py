@@ -135,7 +135,16 @@ def test_benchmark_command_times_training_and_every_engine(first_run):
       '--batch-sizes', '32', '--repeats', '1', '--models', final, quantized_onnx,
       '--seconds', '0.05', '--json'))
   assert [row['batch_size'] for row in results['training']] == [32]
-  assert results['training'][0]['samples_per_second'] > 0
+  training = results['training'][0]
+  assert training['samples_per_second'] > 0
+  # XLA's count for one step of the smoke model (64-32-32, 16-wide paths, 10
+  # classes), per example: at least the forward matmuls and the weight
+  # gradients, 2 x 2 FLOPs per multiply-add.
+  macs = 64 * 32 + 32 * 32 + 32 * 16 * 2 + 16 * 10
+  assert training['flops_per_sample'] >= 4 * macs
+  assert training['gflops'] == pytest.approx(
+      training['flops_per_sample'] * training['samples_per_second'] / 1e9)
+  assert results['machine']['matmul_gflops'] > 0
   assert [(row['model'], row['engine']) for row in results['inference']] == [
       ('model_v1.0_final', 'jax'), ('model_v1.0_final.onnx', 'onnxruntime'),
       ('quantized_model_v1.0.onnx', 'onnxruntime')]
