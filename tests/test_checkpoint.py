@@ -116,6 +116,22 @@ def test_save_checkpoint_round_trip_and_predict(tmp_path, trained, config, digit
   np.testing.assert_allclose(single[0], logits[3], rtol=1e-6, atol=1e-6)
 
 
+def test_a_format_2_checkpoint_still_loads(tmp_path, trained, monkeypatch):
+  from dnnr_jax.compress import storage
+
+  variables = checkpoint.load_model(trained.path).variables
+  with monkeypatch.context() as patch:
+    # Format 2 stored every float32 array as float32.
+    patch.setattr(storage, '_narrowed', lambda array: array)
+    path = checkpoint.save_checkpoint(
+        tmp_path / 'format2', variables, {**checkpoint.read_metadata(trained.path)})
+  target = path / 'metadata' / 'metadata'
+  metadata = json.loads(target.read_text())
+  assert 'float16' not in json.dumps(metadata['layout'])
+  target.write_text(json.dumps({**metadata, 'format_version': 2}))
+  tree_allclose(checkpoint.load_model(path).variables, variables, rtol=0, atol=0)
+
+
 # Versions and names.
 
 
