@@ -51,7 +51,11 @@ class _NodeRewritePass(ir.passes.InPlacePass):
 
 
 class IntegerMatMulPass(_NodeRewritePass):
-  """`MatMul(Cast<int32>(a8), Cast<int32>(b8))` -> `MatMulInteger(a8, b8)`."""
+  """`MatMul(Cast<int32>(a8), Cast<int32>(b8))` -> `MatMulInteger(a8, b8)`.
+
+  Activations are shifted to uint8 (u8s8, onnxruntime's fast kernel) only
+  where that is exact on every CPU (see `_u8s8_exact`).
+  """
   op_type = 'MatMul'
 
   def rewrite(self, node: ir.Node) -> bool:
@@ -59,9 +63,11 @@ class IntegerMatMulPass(_NodeRewritePass):
     if None in sources:
       return False
     activations, weights = sources
+    if activations.dtype == ir.DataType.UINT8 and not _u8s8_exact(weights):
+      return False  # The int32 MatMul stays: slow, but exact.
     new_nodes = []
-    if activations.dtype == ir.DataType.INT8:
-      # onnxruntime's int8 GEMM wants uint8 activations (u8s8, VNNI):
+    if activations.dtype == ir.DataType.INT8 and _u8s8_exact(weights):
+      # onnxruntime's fast int8 GEMM wants uint8 activations (u8s8):
       # a + 128 with zero point 128 gives the same int32 products.
       activations, zero_point = _shift_to_uint8(node, activations, new_nodes)
     else:
@@ -268,6 +274,19 @@ def _int8_source(value: ir.Value | None) -> ir.Value | None:
     return None
   source = node.inputs[0]
   return source if source.dtype in _INT8 else None
+
+
+def _u8s8_exact(weights: ir.Value) -> bool:
+  """Whether uint8 activations times these int8 weights are exact on every CPU.
+
+  Without VNNI (AVX2 alone), onnxruntime's u8s8 kernel adds pairs of
+  uint8 x int8 products in int16 (`vpmaddubsw`), which saturates: with
+  activations up to 255 a pair stays within 32767 only while every |weight|
+  <= 64. 4-bit codes (|w| <= 7) always pass; full 8-bit codes keep s8s8,
+  which is exact everywhere.
+  """
+  values = _constant_value(weights)
+  return values is not None and int(np.max(np.abs(values.astype(np.int32)), initial=0)) <= 64
 
 
 def _shift_to_uint8(node, codes, new_nodes):

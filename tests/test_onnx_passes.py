@@ -27,9 +27,10 @@ def _operators(model):
   return collections.Counter(node.op_type for node in model.graph.node)
 
 
-def _int8_matmul_model(activation_type):
+def _int8_matmul_model(activation_type, max_weight=127):
   rng = np.random.default_rng(0)
-  weights = rng.integers(-127, 128, size=(6, 3)).astype(np.int8)
+  weights = rng.integers(-max_weight, max_weight + 1, size=(6, 3)).astype(np.int8)
+  weights[:2] = max_weight  # 255 * 127 * 2 saturates int16: AVX2's u8s8 pairs would
   nodes = [
       helper.make_node('Cast', ['x'], ['codes'], to=activation_type),
       helper.make_node('Cast', ['codes'], ['a32'], to=TensorProto.INT32),
@@ -42,16 +43,33 @@ def _int8_matmul_model(activation_type):
       [numpy_helper.from_array(weights, 'w')])
 
 
-@pytest.mark.parametrize('activation_type', [TensorProto.INT8, TensorProto.UINT8])
-def test_integer_matmul_becomes_matmul_integer_with_equal_results(activation_type):
-  model = _int8_matmul_model(activation_type)
+@pytest.mark.parametrize('activation_type, max_weight, expected', [
+    (TensorProto.INT8, 7, 'u8s8'),  # shifted to uint8: 4-bit weights never saturate
+    (TensorProto.INT8, 64, 'u8s8'),
+    (TensorProto.INT8, 127, 's8s8'),  # 8-bit weights: shifting could saturate on AVX2
+    (TensorProto.UINT8, 7, 'u8s8'),
+    (TensorProto.UINT8, 127, 'int32'),  # no exact MatMulInteger: the MatMul stays
+])
+def test_integer_matmul_becomes_matmul_integer_with_equal_results(
+    activation_type, max_weight, expected):
+  model = _int8_matmul_model(activation_type, max_weight)
   low, high = (-128, 127) if activation_type == TensorProto.INT8 else (0, 255)
   x = np.random.default_rng(1).integers(low, high + 1, size=(9, 6)).astype(np.float32)
   x[0] = low
   x[1] = high  # both ends of the code range survive the uint8 shift
+  x[2, :2] = -128 if activation_type == TensorProto.INT8 else 255  # the saturating pair
   optimized = onnx_passes.optimize(model)
   onnx.checker.check_model(optimized, full_check=True)
-  assert _operators(optimized)['MatMulInteger'] == 1 and _operators(optimized)['MatMul'] == 0
+  operators = _operators(optimized)
+  if expected == 'int32':
+    assert operators['MatMulInteger'] == 0 and operators['MatMul'] == 1
+  else:
+    assert operators['MatMulInteger'] == 1 and operators['MatMul'] == 0
+    integer = next(node for node in optimized.graph.node if node.op_type == 'MatMulInteger')
+    # int8 activations shifted to uint8 come with the zero point 128; s8s8 and
+    # activations that were uint8 already have none.
+    shifted = activation_type == TensorProto.INT8 and expected == 'u8s8'
+    assert (len(integer.input) == 3) == shifted
   np.testing.assert_array_equal(_run(optimized, x=x)[0], _run(model, x=x)[0])
   # The weights stay the int8 initializer; no int32 copy is kept.
   assert [t.data_type for t in optimized.graph.initializer
