@@ -15,6 +15,7 @@ or with dequantized weights when the model is `weight_only`.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -155,8 +156,13 @@ def init_variables(
   Returns:
     `{'params': ..., 'thresholds': ...}`.
   """
-  variables = model.init(rng, jnp.zeros((1, num_features), jnp.float32))
-  variables = dict(variables)
+  variables = dict(_init(model, rng, num_features))
   if thresholds is not None:
     variables['thresholds'] = dict(thresholds)
   return variables
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'num_features'))
+def _init(model: DynamicMLP, rng: jax.Array, num_features: int) -> dict:
+  # One compiled program: run eagerly, every initialiser compiles per shape.
+  return model.init(rng, jnp.zeros((1, num_features), jnp.float32))

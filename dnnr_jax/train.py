@@ -100,16 +100,19 @@ def create_train_state(
   model = model_from_config(config)
   init_key, shuffle_key = jax.random.split(
       jax.random.PRNGKey(config.training.seed))
-  schedule = schedule_from_config(config)
-  variables = init_variables(model, init_key, num_features, schedule(0))
+  thresholds = schedule_from_config(config)(0)
+  if params is None:
+    params = init_variables(model, init_key, num_features, thresholds)['params']
+  else:
+    # A copy: the jitted epoch donates the state's buffers, and the caller
+    # may still use its params (a source checkpoint, say).
+    params = jax.tree.map(jnp.array, params)
   tx = make_optimizer(config, steps_per_epoch)
   state = TrainState.create(
       apply_fn=apply_fn or model.apply,
-      # A copy: the jitted epoch donates the state's buffers, and the caller
-      # may still use its params (a source checkpoint, say).
-      params=variables['params'] if params is None else jax.tree.map(jnp.array, params),
+      params=params,
       tx=wrap_optimizer(tx) if wrap_optimizer else tx,
-      thresholds=variables['thresholds'],
+      thresholds=thresholds,
       epoch=jnp.zeros((), jnp.int32),
       rng=shuffle_key,
       # Copied for the same reason as the params.
