@@ -18,6 +18,7 @@ within a tolerance, identical argmax and identical routes. A mismatch raises
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pathlib
@@ -116,9 +117,10 @@ def export_onnx(
   batch = jax.export.symbolic_shape('B')[0]
   input_spec = (jax.ShapeDtypeStruct((batch, side, side), jnp.uint8) if raw_uint8_input
                 else jax.ShapeDtypeStruct((batch, model.num_features), jnp.float32))
-  onnx_model = to_onnx(function, inputs=[input_spec], model_name=model.path.name,
-                       opset=OPSET, input_names=['input'],
-                       output_names=['logits', 'deep_path'])
+  with _jax_and_flax_plugins_only():
+    onnx_model = to_onnx(function, inputs=[input_spec], model_name=model.path.name,
+                         opset=OPSET, input_names=['input'],
+                         output_names=['logits', 'deep_path'])
   onnx_model = onnx_passes.optimize(onnx_model)
   onnx.checker.check_model(onnx_model, full_check=True)
   integer = _compute_kind(model) == 'integer'
@@ -147,6 +149,35 @@ def _compute_kind(model: LoadedModel) -> str:
   if quantization and quantization.get('mode') != 'weight_only':
     return 'integer'
   return 'float'
+
+
+@contextlib.contextmanager
+def _jax_and_flax_plugins_only():
+  """Lets jax2onnx load only its JAX and Flax plugins for one conversion.
+
+  A process's first `to_onnx` imports every plugin jax2onnx ships, and its
+  Equinox plugins build and compile example modules as they are imported:
+  about 9 of the 10 s that first call took here. The graphs exported here
+  need only JAX and Flax primitives (and every export is checked in
+  onnxruntime, so a missing one would fail loudly). Afterwards jax2onnx is
+  left to import the rest on its next conversion, so other users of it in
+  the same process see no difference. With a jax2onnx whose plugin loader
+  is not the one this was written against, it does nothing.
+  """
+  from jax2onnx.plugins import plugin_system
+
+  loader = getattr(plugin_system, '_import_tree', None)
+  if loader is None or getattr(plugin_system, '_already_imported_plugins', None) is not False:
+    yield
+    return
+  root = pathlib.Path(plugin_system.__file__).parent
+  for tree in ('jax', 'flax'):
+    loader(root / tree, f'jax2onnx.plugins.{tree}')
+  plugin_system._already_imported_plugins = True
+  try:
+    yield
+  finally:
+    plugin_system._already_imported_plugins = False
 
 
 def check_against_jax(serialized: bytes, function, inputs: np.ndarray,

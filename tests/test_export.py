@@ -156,3 +156,21 @@ def test_cli_export(checkpoints, tmp_path):
   refused = run(sys.executable, '-m', 'dnnr_jax', 'export', checkpoints['int8'],
                 '--output', output)
   assert refused.returncode == 2 and 'already exists' in refused.stderr
+
+
+def test_conversion_loads_only_jax_and_flax_plugins_then_restores_jax2onnx(monkeypatch):
+  from jax2onnx.plugins import plugin_system
+
+  trees = []
+  monkeypatch.setattr(plugin_system, '_import_tree', lambda root, prefix: trees.append(prefix))
+  monkeypatch.setattr(plugin_system, '_already_imported_plugins', False)
+  with export._jax_and_flax_plugins_only():
+    assert plugin_system._already_imported_plugins  # to_onnx imports nothing more
+  assert trees == ['jax2onnx.plugins.jax', 'jax2onnx.plugins.flax']
+  # The next conversion, ours or anyone's, lets jax2onnx import everything.
+  assert plugin_system._already_imported_plugins is False
+  # Once jax2onnx has imported everything itself, it is left alone.
+  monkeypatch.setattr(plugin_system, '_already_imported_plugins', True)
+  with export._jax_and_flax_plugins_only():
+    pass
+  assert trees == ['jax2onnx.plugins.jax', 'jax2onnx.plugins.flax']
