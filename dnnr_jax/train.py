@@ -102,7 +102,7 @@ def create_train_state(
       jax.random.PRNGKey(config.training.seed))
   thresholds = schedule_from_config(config)(0)
   if params is None:
-    params = init_variables(model, init_key, num_features, thresholds)['params']
+    params = init_variables(model, init_key, num_features)['params']
   else:
     # A copy: the jitted epoch donates the state's buffers, and the caller
     # may still use its params (a source checkpoint, say).

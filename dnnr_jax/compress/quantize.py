@@ -110,9 +110,7 @@ def float16_ceil(x: jax.Array) -> jax.Array:
   half = x.astype(jnp.float16)
   up = jnp.where(half.astype(jnp.float32) < x,
                  jnp.nextafter(half, jnp.asarray(np.inf, jnp.float16)), half)
-  finfo = np.finfo(np.float16)
-  representable = (jnp.abs(x) >= finfo.tiny) & (jnp.abs(x) < finfo.max)
-  return jnp.where(representable & jnp.isfinite(up), up.astype(jnp.float32), x)
+  return jnp.where(_float16_normal(x) & jnp.isfinite(up), up.astype(jnp.float32), x)
 
 
 def float16_round(tree: Any) -> Any:
@@ -121,16 +119,19 @@ def float16_round(tree: Any) -> Any:
 
   The quantized jobs store biases this way: two bytes each on disk, exact.
   """
-  finfo = np.finfo(np.float16)
-
   def round_leaf(leaf):
-    if _is_qarray(leaf) or jnp.asarray(leaf).dtype != jnp.float32:
+    if _is_qarray(leaf) or np.result_type(leaf) != np.float32:
       return leaf
     half = jnp.asarray(leaf).astype(jnp.float16).astype(jnp.float32)
-    representable = (jnp.abs(leaf) >= finfo.tiny) & (jnp.abs(leaf) < finfo.max)
-    return jnp.where(representable | (leaf == 0), half, leaf)
+    return jnp.where(_float16_normal(leaf), half, leaf)
 
   return jax.tree.map(round_leaf, tree, is_leaf=_is_qarray)
+
+
+def _float16_normal(x: jax.Array) -> jax.Array:
+  """Where |x| lies in float16's normal range, so float16 rounds it to nearby."""
+  finfo = np.finfo(np.float16)
+  return (jnp.abs(x) >= finfo.tiny) & (jnp.abs(x) < finfo.max)
 
 
 def dequantize(q: QArray) -> jax.Array:
