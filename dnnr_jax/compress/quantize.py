@@ -120,7 +120,7 @@ def float16_round(tree: Any) -> Any:
   The quantized jobs store biases this way: two bytes each on disk, exact.
   """
   def round_leaf(leaf):
-    if _is_qarray(leaf) or np.result_type(leaf) != np.float32:
+    if _is_qarray(leaf) or getattr(leaf, 'dtype', None) != np.float32:
       return leaf
     half = jnp.asarray(leaf).astype(jnp.float16).astype(jnp.float32)
     return jnp.where(_float16_normal(leaf), half, leaf)
