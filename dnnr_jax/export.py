@@ -123,6 +123,10 @@ def export_onnx(
                          output_names=['logits', 'deep_path'])
   onnx_model = onnx_passes.optimize(onnx_model)
   onnx.checker.check_model(onnx_model, full_check=True)
+  # Checked once more without shape inference, which mistypes a Cast of a
+  # sparse initializer; onnxruntime runs it below.
+  onnx_model = onnx_passes.sparse_initializers(onnx_model)
+  onnx.checker.check_model(onnx_model)
   integer = _compute_kind(model) == 'integer'
   _set_metadata(onnx_model, model, raw_uint8_input, extra_metadata or {})
   if check_inputs is None:
