@@ -80,7 +80,7 @@ def _prune(args: argparse.Namespace) -> int:
         args.model_path, method=args.method, sparsity=args.sparsity,
         schedule=args.schedule, finetune_epochs=args.finetune_epochs, n=args.n, m=args.m,
         learning_rate=args.learning_rate, distill=args.distill, temperature=args.temperature,
-        data_dir=args.data_dir, models_dir=args.models_dir,
+        seed=args.seed, data_dir=args.data_dir, models_dir=args.models_dir,
         version=args.version,
         overwrite=args.overwrite, on_epoch=progress.update)
   return _print_compression(summary, args.json)
@@ -95,7 +95,8 @@ def _quantize(args: argparse.Namespace) -> int:
         args.model_path, mode=args.mode, bits=args.bits,
         per_channel=not args.per_tensor, calibration_batches=args.calibration_batches,
         calibration_method=args.calibration_method, finetune_epochs=args.finetune_epochs,
-        learning_rate=args.learning_rate, data_dir=args.data_dir, models_dir=args.models_dir,
+        learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
+        models_dir=args.models_dir,
         version=args.version,
         overwrite=args.overwrite, on_epoch=progress.update)
   return _print_compression(summary, args.json)
@@ -456,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--learning-rate', type=float,
                       help="fine-tuning's peak learning rate (default: the source's)")
+  parser.add_argument('--seed', type=int,
+                      help="fine-tuning's shuffling seed (default: the source's training.seed)")
   parser.add_argument('--data-dir', help='directory with the MNIST IDX files')
   parser.add_argument('--models-dir', help="default: the source checkpoint's models folder")
   parser.add_argument('--version', help='MAJOR.MINOR (default: the next free one)')

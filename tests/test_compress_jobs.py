@@ -29,6 +29,8 @@ PRUNE_RUNS = {
                     learning_rate=0.002),
     'distilled': dict(method='global', schedule='gradual', sparsity=0.9, finetune_epochs=2,
                       learning_rate=0.002, distill=0.5, temperature=3.0),
+    'reseeded': dict(method='global', schedule='gradual', sparsity=0.9, finetune_epochs=2,
+                     learning_rate=0.002, seed=7),
 }
 QUANTIZE_RUNS = {
     'dynamic': dict(mode='dynamic', bits=8),
@@ -265,8 +267,18 @@ def test_distilled_prune_records_its_teacher_and_keeps_the_mask(pruned, source):
   assert summary['metrics']['test']['accuracy'] > 0.5
 
 
+def test_a_fine_tuning_seed_reshuffles_and_is_recorded(pruned, source):
+  _, default, default_model = pruned('gradual')
+  _, summary, loaded = pruned('reseeded')
+  assert default['config']['training']['seed'] == source.config.training.seed != 7
+  assert summary['config']['training']['seed'] == 7
+  assert not np.allclose(_kernels(loaded.variables)['head'],
+                         _kernels(default_model.variables)['head'])
+
+
 @pytest.mark.parametrize('kwargs, match', [
     (dict(distill=1.5), '--distill 1.5'),
+    (dict(seed=-1), '--seed -1 is not a non-negative integer'),
     (dict(distill=0.5, finetune_epochs=0), '--distill acts while fine-tuning'),
     (dict(distill=0.5, temperature=0.0), '--temperature 0.0'),
     (dict(sparsity=1.0), 'sparsity 1.0 is not in'),

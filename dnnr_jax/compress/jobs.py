@@ -40,7 +40,7 @@ def prune_checkpoint(
     path: str | os.PathLike, *, method: str = 'global', sparsity: float = 0.9,
     schedule: str = 'oneshot', finetune_epochs: int = 2, n: int = 2, m: int = 4,
     learning_rate: float | None = None, distill: float = 0.0, temperature: float = 4.0,
-    data_dir=None, models_dir=None, version: str | None = None,
+    seed: int | None = None, data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
     extra_metadata: dict[str, Any] | None = None,
 ) -> tuple[pathlib.Path, dict[str, Any]]:
@@ -61,6 +61,7 @@ def prune_checkpoint(
       model's outputs softened at `temperature` (see `train.Teacher`); 0 for
       plain fine-tuning on the labels.
     temperature: the distillation temperature.
+    seed: fine-tuning's shuffling seed; None keeps the source's training.seed.
     data_dir, models_dir, version, overwrite, on_epoch, extra_metadata: as
       for training.
 
@@ -88,7 +89,7 @@ def prune_checkpoint(
     raise DnnrError(f'{source.path} is quantized; prune a final or pruned model, '
                     'then quantize the result.')
   params = source.variables['params']
-  config = _finetune_config(source, finetune_epochs, learning_rate)
+  config = _finetune_config(source, finetune_epochs, learning_rate, seed)
   dataset = load_dataset(source.config.data, data_dir)  # After every cheap check.
   state_options: dict[str, Any] = {}
   settings = {'method': method, 'sparsity': sparsity, 'schedule': schedule,
@@ -131,7 +132,8 @@ def quantize_checkpoint(
     path: str | os.PathLike, *, mode: str = 'dynamic', bits: int = 8,
     per_channel: bool = True, calibration_batches: int = 10,
     calibration_method: str = 'minmax', finetune_epochs: int = 2,
-    learning_rate: float | None = None, data_dir=None, models_dir=None, version: str | None = None,
+    learning_rate: float | None = None, seed: int | None = None, data_dir=None,
+    models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
     extra_metadata: dict[str, Any] | None = None,
 ) -> tuple[pathlib.Path, dict[str, Any]]:
@@ -152,6 +154,7 @@ def quantize_checkpoint(
     calibration_method: 'minmax' or 'percentile', for 'static'.
     finetune_epochs: for 'qat'.
     learning_rate: QAT's peak learning rate; None keeps the source's.
+    seed: QAT's shuffling seed; None keeps the source's training.seed.
     data_dir, models_dir, version, overwrite, on_epoch, extra_metadata: as
       for training.
   """
@@ -166,7 +169,7 @@ def quantize_checkpoint(
   source, out_path, version = _prepare(path, 'quantized', models_dir, version, overwrite)
   if _is_quantized(source):
     raise DnnrError(f'{source.path} is already quantized; quantize a final or pruned model.')
-  config = _finetune_config(source, finetune_epochs, learning_rate)
+  config = _finetune_config(source, finetune_epochs, learning_rate, seed)
   dataset = load_dataset(source.config.data, data_dir)  # After every cheap check.
   params = source.variables['params']
   settings: dict[str, Any] = {'mode': mode, 'bits': bits, 'per_channel': per_channel}
@@ -261,10 +264,13 @@ def _prepare(path, kind, models_dir, version, overwrite):
   return source, out_path, version
 
 
-def _finetune_config(source, epochs: int, learning_rate: float | None = None) -> Config:
+def _finetune_config(source, epochs: int, learning_rate: float | None = None,
+                     seed: int | None = None) -> Config:
   """The source config, trained for `epochs` with its final thresholds fixed."""
   if learning_rate is not None and not learning_rate > 0:
     raise DnnrError(f'--learning-rate {learning_rate} must be a positive number.')
+  if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+    raise DnnrError(f'--seed {seed!r} is not a non-negative integer; pass e.g. 1.')
   values = ThresholdValues(**{name: float(value)
                               for name, value in source.variables['thresholds'].items()})
   config = source.config
@@ -273,7 +279,8 @@ def _finetune_config(source, epochs: int, learning_rate: float | None = None) ->
                                   total_epochs=None),
       training=dataclasses.replace(
           config.training, epochs=max(epochs, 1), checkpoint_every=0,
-          learning_rate=learning_rate or config.training.learning_rate))
+          learning_rate=learning_rate or config.training.learning_rate,
+          seed=config.training.seed if seed is None else seed))
 
 
 def _finish(source, out_path, kind, version, config, variables, dataset, settings, *,
