@@ -79,13 +79,16 @@ def test_float16_ceil_is_the_least_float16_value_not_below(x):
 def test_float16_round_rounds_float_leaves_and_keeps_qarrays():
   w = np.array([[0.3, -1.7], [2.2, 0.05]], np.float32)
   tree = {'dense': {'kernel': q_lib.quantize(w, bits=4),
-                    'bias': np.array([0.1, 1e-9, 7e5, 0.0], np.float32)},
+                    'bias': np.array([0.1, 1e-9, 3e-6, -7e-5, 7e5, 0.0, np.nan], np.float32)},
           'count': np.arange(3, dtype=np.int32)}
   rounded = q_lib.float16_round(tree)
   bias = np.asarray(rounded['dense']['bias'])
-  # 0.1 becomes its float16 value; 1e-9 and 7e5 (outside float16) stay.
+  # Each becomes its nearest float16 value, subnormals (3e-6) and zero (1e-9)
+  # included; 7e5 (beyond float16) and NaN stay.
   np.testing.assert_array_equal(
-      bias, np.array([np.float16(0.1), 1e-9, 7e5, 0.0], np.float32))
+      bias, np.array([np.float16(0.1), 0.0, np.float16(3e-6), np.float16(-7e-5), 7e5, 0.0,
+                      np.nan], np.float32))
+  assert np.float16(3e-6) != 0 and abs(np.float16(3e-6) - 3e-6) <= 2.0**-25
   assert rounded['dense']['kernel'] is tree['dense']['kernel']
   assert rounded['count'] is tree['count']
 

@@ -115,15 +115,23 @@ def float16_ceil(x: jax.Array) -> jax.Array:
 
 def float16_round(tree: Any) -> Any:
   """Every float32 array leaf of `tree` (QArrays left alone) rounded to the
-  nearest float16 value where float16 has one (normal range), else as it is.
+  nearest float16 value, where |x| is below float16's largest value.
 
   The quantized jobs store biases this way: two bytes each on disk, exact.
+  Tiny values round into float16's subnormal range (or to zero), an
+  absolute change of at most 2**-25, nothing beside a bias's other terms;
+  larger ones, NaN and infinities stay as they are.
   """
+  limit = float(np.finfo(np.float16).max)
+
   def round_leaf(leaf):
     if _is_qarray(leaf) or getattr(leaf, 'dtype', None) != np.float32:
       return leaf
-    half = jnp.asarray(leaf).astype(jnp.float16).astype(jnp.float32)
-    return jnp.where(_float16_normal(leaf), half, leaf)
+    # numpy, not XLA: XLA's CPU conversion may flush subnormals to zero.
+    leaf = np.asarray(leaf)
+    with np.errstate(over='ignore'):
+      half = leaf.astype(np.float16).astype(np.float32)
+    return jnp.asarray(np.where(np.abs(leaf) < limit, half, leaf))
 
   return jax.tree.map(round_leaf, tree, is_leaf=_is_qarray)
 
