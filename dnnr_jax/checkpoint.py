@@ -40,8 +40,8 @@ FORMAT = 'dnnr_jax'
 # 2: arrays packed into one blob per dtype (compress.storage); 3: float32
 # arrays that float16 holds exactly may be stored as float16. Format 2 reads
 # the same way, so both are read.
-FORMAT_VERSION = 3
-READABLE_FORMAT_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (2, 3, 4)
 KINDS = {
     'final': ('final', 'model_v{version}_final'),
     'pruned': ('pruned', 'pruned_model_v{version}'),
@@ -131,7 +131,7 @@ def save_checkpoint(
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
       'library_versions': library_versions(),
       **metadata,
-      'layout': layout,
+      'layout': storage.compact_layout(layout),
   }
   staging = path.with_name(f'.{path.name}.partial')
   retired = path.with_name(f'.{path.name}.old')
@@ -178,6 +178,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         f"{path} has checkpoint format {metadata.get('format_version')}, this dnnr_jax "
         f'reads formats {", ".join(map(str, READABLE_FORMAT_VERSIONS))}; write it again '
         'with this version.')
+  if metadata['format_version'] >= 4:  # Earlier formats stored the layout expanded.
+    try:
+      metadata['layout'] = storage.expand_layout(metadata.get('layout'))
+    except ValueError as error:
+      raise CheckpointError(
+          f'{path} has a damaged layout in its metadata ({error}); write it again '
+          'with dnnr.') from None
   return metadata
 
 

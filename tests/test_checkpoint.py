@@ -116,20 +116,32 @@ def test_save_checkpoint_round_trip_and_predict(tmp_path, trained, config, digit
   np.testing.assert_allclose(single[0], logits[3], rtol=1e-6, atol=1e-6)
 
 
-def test_a_format_2_checkpoint_still_loads(tmp_path, trained, monkeypatch):
+@pytest.mark.parametrize('format_version', [2, 3])
+def test_an_earlier_format_still_loads(tmp_path, trained, monkeypatch, format_version):
   from dnnr_jax.compress import storage
 
   variables = checkpoint.load_model(trained.path).variables
   with monkeypatch.context() as patch:
-    # Format 2 stored every float32 array as float32.
-    patch.setattr(storage, '_narrowed', lambda array: array)
+    # Formats 2 and 3 stored the layout expanded; 2 every float32 array as float32.
+    patch.setattr(storage, 'compact_layout', lambda layout: layout)
+    if format_version == 2:
+      patch.setattr(storage, '_narrowed', lambda array: array)
     path = checkpoint.save_checkpoint(
-        tmp_path / 'format2', variables, {**checkpoint.read_metadata(trained.path)})
+        tmp_path / f'format{format_version}', variables,
+        {**checkpoint.read_metadata(trained.path)})
   target = path / 'metadata' / 'metadata'
   metadata = json.loads(target.read_text())
-  assert 'float16' not in json.dumps(metadata['layout'])
-  target.write_text(json.dumps({**metadata, 'format_version': 2}))
+  assert isinstance(metadata['layout'], dict)
+  assert ('float16' in json.dumps(metadata['layout'])) == (format_version == 3)
+  target.write_text(json.dumps({**metadata, 'format_version': format_version}))
   tree_allclose(checkpoint.load_model(path).variables, variables, rtol=0, atol=0)
+
+
+def test_the_layout_is_stored_compact(trained):
+  stored = json.loads((trained.path / 'metadata' / 'metadata').read_text())['layout']
+  expanded = checkpoint.read_metadata(trained.path)['layout']
+  assert isinstance(stored, list) and isinstance(expanded, dict)
+  assert len(json.dumps(stored)) < 0.6 * len(json.dumps(expanded))
 
 
 # Versions and names.
@@ -258,6 +270,13 @@ def _older_format(path: pathlib.Path, good: pathlib.Path) -> None:
   target.write_text(json.dumps({**metadata, 'format_version': 1}))
 
 
+def _damaged_layout(path: pathlib.Path, good: pathlib.Path) -> None:
+  shutil.copytree(good, path)
+  target = path / 'metadata' / 'metadata'
+  metadata = json.loads(target.read_text())
+  target.write_text(json.dumps({**metadata, 'layout': metadata['layout'][0][:3]}))
+
+
 def _incomplete_metadata(path: pathlib.Path, good: pathlib.Path) -> None:
   variables = checkpoint.load_model(good).variables
   checkpoint.save_checkpoint(path, variables, {'kind': 'final'})
@@ -273,10 +292,11 @@ def _incomplete_metadata(path: pathlib.Path, good: pathlib.Path) -> None:
     (_delete_array_metadata, 'damaged'),
     (_truncate_metadata, 'not a readable dnnr_jax checkpoint'),
     (_incomplete_metadata, 'incomplete metadata'),
+    (_damaged_layout, 'damaged layout'),
     (_older_format, 'has checkpoint format 1'),
 ], ids=['missing', 'file', 'empty', 'foreign', 'truncated_array',
         'deleted_array', 'deleted_array_metadata', 'truncated_metadata',
-        'incomplete_metadata', 'older_format'])
+        'incomplete_metadata', 'damaged_layout', 'older_format'])
 # After a failed read, TensorStore may call back into Orbax's closed event loop.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_load_model_rejects(tmp_path, trained, make, words):

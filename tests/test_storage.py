@@ -170,3 +170,31 @@ def test_float32_arrays_float16_holds_are_stored_in_two_bytes_exactly():
   for name, array in variables.items():
     assert decoded[name].dtype == np.float32
     np.testing.assert_array_equal(np.asarray(decoded[name]), array)
+
+
+@pytest.mark.parametrize('bits', [None, 8, 4])
+def test_compact_layout_expands_to_the_layout_exactly(bits):
+  import json
+
+  from dnnr_jax.compress import quantize
+  from dnnr_jax.compress.quantize import quantize_params
+  from tests.conftest import tree_allclose
+
+  variables = _variables()
+  if bits:
+    variables['params'] = quantize_params(variables['params'], bits=bits)
+    # An asymmetric leaf carries a zero point too.
+    variables['params']['head']['kernel'] = quantize.quantize(
+        np.asarray(_variables()['params']['head']['kernel']), bits=bits, symmetric=False)
+  blobs, layout = storage.encode_variables(variables)
+  rows = json.loads(json.dumps(storage.compact_layout(layout)))
+  assert storage.expand_layout(rows) == layout
+  tree_allclose(storage.decode_variables(blobs, storage.expand_layout(rows)), variables,
+                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('rows', [None, 'layout', [['params/x', 'float32', [2]]],
+                                  [['p', 'float32', [2], 'dense', [['dense', 'float32', 2]]]]])
+def test_expand_layout_rejects_what_is_not_a_compact_layout(rows):
+  with pytest.raises(ValueError, match='not a compact layout'):
+    storage.expand_layout(rows)

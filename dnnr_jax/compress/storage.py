@@ -142,6 +142,48 @@ def encode_variables(variables: Any) -> tuple[dict[str, Any], dict[str, dict[str
   return {dtype: blob for dtype, blob in blobs.items() if blob.size}, layout
 
 
+def compact_layout(layout: dict[str, dict[str, Any]]) -> list[list[Any]]:
+  """`encode_variables`' layout as short rows, for the checkpoint's JSON metadata.
+
+  One row per leaf, in blob order: [path, dtype, shape, encoding, arrays]
+  with arrays [[name, dtype, shape], ...], and a QArray's [bits, axis,
+  symmetric] appended. The offsets are left out, since blobs are filled in
+  row order; `expand_layout` recomputes them. Half the bytes of the layout,
+  which is a tenth of a small quantized checkpoint.
+  """
+  rows = []
+  for path, spec in layout.items():
+    row = [path, spec['dtype'], spec['shape'], spec['encoding'],
+           [[name, dtype, shape] for name, (shape, dtype, _) in spec['arrays'].items()]]
+    if spec['kind'] == 'qarray':
+      row.append([spec['bits'], spec['axis'], spec['symmetric']])
+    rows.append(row)
+  return rows
+
+
+def expand_layout(rows: list[list[Any]]) -> dict[str, dict[str, Any]]:
+  """The layout `compact_layout` shortened, offsets included: its exact inverse.
+
+  Raises:
+    ValueError: `rows` is not a compact layout.
+  """
+  layout, filled = {}, {}
+  try:
+    for path, dtype, shape, encoding, arrays, *quantized in rows:
+      spec = {'kind': 'qarray' if quantized else 'array', 'shape': list(shape),
+              'dtype': dtype, 'encoding': encoding, 'arrays': {}}
+      for name, array_dtype, array_shape in arrays:
+        offset = filled.get(array_dtype, 0)
+        spec['arrays'][name] = [list(array_shape), array_dtype, offset]
+        filled[array_dtype] = offset + math.prod(array_shape)
+      if quantized:
+        (spec['bits'], spec['axis'], spec['symmetric']), = quantized
+      layout[path] = spec
+  except (TypeError, ValueError) as error:
+    raise ValueError(f'not a compact layout: {error}') from None
+  return layout
+
+
 def abstract_arrays(layout: dict[str, dict[str, Any]]) -> dict[str, Any]:
   """The blobs `encode_variables` saved, as shapes and dtypes to restore them."""
   sizes: dict[str, int] = {}
