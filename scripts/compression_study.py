@@ -9,7 +9,7 @@ stopped (finished runs are read back, not redone).
 
   python scripts/compression_study.py models/final/model_v1.0_final \
       --config configs/default.yaml --data-dir ../shared/data/mnist \
-      --sparsities 0.9 0.955 --seeds 0 1 2 --out /tmp/study
+      --sparsities 0.94 0.955 --seeds 0 1 2 3 4 5 --out /tmp/study
 
 prints a table per run and per sparsity (median, range, runs within the
 accuracy margin of the dense model) and, with --json, one JSON object.

@@ -16,8 +16,8 @@ from tests.cli_helpers import snapshot
 from tests.conftest import ROOT, SMOKE_CONFIG
 
 OPTIONS = ['--config', str(SMOKE_CONFIG), '--set', 'compress.prune.finetune_epochs=1',
-           '--set', 'compress.quantize.mode=qat', '--set', 'compress.quantize.bits=4',
-           '--set', 'compress.quantize.finetune_epochs=1', '--json']
+           '--set', 'compress.quantize.mode=dynamic', '--set', 'compress.quantize.bits=4',
+           '--json']
 
 
 @pytest.fixture(scope='module')
