@@ -1,6 +1,7 @@
 """Helpers shared by the tests that run the real `dnnr` CLI in subprocesses."""
 
 import concurrent.futures
+import importlib.util
 import json
 import os
 import pathlib
@@ -11,6 +12,14 @@ import pytest
 from tests.conftest import ROOT
 
 TIMEOUT_S = 300
+
+
+def load_script(name: str):
+  """scripts/<name>.py imported as a module, to call its functions in-process."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'scripts' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def run(*args) -> subprocess.CompletedProcess:

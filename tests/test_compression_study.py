@@ -1,6 +1,5 @@
 """scripts/compression_study.py: prune + quantize per (sparsity, seed), resumable."""
 
-import importlib.util
 import json
 import statistics
 
@@ -12,8 +11,8 @@ from dnnr_jax.checkpoint import load_model, read_metadata
 from dnnr_jax.compress import jobs as compress_jobs
 from dnnr_jax.compress import storage
 from dnnr_jax.config import load_config
-from tests.cli_helpers import snapshot
-from tests.conftest import ROOT, SMOKE_CONFIG
+from tests.cli_helpers import load_script, snapshot
+from tests.conftest import SMOKE_CONFIG
 
 OPTIONS = ['--config', str(SMOKE_CONFIG), '--set', 'compress.prune.finetune_epochs=1',
            '--set', 'compress.quantize.mode=dynamic', '--set', 'compress.quantize.bits=4',
@@ -22,11 +21,7 @@ OPTIONS = ['--config', str(SMOKE_CONFIG), '--set', 'compress.prune.finetune_epoc
 
 @pytest.fixture(scope='module')
 def study():
-  spec = importlib.util.spec_from_file_location(
-      'compression_study', ROOT / 'scripts' / 'compression_study.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script('compression_study')
 
 
 @pytest.fixture(scope='module')

@@ -1,6 +1,5 @@
 """scripts/onnxruntime_floor.py: its reference graphs compute what they are named for."""
 
-import importlib.util
 import sys
 
 import numpy as np
@@ -8,16 +7,11 @@ import onnx
 import onnxruntime
 from onnx import numpy_helper
 
-from tests.cli_helpers import one_json, run
-from tests.conftest import ROOT
+from tests.cli_helpers import load_script, one_json, run
 
 
 def _floor_module():
-  spec = importlib.util.spec_from_file_location(
-      'onnxruntime_floor', ROOT / 'scripts' / 'onnxruntime_floor.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script('onnxruntime_floor')
 
 
 def test_reference_graphs_match_numpy():
