@@ -148,8 +148,8 @@ def compact_layout(layout: dict[str, dict[str, Any]]) -> list[list[Any]]:
   One row per leaf, in blob order: [path, dtype, shape, encoding, arrays]
   with arrays [[name, dtype, shape], ...], and a QArray's [bits, axis,
   symmetric] appended. The offsets are left out, since blobs are filled in
-  row order; `expand_layout` recomputes them. Half the bytes of the layout,
-  which is a tenth of a small quantized checkpoint.
+  row order; `expand_layout` recomputes them. 60 % of the bytes: 2.4 -> 1.4 kB
+  for the default MNIST model, whose whole quantized checkpoint is 31 kB.
   """
   rows = []
   for path, spec in layout.items():
