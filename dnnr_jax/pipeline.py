@@ -138,23 +138,14 @@ def run_pipeline(
       config, data_dir=data_dir, models_dir=models_dir, version=version,
       overwrite=rebuild['final'],
       on_epoch=epochs('train'), extra_metadata=pipeline_metadata('final')))
-  stage('prune', reuse['pruned'],
-        lambda: compress_jobs.prune_checkpoint(
-            paths['final'], method=prune.method, sparsity=prune.sparsity,
-            schedule=prune.schedule, finetune_epochs=prune.finetune_epochs, n=prune.n, m=prune.m,
-            learning_rate=prune.learning_rate, distill=prune.distill,
-            temperature=prune.distill_temperature, data_dir=data_dir, models_dir=models_dir,
-            version=version, overwrite=rebuild['pruned'], on_epoch=epochs('prune'),
-            extra_metadata=pipeline_metadata('pruned')))
-  stage('quantize', reuse['quantized'],
-        lambda: compress_jobs.quantize_checkpoint(
-            paths[quantize.source], mode=quantize.mode, bits=quantize.bits,
-            per_channel=quantize.per_channel, calibration_batches=quantize.calibration_batches,
-            calibration_method=quantize.calibration_method,
-            finetune_epochs=quantize.finetune_epochs, learning_rate=quantize.learning_rate,
-            data_dir=data_dir, models_dir=models_dir, version=version,
-            overwrite=rebuild['quantized'], on_epoch=epochs('quantize'),
-            extra_metadata=pipeline_metadata('quantized')))
+  stage('prune', reuse['pruned'], lambda: compress_jobs.prune_as_configured(
+      paths['final'], prune, data_dir=data_dir, models_dir=models_dir, version=version,
+      overwrite=rebuild['pruned'], on_epoch=epochs('prune'),
+      extra_metadata=pipeline_metadata('pruned')))
+  stage('quantize', reuse['quantized'], lambda: compress_jobs.quantize_as_configured(
+      paths[quantize.source], quantize, data_dir=data_dir, models_dir=models_dir,
+      version=version, overwrite=rebuild['quantized'], on_epoch=epochs('quantize'),
+      extra_metadata=pipeline_metadata('quantized')))
 
   check_inputs = np.asarray(dataset.test.images[:256])
   onnx_paths = {kind: export.default_output(paths[kind]) for kind in ARTIFACTS}
@@ -235,12 +226,12 @@ def _sweep(config: Config, final_path, report_dir, data_dir, on_epoch) -> list[d
   try:
     for index, sparsity in enumerate(config.pipeline.sweep_sparsities):
       epochs = config.pipeline.sweep_finetune_epochs
-      schedule = prune.schedule if epochs > 0 else 'oneshot'
-      path, summary = compress_jobs.prune_checkpoint(
-          final_path, method=prune.method, sparsity=sparsity, schedule=schedule,
-          finetune_epochs=epochs, n=prune.n, m=prune.m,
-          learning_rate=prune.learning_rate, distill=prune.distill if epochs else 0.0,
-          temperature=prune.distill_temperature, data_dir=data_dir, models_dir=scratch,
+      settings = dataclasses.replace(
+          prune, sparsity=sparsity, finetune_epochs=epochs,
+          schedule=prune.schedule if epochs > 0 else 'oneshot',
+          distill=prune.distill if epochs else 0.0)
+      path, summary = compress_jobs.prune_as_configured(
+          final_path, settings, data_dir=data_dir, models_dir=scratch,
           version=f'1.{index}', on_epoch=on_epoch)
       report = summary['compression']['sparsity_report']['overall']
       results.append({'sparsity': sparsity, 'measured_sparsity': report['sparsity'],

@@ -18,6 +18,7 @@ accuracy margin of the dense model) and, with --json, one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
@@ -37,20 +38,11 @@ def run_one(final: pathlib.Path, config, sparsity: float, seed: int, folder: pat
   pruned = folder / 'pruned' / 'pruned_model_v1.0'
   start = time.perf_counter()
   if not quantized.is_dir():
-    prune, quantize = config.compress.prune, config.compress.quantize
+    options = dict(seed=seed, data_dir=data_dir, models_dir=folder, version='1.0')
     if not pruned.is_dir():
-      jobs.prune_checkpoint(
-          final, method=prune.method, sparsity=sparsity, schedule=prune.schedule,
-          finetune_epochs=prune.finetune_epochs, n=prune.n, m=prune.m,
-          learning_rate=prune.learning_rate, distill=prune.distill,
-          temperature=prune.distill_temperature, seed=seed, data_dir=data_dir,
-          models_dir=folder, version='1.0')
-    jobs.quantize_checkpoint(
-        pruned, mode=quantize.mode, bits=quantize.bits, per_channel=quantize.per_channel,
-        calibration_batches=quantize.calibration_batches,
-        calibration_method=quantize.calibration_method,
-        finetune_epochs=quantize.finetune_epochs, learning_rate=quantize.learning_rate,
-        seed=seed, data_dir=data_dir, models_dir=folder, version='1.0')
+      jobs.prune_as_configured(
+          final, dataclasses.replace(config.compress.prune, sparsity=sparsity), **options)
+    jobs.quantize_as_configured(pruned, config.compress.quantize, **options)
   return {
       'sparsity': sparsity, 'seed': seed,
       'pruned_accuracy': _accuracy(pruned), 'quantized_accuracy': _accuracy(quantized),
@@ -65,11 +57,12 @@ def summarize(runs: list[dict], dense_accuracy: float, dense_bytes: int, margin:
   for sparsity in sorted({run['sparsity'] for run in runs}):
     chosen = [run for run in runs if run['sparsity'] == sparsity]
     accuracies = [run['quantized_accuracy'] for run in chosen]
+    median = statistics.median(accuracies)
     rows.append({
         'sparsity': sparsity, 'runs': len(chosen),
-        'median_accuracy': statistics.median(accuracies),
+        'median_accuracy': median,
         'min_accuracy': min(accuracies), 'max_accuracy': max(accuracies),
-        'median_drop_pp': 100 * (dense_accuracy - statistics.median(accuracies)),
+        'median_drop_pp': 100 * (dense_accuracy - median),
         'within_margin': sum(dense_accuracy - value <= margin + 1e-12 for value in accuracies),
         'median_times_smaller': dense_bytes / statistics.median(
             run['bytes'] for run in chosen),

@@ -26,6 +26,8 @@ from dnnr_jax.config import (
     PRUNE_SCHEDULES,
     QUANTIZE_MODES,
     Config,
+    PruneConfig,
+    QuantizeConfig,
     ThresholdsConfig,
     ThresholdValues,
 )
@@ -252,6 +254,29 @@ def route_report(source, model: nn.Module, variables: Any, dataset: Dataset) -> 
 def _is_quantized(source) -> bool:
   return any(isinstance(leaf, quantize.QArray) for leaf in jax.tree.leaves(
       source.variables, is_leaf=lambda leaf: isinstance(leaf, quantize.QArray)))
+
+
+def prune_as_configured(path: str | os.PathLike, settings: PruneConfig, **options):
+  """`prune_checkpoint` with a config's `compress.prune` settings.
+
+  `options` are the rest of its arguments (seed, data_dir, models_dir,
+  version, ...).
+  """
+  return prune_checkpoint(
+      path, method=settings.method, sparsity=settings.sparsity, schedule=settings.schedule,
+      finetune_epochs=settings.finetune_epochs, n=settings.n, m=settings.m,
+      learning_rate=settings.learning_rate, distill=settings.distill,
+      temperature=settings.distill_temperature, **options)
+
+
+def quantize_as_configured(path: str | os.PathLike, settings: QuantizeConfig, **options):
+  """`quantize_checkpoint` with a config's `compress.quantize` settings (`source` aside)."""
+  return quantize_checkpoint(
+      path, mode=settings.mode, bits=settings.bits, per_channel=settings.per_channel,
+      calibration_batches=settings.calibration_batches,
+      calibration_method=settings.calibration_method,
+      finetune_epochs=settings.finetune_epochs, learning_rate=settings.learning_rate,
+      **options)
 
 
 def _prepare(path, kind, models_dir, version, overwrite):
