@@ -23,8 +23,8 @@ _stderr = Console(stderr=True, highlight=False)
 
 
 def _train(args: argparse.Namespace) -> int:
-  from dnnr_jax import jobs
   from dnnr_jax.config import load_config
+  from dnnr_jax.jobs import train as jobs
 
   config = load_config(args.config, args.set)
   with _EpochProgress(config.training.epochs) as progress:
@@ -56,7 +56,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-  from dnnr_jax import jobs
+  from dnnr_jax.jobs import train as jobs
 
   metrics = jobs.evaluate_checkpoint(
       args.model_path, data_dir=args.data_dir, split=args.split)
@@ -73,7 +73,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-  from dnnr_jax.compress import jobs
+  from dnnr_jax.jobs import compress as jobs
 
   with _EpochProgress(args.finetune_epochs, label='fine-tune') as progress:
     _, summary = jobs.prune_checkpoint(
@@ -87,7 +87,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-  from dnnr_jax.compress import jobs
+  from dnnr_jax.jobs import compress as jobs
 
   epochs = args.finetune_epochs if args.mode == 'qat' else 0
   with _EpochProgress(epochs, label='QAT') as progress:
@@ -103,7 +103,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-  from dnnr_jax import export
+  from dnnr_jax.io import export
 
   _quiet_onnx_ir()
   check_inputs = None
@@ -123,7 +123,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-  from dnnr_jax import serve
+  from dnnr_jax.io import serve
 
   result = serve.predict_onnx(args.model_path, args.images, args.labels,
                               batch_size=args.batch_size)
@@ -138,8 +138,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-  from dnnr_jax import pipeline
   from dnnr_jax.config import load_config
+  from dnnr_jax.jobs import pipeline
 
   _quiet_onnx_ir()
   config = load_config(args.config, args.set)
@@ -169,9 +169,9 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-  from dnnr_jax import benchmark
   from dnnr_jax.config import load_config
-  from dnnr_jax.data import load_dataset
+  from dnnr_jax.io.data import load_dataset
+  from dnnr_jax.jobs import benchmark
 
   config = load_config(args.config, args.set)
   dataset = load_dataset(config.data, args.data_dir)

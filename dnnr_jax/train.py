@@ -9,7 +9,7 @@ every epoch runs the same compiled program.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -19,12 +19,22 @@ import optax
 from flax.training import train_state
 
 from dnnr_jax.config import Config
-from dnnr_jax.data import Split
 from dnnr_jax.model import init_variables, model_from_config
 from dnnr_jax.thresholds import ThresholdSchedule, schedule_from_config
 
 
 @flax.struct.dataclass
+class Split(NamedTuple):
+  """One split on device.
+
+  Attributes:
+    images: float32 [N, F], normalised pixels.
+    labels: int32 [N], classes 0..9.
+  """
+  images: jax.Array
+  labels: jax.Array
+
+
 class Teacher:
   """A fixed model whose softened outputs the student also learns (distillation).
 

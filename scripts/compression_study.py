@@ -25,10 +25,11 @@ import statistics
 import sys
 import time
 
-from dnnr_jax.checkpoint import read_metadata
-from dnnr_jax.compress import jobs, storage
 from dnnr_jax.config import load_config
 from dnnr_jax.errors import DnnrError
+from dnnr_jax.io import storage
+from dnnr_jax.io.checkpoint import read_metadata
+from dnnr_jax.jobs import compress as jobs
 
 
 def run_one(final: pathlib.Path, config, sparsity: float, seed: int, folder: pathlib.Path,

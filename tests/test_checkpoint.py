@@ -11,12 +11,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dnnr_jax import checkpoint, jobs
 from dnnr_jax.complexity import batch_complexity
 from dnnr_jax.config import load_config
-from dnnr_jax.data import load_dataset
 from dnnr_jax.errors import CheckpointError, DnnrError
-from dnnr_jax.fit import FitResult, fit
+from dnnr_jax.io import checkpoint
+from dnnr_jax.io.data import load_dataset
+from dnnr_jax.jobs import train as jobs
+from dnnr_jax.jobs.fit import FitResult, fit
 from dnnr_jax.model import model_from_config
 from dnnr_jax.thresholds import thresholds_to_floats
 from tests.conftest import SMOKE_CONFIG, tree_allclose
@@ -118,7 +119,7 @@ def test_save_checkpoint_round_trip_and_predict(tmp_path, trained, config, digit
 
 @pytest.mark.parametrize('format_version', [2, 3])
 def test_an_earlier_format_still_loads(tmp_path, trained, monkeypatch, format_version):
-  from dnnr_jax.compress import storage
+  from dnnr_jax.io import storage
 
   variables = checkpoint.load_model(trained.path).variables
   with monkeypatch.context() as patch:

@@ -6,11 +6,12 @@ import sys
 import numpy as np
 import pytest
 
-from dnnr_jax import jobs
-from dnnr_jax.checkpoint import load_model
-from dnnr_jax.compress import jobs as compress_jobs
-from dnnr_jax.compress import quantize, storage
+from dnnr_jax.compress import quantize
 from dnnr_jax.config import load_config
+from dnnr_jax.io import storage
+from dnnr_jax.io.checkpoint import load_model
+from dnnr_jax.jobs import compress as compress_jobs
+from dnnr_jax.jobs import train as jobs
 from tests.cli_helpers import assert_one_line_error, compile_cache, one_json, run, run_all, snapshot  # noqa: F401 (fixture)
 from tests.conftest import SMOKE_CONFIG
 

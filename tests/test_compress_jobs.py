@@ -6,13 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from dnnr_jax import jobs
-from dnnr_jax.checkpoint import load_model
-from dnnr_jax.compress import jobs as compress_jobs
-from dnnr_jax.compress import prune, quantize, storage, structured
+from dnnr_jax.compress import prune, quantize, structured
 from dnnr_jax.config import RoutingConfig, load_config
-from dnnr_jax.data import load_dataset
 from dnnr_jax.errors import CheckpointError, DnnrError
+from dnnr_jax.io import storage
+from dnnr_jax.io.checkpoint import load_model
+from dnnr_jax.io.data import load_dataset
+from dnnr_jax.jobs import compress as compress_jobs
+from dnnr_jax.jobs import train as jobs
 from dnnr_jax.model import model_from_config
 from tests.cli_helpers import snapshot
 from tests.conftest import SMOKE_CONFIG

@@ -6,11 +6,11 @@ import statistics
 import numpy as np
 import pytest
 
-from dnnr_jax import jobs
-from dnnr_jax.checkpoint import load_model, read_metadata
-from dnnr_jax.compress import jobs as compress_jobs
-from dnnr_jax.compress import storage
 from dnnr_jax.config import load_config
+from dnnr_jax.io import storage
+from dnnr_jax.io.checkpoint import load_model, read_metadata
+from dnnr_jax.jobs import compress as compress_jobs
+from dnnr_jax.jobs import train as jobs
 from tests.cli_helpers import load_script, snapshot
 from tests.conftest import SMOKE_CONFIG
 

@@ -1,4 +1,4 @@
-"""Tests for dnnr_jax.data: IDX reading, validation, lookup and download."""
+"""Tests for dnnr_jax.io.data: IDX reading, validation, lookup and download."""
 
 import gzip
 import hashlib
@@ -12,9 +12,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from dnnr_jax import data
 from dnnr_jax.config import DataConfig
 from dnnr_jax.errors import DataError
+from dnnr_jax.io import data
 
 NAMES = data.MNIST_FILES
 

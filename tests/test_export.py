@@ -9,11 +9,12 @@ import onnx
 import onnxruntime
 import pytest
 
-from dnnr_jax import export, jobs
-from dnnr_jax.checkpoint import load_model
-from dnnr_jax.compress import jobs as compress_jobs
 from dnnr_jax.config import load_config
 from dnnr_jax.errors import DnnrError
+from dnnr_jax.io import export
+from dnnr_jax.io.checkpoint import load_model
+from dnnr_jax.jobs import compress as compress_jobs
+from dnnr_jax.jobs import train as jobs
 from tests.cli_helpers import one_json, run
 from tests.conftest import SMOKE_CONFIG
 

@@ -11,8 +11,8 @@ from flax.training import train_state
 
 from dnnr_jax.compress import gradual, prune
 from dnnr_jax.config import DataConfig
-from dnnr_jax.data import load_dataset
 from dnnr_jax.errors import DnnrError
+from dnnr_jax.io.data import load_dataset
 from dnnr_jax.model import DynamicMLP, init_variables
 
 FINAL_SPARSITY = 0.8

@@ -8,7 +8,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dnnr_jax import onnx_passes
+from dnnr_jax.io import onnx_passes
 
 
 def _model(nodes, inputs, outputs, initializers=()):

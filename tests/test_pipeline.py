@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from dnnr_jax import pipeline
 from dnnr_jax.config import load_config
+from dnnr_jax.jobs import pipeline
 from tests.cli_helpers import assert_one_line_error, compile_cache, one_json, run, snapshot  # noqa: F401 (fixture)
 from tests.conftest import SMOKE_CONFIG
 

@@ -7,10 +7,10 @@ import optax
 import pytest
 
 from dnnr_jax import config as config_lib
-from dnnr_jax import data as data_lib
 from dnnr_jax.compress import qat
 from dnnr_jax.compress import quantize as q_lib
 from dnnr_jax.errors import DnnrError
+from dnnr_jax.io import data as data_lib
 from tests.conftest import tree_allclose
 
 CONFIGS = [(4, -1, True), (8, None, True), (4, None, False), (8, -1, False)]

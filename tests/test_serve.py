@@ -7,11 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from dnnr_jax import export, jobs
 from dnnr_jax.config import load_config
-from dnnr_jax.data import _digits_arrays
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.serve import predict_onnx
+from dnnr_jax.io import export
+from dnnr_jax.io.data import _digits_arrays
+from dnnr_jax.io.serve import predict_onnx
+from dnnr_jax.jobs import train as jobs
 from tests.cli_helpers import assert_one_line_error, one_json, run
 from tests.conftest import SMOKE_CONFIG
 

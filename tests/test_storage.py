@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dnnr_jax.compress import storage
+from dnnr_jax.io import storage
 
 
 @settings(max_examples=60, deadline=None)
@@ -82,9 +82,9 @@ def _variables():
 def test_variables_round_trip_through_a_checkpoint(tmp_path, bits):
   import jax
 
-  from dnnr_jax.checkpoint import load_model, save_checkpoint
   from dnnr_jax.compress.quantize import QArray, quantize_params
   from dnnr_jax.config import Config, ModelConfig
+  from dnnr_jax.io.checkpoint import load_model, save_checkpoint
   from tests.conftest import tree_allclose
 
   variables = _variables()
@@ -109,10 +109,10 @@ def test_variables_round_trip_through_a_checkpoint(tmp_path, bits):
 def test_sparse_int8_checkpoint_is_much_smaller_on_disk(tmp_path):
   import jax
 
-  from dnnr_jax.checkpoint import save_checkpoint
   from dnnr_jax.compress.prune import apply_masks, magnitude_masks
   from dnnr_jax.compress.quantize import quantize_params
   from dnnr_jax.config import Config
+  from dnnr_jax.io.checkpoint import save_checkpoint
   from dnnr_jax.model import DynamicMLP, init_variables
 
   # The default MNIST widths: fixed Orbax overhead would swamp a toy model.
@@ -130,8 +130,8 @@ def test_sparse_int8_checkpoint_is_much_smaller_on_disk(tmp_path):
 def test_a_fully_pruned_model_round_trips(tmp_path):
   import jax
 
-  from dnnr_jax.checkpoint import load_model, save_checkpoint
   from dnnr_jax.config import Config, ModelConfig
+  from dnnr_jax.io.checkpoint import load_model, save_checkpoint
   from tests.conftest import tree_allclose
 
   variables = jax.tree.map(np.zeros_like, _variables())

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 
 from dnnr_jax.config import Config, ModelConfig, RoutingConfig, TrainingConfig, load_config
-from dnnr_jax.data import Dataset, Split, load_dataset
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.fit import fit
+from dnnr_jax.io.data import Dataset, Split, load_dataset
+from dnnr_jax.jobs.fit import fit
 from dnnr_jax.model import model_from_config
 from dnnr_jax.thresholds import schedule_from_config
 from dnnr_jax.train import (
-    Teacher,
-    batch_sums,
-    create_train_state,
-    evaluate,
-    jit_train_epoch,
-    train_step,
+  Teacher,
+  batch_sums,
+  create_train_state,
+  evaluate,
+  jit_train_epoch,
+  train_step,
 )
 from tests.conftest import SMOKE_CONFIG, tree_allclose
 

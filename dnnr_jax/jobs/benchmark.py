@@ -25,11 +25,11 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from dnnr_jax.checkpoint import LoadedModel
 from dnnr_jax.config import Config
-from dnnr_jax.data import Dataset
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.fit import fit
+from dnnr_jax.io.checkpoint import LoadedModel
+from dnnr_jax.io.data import Dataset
+from dnnr_jax.jobs.fit import fit
 from dnnr_jax.train import create_train_state, jit_train_epoch, train_step
 
 
@@ -159,8 +159,8 @@ def run_suite(
     training: time training at all.
     seconds: about how long each inference figure is timed.
   """
-  from dnnr_jax.checkpoint import load_model
   from dnnr_jax.config import RoutingConfig
+  from dnnr_jax.io.checkpoint import load_model
 
   results: dict[str, Any] = {'machine': machine(), 'dataset': dataset.name,
                              'training': [], 'inference': []}

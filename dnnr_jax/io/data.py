@@ -23,14 +23,14 @@ import os
 import pathlib
 import tempfile
 import urllib.request
-from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from dnnr_jax.config import PIXEL_MAX, DataConfig
 from dnnr_jax.errors import DataError
-from dnnr_jax.idx import read_idx
+from dnnr_jax.io.idx import read_idx
+from dnnr_jax.train import Split
 
 MNIST_FILES = {
     'train_images': 'train-images-idx3-ubyte.gz',
@@ -59,17 +59,6 @@ _FIX = 're-download it or replace it with a good copy'
 _CHUNK = 1 << 20
 
 _log = logging.getLogger(__name__)
-
-
-class Split(NamedTuple):
-  """One split on device.
-
-  Attributes:
-    images: float32 [N, F], normalised pixels.
-    labels: int32 [N], classes 0..9.
-  """
-  images: jax.Array
-  labels: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from dnnr_jax.config import PIXEL_MAX
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.idx import read_idx
+from dnnr_jax.io.idx import read_idx
 
 
 def predict_onnx(

@@ -6,7 +6,7 @@ the routing with the checkpoint's thresholds (per-sample routing becomes a
 normalisation of raw uint8 images too. Input `input` has a dynamic batch
 dimension; outputs are `logits` [B, classes] and `deep_path` bool [B].
 
-The graph is then rewritten for onnxruntime (`dnnr_jax.onnx_passes`): int8
+The graph is then rewritten for onnxruntime (`dnnr_jax.io.onnx_passes`): int8
 dots become `MatMulInteger` on the int8 weights, and redundant broadcasting
 nodes go.
 
@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dnnr_jax import onnx_passes
-from dnnr_jax.checkpoint import LoadedModel, load_model
 from dnnr_jax.config import PIXEL_MAX
 from dnnr_jax.errors import DnnrError
+from dnnr_jax.io import onnx_passes
+from dnnr_jax.io.checkpoint import LoadedModel, load_model
 
 OPSET = 21
 CHECK_BATCH_SIZES = (1, 7, 128)
@@ -141,7 +141,7 @@ def export_onnx(
 
 def real_check_inputs(path: str | os.PathLike, *, data_dir=None, rows: int = 256) -> np.ndarray:
   """The first `rows` test examples of the checkpoint's data set, normalised."""
-  from dnnr_jax.data import load_dataset
+  from dnnr_jax.io.data import load_dataset
 
   model = load_model(path)
   return np.asarray(load_dataset(model.config.data, data_dir).test.images[:rows])

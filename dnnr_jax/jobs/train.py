@@ -13,11 +13,11 @@ from typing import Any
 
 import jax
 
-from dnnr_jax import checkpoint as checkpoint_lib
 from dnnr_jax.config import Config
-from dnnr_jax.data import load_dataset
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.fit import EpochCallback, FitResult, fit
+from dnnr_jax.io import checkpoint as checkpoint_lib
+from dnnr_jax.io.data import load_dataset
+from dnnr_jax.jobs.fit import EpochCallback, FitResult, fit
 from dnnr_jax.thresholds import thresholds_to_floats
 from dnnr_jax.train import evaluate
 

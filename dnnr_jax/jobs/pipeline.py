@@ -31,9 +31,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dnnr_jax import checkpoint as checkpoint_lib
 from dnnr_jax.config import Config
 from dnnr_jax.errors import DnnrError
+from dnnr_jax.io import checkpoint as checkpoint_lib
 
 ARTIFACTS = ('final', 'pruned', 'quantized')
 TRAINING_SECTIONS = ('data', 'model', 'thresholds', 'routing', 'training')
@@ -85,7 +85,7 @@ def run_pipeline(
   Args:
     config: the whole configuration; `compress` and `pipeline` drive the
       stages after training.
-    data_dir: where the data set is (see `dnnr_jax.data.load_dataset`).
+    data_dir: where the data set is (see `dnnr_jax.io.data.load_dataset`).
     models_dir: root of final/, pruned/, quantized/ and reports/.
     version: MAJOR.MINOR of every artifact.
     force: rebuild every artifact, replacing existing ones.
@@ -96,9 +96,10 @@ def run_pipeline(
     DnnrError: bad settings or inputs, or an existing artifact made from other
       settings (without `force`).
   """
-  from dnnr_jax import export, jobs
-  from dnnr_jax.compress import jobs as compress_jobs
-  from dnnr_jax.data import load_dataset
+  from dnnr_jax.io import export
+  from dnnr_jax.io.data import load_dataset
+  from dnnr_jax.jobs import compress as compress_jobs
+  from dnnr_jax.jobs import train as jobs
 
   checkpoint_lib.check_version(version)
   models_dir = pathlib.Path(models_dir)
@@ -217,7 +218,7 @@ def _sweep(config: Config, final_path, report_dir, data_dir, on_epoch) -> list[d
   """Accuracy and size of one pruned, fine-tuned model per sweep sparsity."""
   import shutil
 
-  from dnnr_jax.compress import jobs as compress_jobs
+  from dnnr_jax.jobs import compress as compress_jobs
 
   prune = config.compress.prune
   scratch = report_dir / '.sweep'
@@ -246,8 +247,8 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
   """One row per artifact (three checkpoints, three ONNX files), measured now."""
   import onnxruntime
 
-  from dnnr_jax import benchmark
-  from dnnr_jax.compress import storage
+  from dnnr_jax.io import storage
+  from dnnr_jax.jobs import benchmark
   from dnnr_jax.train import evaluate
 
   images, labels = (np.asarray(value) for value in dataset.test)
@@ -319,7 +320,7 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
 
 def write_report(report: dict[str, Any], report_dir: pathlib.Path) -> None:
   """report.json, report.md and the plots, each written whole or not at all."""
-  from dnnr_jax import plots
+  from dnnr_jax.io import plots
 
   report_dir.mkdir(parents=True, exist_ok=True)
   report['plots'] = plots.write_all(report, report_dir)
@@ -335,7 +336,7 @@ def markdown(report: dict[str, Any]) -> str:
       '',
       f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, JAX {machine['jax']} "
       f"({machine['backend']}). Latency: median per call at batch 1; throughput: "
-      'samples/s at batch 256 (see `dnnr_jax.benchmark`).',
+      'samples/s at batch 256 (see `dnnr_jax.jobs.benchmark`).',
       '',
       '| artifact | test accuracy | deep path | route agreement | parameters | non-zeros '
       '| bytes | gzip bytes | x smaller | latency µs (b=1) | samples/s (b=256) |',

@@ -31,9 +31,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dnnr_jax.compress import storage
 from dnnr_jax.config import Config, config_from_dict
 from dnnr_jax.errors import CheckpointError, ConfigError
+from dnnr_jax.io import storage
 from dnnr_jax.model import DynamicMLP, model_from_config
 
 FORMAT = 'dnnr_jax'

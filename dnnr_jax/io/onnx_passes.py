@@ -15,7 +15,7 @@ only appends unit axes (an `Unsqueeze`), `Abs` of a ReLU, `Identity` nodes,
 repeated subexpressions (the deep block and the shortcut quantize the same
 input), and the shape arithmetic left unused. Every pass computes the same
 function: bit for bit, or (the log-sum-exp, sum-of-squares and Gemm bias
-rewrites) up to float rounding; `dnnr_jax.export` proves the result in
+rewrites) up to float rounding; `dnnr_jax.io.export` proves the result in
 onnxruntime against JAX before it writes anything.
 
 `sparse_initializers` then stores a pruned kernel as an ONNX sparse

@@ -19,21 +19,22 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dnnr_jax import checkpoint as checkpoint_lib
-from dnnr_jax.compress import gradual, prune, qat, quantize, storage, structured
+from dnnr_jax.compress import gradual, prune, qat, quantize, structured
 from dnnr_jax.config import (
-    PRUNE_METHODS,
-    PRUNE_SCHEDULES,
-    QUANTIZE_MODES,
-    Config,
-    PruneConfig,
-    QuantizeConfig,
-    ThresholdsConfig,
-    ThresholdValues,
+  PRUNE_METHODS,
+  PRUNE_SCHEDULES,
+  QUANTIZE_MODES,
+  Config,
+  PruneConfig,
+  QuantizeConfig,
+  ThresholdsConfig,
+  ThresholdValues,
 )
-from dnnr_jax.data import Dataset, load_dataset
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.fit import EpochCallback, fit
+from dnnr_jax.io import checkpoint as checkpoint_lib
+from dnnr_jax.io import storage
+from dnnr_jax.io.data import Dataset, load_dataset
+from dnnr_jax.jobs.fit import EpochCallback, fit
 from dnnr_jax.model import Dense, model_from_config
 from dnnr_jax.train import Teacher, evaluate
 

@@ -17,8 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dnnr_jax.config import Config, config_from_dict
-from dnnr_jax.data import Dataset
 from dnnr_jax.errors import CheckpointError, DnnrError
+from dnnr_jax.io.data import Dataset
 from dnnr_jax.model import model_from_config
 from dnnr_jax.thresholds import thresholds_to_floats
 from dnnr_jax.train import TrainState, create_train_state, evaluate, jit_train_epoch
