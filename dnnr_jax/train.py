@@ -23,7 +23,6 @@ from dnnr_jax.model import init_variables, model_from_config
 from dnnr_jax.thresholds import ThresholdSchedule, schedule_from_config
 
 
-@flax.struct.dataclass
 class Split(NamedTuple):
   """One split on device.
 
@@ -35,6 +34,7 @@ class Split(NamedTuple):
   labels: jax.Array
 
 
+@flax.struct.dataclass
 class Teacher:
   """A fixed model whose softened outputs the student also learns (distillation).
 
