@@ -69,7 +69,8 @@ def _list(args: argparse.Namespace) -> int:
            _percent(entry.deep_fraction, 1), f'{entry.bytes:,}',
            '' if entry.smaller_than_root is None else f'{entry.smaller_than_root:.2f}',
            entry.state] for entry in registry.entries]
-  print(f'{registry.root}: {len(registry.entries)} versions')
+  exports = sum(entry.format == 'onnx' for entry in registry.entries)
+  print(f'{registry.root}: {len(registry.entries) - exports} checkpoints, {exports} ONNX exports')
   _print_table(('ref', 'created', 'source', 'data', 'test acc', 'deep', 'bytes', '× smaller',
                 'state'), rows, left=(0, 1, 2, 3, 8),
                highlight=[entry.state != 'ok' for entry in registry.entries])
@@ -95,6 +96,11 @@ def _show(args: argparse.Namespace) -> int:
     return 0
   _stdout.print(f'[bold]{entry.ref}[/] {entry.path} ({entry.state}'
                 + (f': {entry.problem}' if entry.problem else '') + ')')
+  ratio = ('' if entry.smaller_than_root is None else
+           f', {entry.smaller_than_root:.2f}× smaller than {info.lineage[0].entry.ref}')
+  _stdout.print(f'test accuracy {_percent(entry.test_accuracy) or "not measured"}, deep path '
+                f'{_percent(entry.deep_fraction, 1) or "not measured"}, {entry.bytes:,} bytes'
+                + ratio)
   _stdout.print('lineage: ' + ' → '.join(step.entry.ref for step in info.lineage))
   for step in info.lineage:
     title = 'training, where it differs from the defaults' if (
@@ -102,7 +108,8 @@ def _show(args: argparse.Namespace) -> int:
     _stdout.print(f'\n[bold]{step.entry.ref}[/] {title}:')
     for key, value in step.settings.items():
       _stdout.print(f'  {key}: {_value(value)}')
-  sections = {'metrics': info.metrics, 'per-route accuracy': info.routes,
+  metrics_title = 'metrics' if entry.format == 'orbax' else 'metrics of its checkpoint'
+  sections = {metrics_title: info.metrics, 'per-route accuracy': info.routes,
               'library versions': info.library_versions,
               'files': {name: str(path) for name, path in info.files.items()},
               'made from it': {child.ref: str(child.path) for child in info.derived}}

@@ -3,8 +3,8 @@
 Builds the folder from one pipeline version (its final, pruned and quantized
 checkpoints and exports, e.g. from `dnnr pipeline --config configs/smoke.yaml
 --models-dir /tmp/m`): each copy becomes the next version, its metadata's
-version and source rewritten as a save of that version would record them, so
-the folder holds 17 lineages. Then times, interleaved, wall clock of whole
+version and source (and its export's) rewritten as a save of that version
+would record them, so the folder holds 17 lineages. Then times, interleaved, wall clock of whole
 processes:
 
 - `dnnr models --models-dir DIR` (metadata only, no JAX);
@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+import onnx
+
 KINDS = {'final': 'model_v{}_final', 'pruned': 'pruned_model_v{}',
          'quantized': 'quantized_model_v{}'}
 
@@ -42,7 +44,7 @@ def build(source: pathlib.Path, target: pathlib.Path, checkpoints: int) -> list[
       original = source / kind / pattern.format('1.0')
       copy = target / kind / pattern.format(f'1.{minor}')
       shutil.copytree(original, copy)
-      shutil.copyfile(f'{original}.onnx', f'{copy}.onnx')
+      _copy_export(pathlib.Path(f'{original}.onnx'), copy, f'1.{minor}')
       metadata_file = copy / 'metadata' / 'metadata'
       metadata = json.loads(metadata_file.read_text())
       metadata['version'] = f'1.{minor}'
@@ -54,6 +56,16 @@ def build(source: pathlib.Path, target: pathlib.Path, checkpoints: int) -> list[
       parent = copy
     minor += 1
   return written
+
+
+def _copy_export(original: pathlib.Path, checkpoint: pathlib.Path, version: str) -> None:
+  """The export beside `checkpoint`, its metadata naming that version and checkpoint."""
+  model = onnx.load(original)
+  props = {prop.key: prop.value for prop in model.metadata_props}
+  props.update({'dnnr_jax.version': version, 'dnnr_jax.source_checkpoint': str(checkpoint)})
+  del model.metadata_props[:]
+  onnx.helper.set_model_props(model, props)
+  onnx.save(model, f'{checkpoint}.onnx')
 
 
 def main() -> None:

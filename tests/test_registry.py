@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from dnnr_jax.config import Config
-from dnnr_jax.io import onnx_props, registry
+from dnnr_jax.io import artifact_state, onnx_props, registry
 from tests.cli_helpers import TIMEOUT_S, assert_one_line_error, one_json, snapshot
 from tests.conftest import ROOT
 
@@ -44,7 +44,7 @@ def checkpoint(models, kind, version, *, parent=None, accuracy=0.9, created=None
   if parent is not None:
     metadata['source'] = {'path': str(parent), 'kind': parent.parent.name, 'version': version}
     metadata['compression'] = {'method': 'global', 'sparsity': 0.8}
-  for name in registry.REQUIRED_FILES[:1] + registry.REQUIRED_FILES[2:]:
+  for name in artifact_state.REQUIRED_FILES[:1] + artifact_state.REQUIRED_FILES[2:]:
     (path / name).parent.mkdir(parents=True, exist_ok=True)
     (path / name).write_text('{}')
   (path / 'variables' / 'd').mkdir()
@@ -113,13 +113,16 @@ def test_listing_imports_no_jax(lineage):
   assert result.returncode == 0, result.stderr
 
 
-def test_a_moved_folder_keeps_its_lineage(lineage, tmp_path):
-  moved = tmp_path / 'elsewhere'
-  shutil.move(lineage, moved)
+@pytest.mark.parametrize('relocate', [shutil.move, shutil.copytree])
+def test_a_moved_or_copied_folder_keeps_its_own_lineage(lineage, tmp_path, relocate):
+  elsewhere = tmp_path / 'backup'
+  relocate(lineage, elsewhere)
   rows = {row['ref']: row for row in one_json(
-      dnnr('models', '--models-dir', moved, '--json'))['entries']}
-  assert rows['quantized:1.0']['parent'] == str(moved / 'pruned' / 'pruned_model_v1.0')
-  assert rows['final:1.0.onnx']['parent'] == str(moved / 'final' / 'model_v1.0_final')
+      dnnr('models', '--models-dir', elsewhere, '--json'))['entries']}
+  assert rows['quantized:1.0']['parent'] == str(elsewhere / 'pruned' / 'pruned_model_v1.0')
+  assert rows['final:1.0.onnx']['parent'] == str(elsewhere / 'final' / 'model_v1.0_final')
+  refused = dnnr('models', 'rm', 'pruned:1.0', '--yes', '--models-dir', elsewhere)
+  assert_one_line_error(refused, ['quantized:1.0'])
 
 
 def test_damaged_and_half_written_versions_are_listed_as_such(lineage):
@@ -141,6 +144,25 @@ def test_damaged_and_half_written_versions_are_listed_as_such(lineage):
   assert states['model_v1.0_final'] == ('ok', '')
   text = dnnr('models', '--models-dir', lineage)
   assert text.returncode == 0 and 'damaged' in text.stdout and 'incomplete' in text.stdout
+
+
+def test_odd_metadata_values_and_dangling_links_never_crash_the_listing(lineage):
+  odd = checkpoint(lineage, 'final', '1.1')
+  metadata_file = odd / 'metadata' / 'metadata'
+  metadata = json.loads(metadata_file.read_text())
+  metadata.update(kind=3, created=5, dataset=[1], metrics={'test': {'accuracy': 'high'}})
+  metadata_file.write_text(json.dumps(metadata))
+  (odd / 'variables' / 'link').symlink_to(odd / 'nowhere')
+  rows = {os.path.basename(row['path']): row for row in one_json(
+      dnnr('models', '--models-dir', lineage, '--json'))['entries']}
+  odd_row = rows['model_v1.1_final']
+  assert (odd_row['kind'], odd_row['created'], odd_row['test_accuracy']) == ('final', None, None)
+  assert odd_row['state'] == 'damaged' and "'dataset'" in odd_row['problem']
+  assert_one_line_error(dnnr('models', 'card', 'final:1.1', '--models-dir', lineage),
+                        ['final:1.1', "'dataset'"])
+  shutil.rmtree(odd / 'variables')
+  assert_one_line_error(dnnr('models', 'card', 'final:1.1', '--models-dir', lineage),
+                        ['final:1.1', 'missing variables/_METADATA'])
 
 
 def test_show_gives_the_chain_and_each_steps_settings(lineage):

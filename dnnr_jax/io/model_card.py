@@ -62,7 +62,11 @@ def write_card(models_dir: str | os.PathLike, ref: str) -> pathlib.Path:
     raise DnnrError(f'{ref} has no sound checkpoint to describe ({problem}); '
                     'write it again with dnnr, or pass another version.')
   path = card_path(checkpoint.path)
-  text = render(registry, details(registry, checkpoint))
+  try:
+    text = render(registry, details(registry, checkpoint))
+  except (AttributeError, KeyError, TypeError, ValueError) as error:
+    raise DnnrError(f'{checkpoint.path} has metadata a card cannot describe ({error!r}); '
+                    'write it again with dnnr.') from None
   if path.is_file() and path.read_text() == text:
     return path  # Unchanged: a rerun leaves the file (and its mtime) alone.
   temporary = path.with_name(f'.{path.name}.partial')

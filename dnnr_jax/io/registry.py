@@ -4,13 +4,16 @@
 and each ONNX export beside them as an `Entry`: kind, version, creation
 time, lineage parent, data set, test accuracy, deep-path fraction, bytes on
 disk, the size ratio against the dense root of its lineage, and a state —
-'ok', 'damaged' (its files are there but do not read as a dnnr_jax model) or
-'incomplete' (files missing, or a save was interrupted). It reads the JSON
-metadata files and the ONNX `metadata_props` only: no JAX, no arrays, so a
-folder of fifty versions lists in well under a second.
+'ok', 'damaged' or 'incomplete' (`dnnr_jax.io.artifact_state`). It reads the
+JSON metadata files and the ONNX `metadata_props` only: no JAX, no arrays, so
+a folder of fifty checkpoints and their exports lists in under a second
+(docs/registry.md).
 
 A REF names an entry: a path, or `kind:version` (`quantized:1.0`) for a
 checkpoint and `kind:version.onnx` (`quantized:1.0.onnx`) for its export.
+
+Built on this: `model_details` (show, diff), `model_card` (write_card) and
+`model_removal` (plan_rm, plan_gc, remove), behind `dnnr models`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import re
 from typing import Any, Mapping
 
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.io import onnx_props
+from dnnr_jax.io.artifact_state import checkpoint_state, export_state
 
 # Mirrors `checkpoint.KINDS` (which cannot be imported without JAX); a test holds them equal.
 KINDS = {
@@ -31,13 +34,6 @@ KINDS = {
     'pruned': 'pruned_model_v{version}',
     'quantized': 'quantized_model_v{version}',
 }
-FORMAT = 'dnnr_jax'
-STATES = ('ok', 'damaged', 'incomplete')
-# Files every complete checkpoint has (Orbax writes them last, on commit).
-REQUIRED_FILES = ('_CHECKPOINT_METADATA', 'metadata/metadata', 'variables/_METADATA',
-                  'variables/manifest.ocdbt')
-# Hidden names a save leaves while it runs or when it is interrupted (see checkpoint.py).
-UNFINISHED_SUFFIXES = ('.partial', '.old', '.trash')
 _REF = re.compile(r'^(?P<kind>[a-z]+):(?P<version>\d+\.\d+)(?P<onnx>\.onnx)?$')
 
 
@@ -161,7 +157,7 @@ def scan(models_dir: str | os.PathLike) -> Registry:
   by_ref = {(entry.kind, entry.version): entry.path for entry in entries
             if entry.format == 'orbax' and not entry.path.name.startswith('.')}
   paths = {entry.path for entry in entries}
-  entries = [dataclasses.replace(entry, parent=_parent(entry, paths, by_ref))
+  entries = [dataclasses.replace(entry, parent=_parent(entry, root, paths, by_ref))
              for entry in entries]
   registry = Registry(root, tuple(sorted(entries, key=_order)))
   return dataclasses.replace(registry, entries=tuple(
@@ -183,79 +179,41 @@ def locate(models_dir: str | os.PathLike, ref: str) -> tuple[Registry, Entry]:
   return registry, registry.find(ref)
 
 
-def checkpoint_state(path: pathlib.Path, files: set[str]) -> tuple[str, str, dict[str, Any]]:
-  """(state, problem, metadata) of the checkpoint directory `path`, holding `files`.
-
-  This is the one place that decides whether a checkpoint is sound; it reads
-  the metadata JSON and looks at which files are present. A check of the
-  metadata's recorded digest belongs here too, as it reads no arrays.
-  """
-  if path.name.startswith('.') and path.name.endswith(UNFINISHED_SUFFIXES):
-    return 'incomplete', 'an unfinished or interrupted save left it under a hidden name', {}
-  missing = [name for name in REQUIRED_FILES if name not in files]
-  if not any(name.startswith('variables/') and '/d/' in f'/{name}' for name in files):
-    missing.append('variables/d/ (the array data)')
-  if missing:
-    return 'incomplete', f"missing {', '.join(missing)}", {}
-  try:
-    metadata = json.loads((path / 'metadata' / 'metadata').read_text())
-  except (OSError, UnicodeDecodeError, ValueError) as error:
-    return 'damaged', f'its metadata is not readable JSON ({type(error).__name__})', {}
-  if not isinstance(metadata, dict) or metadata.get('format') != FORMAT:
-    return 'damaged', f"its metadata has no 'format: {FORMAT}'", {}
-  absent = [key for key in ('format_version', 'kind', 'version', 'config', 'layout')
-            if key not in metadata]
-  if absent or not isinstance(metadata['config'], dict):
-    return 'damaged', f"its metadata lacks {', '.join(absent) or 'a config mapping'}", metadata
-  return 'ok', '', metadata
-
-
-def export_state(path: pathlib.Path) -> tuple[str, str, dict[str, str]]:
-  """(state, problem, metadata_props) of the ONNX file `path`."""
-  if path.name.startswith('.') and path.name.endswith(UNFINISHED_SUFFIXES):
-    return 'incomplete', 'an unfinished or interrupted export left it under a hidden name', {}
-  try:
-    props = onnx_props.read_metadata_props(path)
-  except (OSError, UnicodeDecodeError, ValueError) as error:
-    return 'damaged', f'it does not read as ONNX ({error})', {}
-  if 'dnnr_jax.kind' not in props:
-    return 'damaged', 'it carries no dnnr_jax metadata (not written by dnnr export)', props
-  return 'ok', '', props
-
-
 def _read_checkpoint(path: pathlib.Path, kind: str) -> Entry:
   files, size = set(), 0
   for folder, _, names in os.walk(path):
     for name in names:
       file = pathlib.Path(folder, name)
       files.add(file.relative_to(path).as_posix())
-      size += file.stat().st_size
+      size += _size(file)
   state, problem, metadata = checkpoint_state(path, files)
   metrics = _mapping(_mapping(metadata.get('metrics')).get('test'))
   dataset = metadata.get('dataset')
   return Entry(
-      path=path, format='orbax', kind=metadata.get('kind', kind),
-      version=metadata.get('version', _version_from_name(path.name, kind)),
-      created=metadata.get('created'),
+      path=path, format='orbax', kind=_text(metadata.get('kind')) or kind,
+      version=_text(metadata.get('version')) or _version_from_name(path.name, kind),
+      created=_text(metadata.get('created')),
       parent=_path_or_none(_mapping(metadata.get('source')).get('path')),
-      dataset=_mapping(dataset).get('name') if isinstance(dataset, dict) else dataset,
-      test_accuracy=metrics.get('accuracy'), deep_fraction=metrics.get('deep_fraction'),
+      dataset=_text(_mapping(dataset).get('name') if isinstance(dataset, dict) else dataset),
+      test_accuracy=_number(metrics.get('accuracy')),
+      deep_fraction=_number(metrics.get('deep_fraction')),
       bytes=size, smaller_than_root=None, state=state, problem=problem, metadata=metadata)
 
 
 def _read_export(path: pathlib.Path, kind: str, reports: dict[str, Any]) -> Entry:
   state, problem, props = export_state(path)
-  version = props.get('dnnr_jax.version') or _version_from_name(path.name[:-len('.onnx')], kind)
+  checkpoint_name = path.name.removesuffix('.partial').removesuffix('.onnx').lstrip('.')
+  version = props.get('dnnr_jax.version') or _version_from_name(checkpoint_name, kind)
   row = reports.get((path.name, props.get('dnnr_jax.pipeline_hash')), {})
   source = props.get('dnnr_jax.source_checkpoint')
   # An export's checkpoint is the directory it was exported from, else the one it sits beside.
-  parent = pathlib.Path(source) if source else path.with_name(path.name[:-len('.onnx')])
+  parent = pathlib.Path(source) if source else path.with_name(checkpoint_name)
   return Entry(
       path=path, format='onnx', kind=props.get('dnnr_jax.kind', kind), version=version,
       created=None, parent=parent, dataset=props.get('dnnr_jax.dataset'),
-      test_accuracy=row.get('test_accuracy'), deep_fraction=row.get('deep_fraction'),
-      bytes=path.stat().st_size, smaller_than_root=None, state=state, problem=problem,
-      metadata=props)
+      test_accuracy=_number(row.get('test_accuracy')),
+      deep_fraction=_number(row.get('deep_fraction')),
+      bytes=_size(path), smaller_than_root=None, state=state, problem=problem, metadata=props)
 
 
 def _pipeline_reports(root: pathlib.Path) -> dict[tuple[str, str], dict[str, Any]]:
@@ -273,15 +231,28 @@ def _pipeline_reports(root: pathlib.Path) -> dict[tuple[str, str], dict[str, Any
   return rows
 
 
-def _parent(entry: Entry, paths: set[pathlib.Path], by_ref) -> pathlib.Path | None:
-  """The recorded parent; if that path is gone (a moved folder), the same kind:version here."""
-  if entry.parent is None or entry.parent in paths or entry.parent.exists():
-    return entry.parent
+def _parent(entry: Entry, root: pathlib.Path, paths: set[pathlib.Path],
+            by_ref) -> pathlib.Path | None:
+  """The recorded parent, found in this folder when the folder was moved or copied.
+
+  Paths are recorded absolute. A parent recorded outside `root` whose name
+  (`<kind>/<name>`) is here is taken to be that one, so a copied folder (a
+  backup) keeps its own lineage; a recorded path that no longer exists falls
+  back to the same kind:version here (a folder moved and renamed).
+  """
+  recorded = entry.parent
+  if recorded is None or recorded in paths:
+    return recorded
+  here = root / recorded.parent.name / recorded.name
+  if here in paths:
+    return here
+  if recorded.exists():
+    return recorded
   if entry.format == 'onnx':
     beside = entry.path.with_name(entry.path.name[:-len('.onnx')])
-    return beside if beside in paths else entry.parent
+    return beside if beside in paths else recorded
   source = _mapping(entry.metadata.get('source'))
-  return by_ref.get((source.get('kind'), source.get('version')), entry.parent)
+  return by_ref.get((source.get('kind'), source.get('version')), recorded)
 
 
 def _smaller_than_root(registry: Registry, entry: Entry) -> float | None:
@@ -302,6 +273,21 @@ def _version_from_name(name: str, kind: str) -> str | None:
   pattern = re.escape(KINDS[kind]).replace(r'\{version\}', r'(\d+\.\d+)')
   match = re.search(pattern, name)
   return match[1] if match else None
+
+
+def _size(path: pathlib.Path) -> int:
+  try:
+    return path.stat().st_size
+  except OSError:  # A dangling link or a file removed meanwhile holds no bytes.
+    return 0
+
+
+def _text(value: Any) -> str | None:
+  return value if isinstance(value, str) and value else None
+
+
+def _number(value: Any) -> float | None:
+  return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
