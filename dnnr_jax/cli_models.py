@@ -22,17 +22,20 @@ _stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 def add_parser(commands: argparse._SubParsersAction) -> None:
   """Adds `dnnr models` and its subcommands to the `dnnr` parser."""
   models = commands.add_parser(
-      'models', help='list, show, compare, describe and remove the versions in a models folder')
+      'models', help='list, show, compare, describe and remove the versions in a models folder',
+      description='Without an ACTION: one row per checkpoint and ONNX export. REF is a path, '
+                  'or kind:version such as quantized:1.0 (quantized:1.0.onnx for its export).')
   models.add_argument('--models-dir', default='models', help='default: %(default)s')
   models.add_argument('--json', action='store_true', help='print one JSON object')
   models.set_defaults(handler=_list)
-  actions = models.add_subparsers(dest='models_command', metavar='ACTION')
+  actions = models.add_subparsers(dest='models_command', metavar='[ACTION]')
 
   def action(name, handler, help_text):
     parser = actions.add_parser(name, help=help_text)
     # SUPPRESS: given after the action, these override those given before it; else kept.
     parser.add_argument('--models-dir', default=argparse.SUPPRESS, help='default: models')
-    parser.add_argument('--json', action='store_true', default=argparse.SUPPRESS)
+    parser.add_argument('--json', action='store_true', default=argparse.SUPPRESS,
+                        help='print one JSON object')
     parser.set_defaults(handler=handler)
     return parser
 

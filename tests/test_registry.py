@@ -7,6 +7,7 @@ own folder is listed, and its cards checked against `dnnr evaluate`, in
 tests/test_pipeline.py.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -102,6 +103,22 @@ def test_lists_every_version_with_lineage_bytes_and_ratio(lineage):
   assert {row['state'] for row in rows.values()} == {'ok'}
   text = dnnr('models', '--models-dir', lineage)
   assert text.returncode == 0 and 'quantized:1.0.onnx' in text.stdout
+
+
+def test_the_library_returns_frozen_records(lineage):
+  from dnnr_jax.io import model_details, model_removal
+
+  found = registry.scan(lineage)
+  quantized = found.find('quantized:1.0')
+  assert [entry.ref for entry in found.lineage(quantized)] == [
+      'final:1.0', 'pruned:1.0', 'quantized:1.0']
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    quantized.state = 'ok'
+  assert model_details.show(lineage, 'pruned:1.0').lineage[1].settings['sparsity'] == 0.8
+  plan = model_removal.plan_rm(lineage, 'quantized:1.0')
+  assert [path.name for path in plan.paths] == ['quantized_model_v1.0',
+                                                'quantized_model_v1.0.onnx']
+  assert (lineage / 'quantized' / 'quantized_model_v1.0').is_dir()  # Planning removes nothing.
 
 
 def test_listing_imports_no_jax(lineage):
