@@ -451,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
   predict.add_argument('--batch-size', type=int, default=256)
   predict.add_argument('--json', action='store_true', help='print one JSON object')
   predict.set_defaults(handler=_predict)
+
+  from dnnr_jax import cli_models  # `dnnr models`: the models folder as a registry.
+
+  cli_models.add_parser(commands)
   return parser
 
 

@@ -18,7 +18,7 @@ LAYERS = {
     'complexity': 1, 'thresholds': 1, 'routing': 1, 'model': 1, 'train': 1, 'compress': 1,
     'io': 2,
     'jobs': 3,
-    'cli': 4, '__main__': 4,
+    'cli': 4, 'cli_models': 4, '__main__': 4,
 }
 
 

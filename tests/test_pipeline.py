@@ -2,6 +2,7 @@
 
 import json
 import math
+import pathlib
 import shutil
 import sys
 
@@ -9,7 +10,14 @@ import pytest
 
 from dnnr_jax.config import load_config
 from dnnr_jax.jobs import pipeline
-from tests.cli_helpers import assert_one_line_error, compile_cache, one_json, run, snapshot  # noqa: F401 (fixture)
+from tests.cli_helpers import (  # noqa: F401 (fixture)
+  assert_one_line_error,
+  compile_cache,
+  one_json,
+  run,
+  run_all,
+  snapshot,
+)
 from tests.conftest import SMOKE_CONFIG
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
@@ -81,6 +89,28 @@ def test_report_numbers_equal_dnnr_evaluate(first_run):
     evaluated = one_json(run(sys.executable, '-m', 'dnnr_jax', 'evaluate', row['path'], '--json'))
     assert evaluated['accuracy'] == row['test_accuracy']
     assert evaluated['deep_fraction'] == row['deep_fraction']
+
+
+def test_dnnr_models_lists_every_artifact_and_cards_carry_dnnr_evaluate(first_run):
+  models, _ = first_run
+  listed = one_json(run(sys.executable, '-m', 'dnnr_jax', 'models', '--models-dir', models,
+                        '--json'))['entries']
+  parents = {row['ref']: row['parent'] and pathlib.Path(row['parent']).name for row in listed}
+  assert parents == {
+      'final:1.0': None, 'final:1.0.onnx': 'model_v1.0_final',
+      'pruned:1.0': 'model_v1.0_final', 'pruned:1.0.onnx': 'pruned_model_v1.0',
+      'quantized:1.0': 'pruned_model_v1.0', 'quantized:1.0.onnx': 'quantized_model_v1.0'}
+  assert {row['state'] for row in listed} == {'ok'}
+  paths = {row['ref']: row['path'] for row in listed}
+  evaluated = run_all({ref: (sys.executable, '-m', 'dnnr_jax', 'evaluate', paths[ref], '--json')
+                       for ref in ('final:1.0', 'quantized:1.0')})
+  for ref, result in evaluated.items():
+    metrics = one_json(result)
+    card = pathlib.Path(paths[ref] + '.card.md').read_text()
+    assert card.startswith('---\nlibrary_name: dnnr_jax\n')
+    for key in ('accuracy', 'loss', 'deep_fraction'):
+      assert f"| test {key.replace('_', ' ')} | {metrics[key]:.6f} |" in card, (ref, key)
+    assert f'dnnr evaluate {models.name}/' in card and 'onnxruntime.InferenceSession' in card
 
 
 def test_rerun_skips_finished_stages_and_rebuilds_only_what_is_missing(first_run):

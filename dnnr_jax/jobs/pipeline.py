@@ -9,7 +9,8 @@ Stages, each a library job:
 4. export   -> the three `.onnx` files beside them, each checked in onnxruntime
 5. sweep    -> one pruned, fine-tuned model per `pipeline.sweep_sparsities`,
    for the accuracy-against-sparsity plot (results in the report folder)
-6. report   -> `<models>/reports/v{V}/`: report.md, report.json and PNG plots
+6. report   -> `<models>/reports/v{V}/`: report.md, report.json and PNG plots;
+   and a model card beside each checkpoint (`dnnr_jax.io.model_card`)
 
 Every artifact records the hash of the settings that made it (its own and its
 inputs'). A rerun skips an artifact whose hash matches and whose inputs were
@@ -34,6 +35,7 @@ import numpy as np
 from dnnr_jax.config import Config
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
+from dnnr_jax.io import model_card
 
 ARTIFACTS = ('final', 'pruned', 'quantized')
 TRAINING_SECTIONS = ('data', 'model', 'thresholds', 'routing', 'training')
@@ -175,6 +177,8 @@ def run_pipeline(
   report['stage_seconds'] = seconds
   report['ran'], report['skipped'] = ran, skipped
   write_report(report, report_dir)
+  for kind in ARTIFACTS:  # After the report, so each card cites its ONNX accuracy.
+    model_card.write_card(models_dir, str(paths[kind]))
   on_stage('report', 'done')
   return PipelineResult(report_dir, report, ran, skipped)
 
