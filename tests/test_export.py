@@ -9,7 +9,7 @@ import onnx
 import onnxruntime
 import pytest
 
-from dnnr_jax.config import load_config
+from dnnr_jax.config import PruneConfig, QuantizeConfig, load_config
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import export
 from dnnr_jax.io.checkpoint import load_model
@@ -29,11 +29,11 @@ def checkpoints(tmp_path_factory):
   for routing in ('per_sample', 'batch'):
     config = load_config(SMOKE_CONFIG, ['training.epochs=2', f'routing.mode={routing}'])
     made[routing], _ = jobs.train_and_save(config, models_dir=root / routing)
-  made['structured'], _ = compress_jobs.prune_checkpoint(
-      made['per_sample'], method='structured', sparsity=0.5, finetune_epochs=0)
-  made['int8'], _ = compress_jobs.quantize_checkpoint(made['per_sample'], mode='dynamic')
-  made['int8_batch'], _ = compress_jobs.quantize_checkpoint(made['batch'], mode='dynamic')
-  made['static'], _ = compress_jobs.quantize_checkpoint(made['per_sample'], mode='static')
+  made['structured'] = compress_jobs.prune_checkpoint(made['per_sample'], PruneConfig(
+      method='structured', sparsity=0.5, schedule='oneshot', finetune_epochs=0)).path
+  for name, source, mode in (('int8', 'per_sample', 'dynamic'), ('int8_batch', 'batch', 'dynamic'),
+                             ('static', 'per_sample', 'static')):
+    made[name] = compress_jobs.quantize_checkpoint(made[source], QuantizeConfig(mode=mode)).path
   return made
 
 
