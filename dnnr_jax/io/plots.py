@@ -29,10 +29,7 @@ def training_curves(report: dict[str, Any], path: pathlib.Path) -> None:
     accuracy.plot(epochs, [record[split]['accuracy'] for record in history], label=split)
   loss.set(xlabel='epoch', ylabel='cross-entropy', title='Loss')
   accuracy.set(xlabel='epoch', ylabel='accuracy', title='Accuracy')
-  for axes in (loss, accuracy):
-    axes.legend()
-    axes.grid(alpha=0.3)
-  _save(figure, path)
+  _save(figure, path, legends=(loss, accuracy))
 
 
 def thresholds_and_routes(report: dict[str, Any], path: pathlib.Path) -> None:
@@ -47,10 +44,7 @@ def thresholds_and_routes(report: dict[str, Any], path: pathlib.Path) -> None:
   thresholds.set(xlabel='epoch', ylabel='threshold', title='Hybrid thresholds')
   routes.set(xlabel='epoch', ylabel='fraction of inputs', title='Deep-path fraction',
              ylim=(-0.02, 1.02))
-  for axes in (thresholds, routes):
-    axes.legend()
-    axes.grid(alpha=0.3)
-  _save(figure, path)
+  _save(figure, path, legends=(thresholds, routes))
 
 
 def sparsity_per_layer(report: dict[str, Any], path: pathlib.Path) -> None:
@@ -93,7 +87,11 @@ def write_all(report: dict[str, Any], directory: pathlib.Path) -> dict[str, str]
   return {name: file_name for name, (file_name, _) in plots.items()}
 
 
-def _save(figure, path: pathlib.Path) -> None:
+def _save(figure, path: pathlib.Path, legends=()) -> None:
+  """Writes `figure`, after a legend and a grid on each of the `legends` axes."""
+  for axes in legends:
+    axes.legend()
+    axes.grid(alpha=0.3)
   figure.tight_layout()
   temporary = path.with_name(f'.{path.name}.partial')
   figure.savefig(temporary, format='png', dpi=100)
