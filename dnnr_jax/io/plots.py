@@ -21,9 +21,7 @@ _SUMMARY_KEYS = ('overall', 'all_params')
 
 def training_curves(report: dict[str, Any], path: pathlib.Path) -> None:
   """Loss and accuracy per epoch, train and test."""
-  history = report['history']
-  epochs = [record['epoch'] for record in history]
-  figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 4))
+  history, epochs, figure, (loss, accuracy) = _history_panels(report)
   for split in ('train', 'test'):
     loss.plot(epochs, [record[split]['loss'] for record in history], label=split)
     accuracy.plot(epochs, [record[split]['accuracy'] for record in history], label=split)
@@ -34,9 +32,7 @@ def training_curves(report: dict[str, Any], path: pathlib.Path) -> None:
 
 def thresholds_and_routes(report: dict[str, Any], path: pathlib.Path) -> None:
   """The hybrid thresholds and the deep-path fraction per epoch."""
-  history = report['history']
-  epochs = [record['epoch'] for record in history]
-  figure, (thresholds, routes) = plt.subplots(1, 2, figsize=(10, 4))
+  history, epochs, figure, (thresholds, routes) = _history_panels(report)
   for name in history[0]['thresholds']:
     thresholds.plot(epochs, [record['thresholds'][name] for record in history], label=name)
   for split in ('train', 'test'):
@@ -85,6 +81,13 @@ def write_all(report: dict[str, Any], directory: pathlib.Path) -> dict[str, str]
   for file_name, draw in plots.values():
     draw(report, directory / file_name)
   return {name: file_name for name, (file_name, _) in plots.items()}
+
+
+def _history_panels(report: dict[str, Any]):
+  """The training history, its epochs, and a figure with two axes side by side."""
+  history = report['history']
+  figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+  return history, [record['epoch'] for record in history], figure, axes
 
 
 def _save(figure, path: pathlib.Path, legends=()) -> None:
