@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any, Sequence
 
@@ -15,8 +16,32 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dnnr_jax.config import ROUTING_MODES
+from dnnr_jax.config import (
+  CALIBRATION_METHODS,
+  PRUNE_METHODS,
+  PRUNE_SCHEDULES,
+  QUANTIZE_MODES,
+  ROUTING_MODES,
+  PruneConfig,
+  QuantizeConfig,
+)
 from dnnr_jax.errors import DnnrError
+
+# The library names its own arguments (`version = 'one'`, `overwrite=True`) and the
+# config keys its settings come from; the CLI says them as the flags that set them.
+ARGUMENT_FLAGS = {name: '--' + name.replace('_', '-') for name in (
+    'batch_size', 'data_dir', 'force', 'models_dir', 'output', 'overwrite', 'raw_uint8_input',
+    'seed', 'version')}
+SETTING_FLAGS = {
+    'prune': {f'compress.prune.{key}': '--' + key.replace('_', '-') for key in (
+        'method', 'sparsity', 'schedule', 'finetune_epochs', 'learning_rate', 'distill', 'n',
+        'm')} | {'compress.prune.distill_temperature': '--temperature'},
+    'quantize': {f'compress.quantize.{key}': '--' + key.replace('_', '-') for key in (
+        'mode', 'bits', 'calibration_batches', 'calibration_method', 'finetune_epochs',
+        'learning_rate')},
+}
+_PRUNE = PruneConfig()
+_QUANTIZE = QuantizeConfig()
 
 _stdout = Console(highlight=False)
 _stderr = Console(stderr=True, highlight=False)
@@ -75,31 +100,35 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
   from dnnr_jax.jobs import compress as jobs
 
+  settings = PruneConfig(
+      method=args.method, sparsity=args.sparsity, schedule=args.schedule,
+      finetune_epochs=args.finetune_epochs, learning_rate=args.learning_rate,
+      distill=args.distill, distill_temperature=args.temperature, n=args.n, m=args.m)
   with _EpochProgress(args.finetune_epochs, label='fine-tune') as progress:
-    _, summary = jobs.prune_checkpoint(
-        args.model_path, method=args.method, sparsity=args.sparsity,
-        schedule=args.schedule, finetune_epochs=args.finetune_epochs, n=args.n, m=args.m,
-        learning_rate=args.learning_rate, distill=args.distill, temperature=args.temperature,
-        seed=args.seed, data_dir=args.data_dir, models_dir=args.models_dir,
-        version=args.version,
-        overwrite=args.overwrite, on_epoch=progress.update)
-  return _print_compression(summary, args.json)
+    result = jobs.prune_checkpoint(args.model_path, settings, on_epoch=progress.update,
+                                   **_output_options(args))
+  return _print_compression(result, args.json)
 
 
 def _quantize(args: argparse.Namespace) -> int:
   from dnnr_jax.jobs import compress as jobs
 
+  settings = QuantizeConfig(
+      mode=args.mode, bits=args.bits, per_channel=not args.per_tensor,
+      calibration_batches=args.calibration_batches,
+      calibration_method=args.calibration_method, finetune_epochs=args.finetune_epochs,
+      learning_rate=args.learning_rate)
   epochs = args.finetune_epochs if args.mode == 'qat' else 0
   with _EpochProgress(epochs, label='QAT') as progress:
-    _, summary = jobs.quantize_checkpoint(
-        args.model_path, mode=args.mode, bits=args.bits,
-        per_channel=not args.per_tensor, calibration_batches=args.calibration_batches,
-        calibration_method=args.calibration_method, finetune_epochs=args.finetune_epochs,
-        learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
-        models_dir=args.models_dir,
-        version=args.version,
-        overwrite=args.overwrite, on_epoch=progress.update)
-  return _print_compression(summary, args.json)
+    result = jobs.quantize_checkpoint(args.model_path, settings, on_epoch=progress.update,
+                                      **_output_options(args))
+  return _print_compression(result, args.json)
+
+
+def _output_options(args: argparse.Namespace) -> dict[str, Any]:
+  """The job arguments `_add_output_arguments` adds, besides the settings."""
+  return {'seed': args.seed, 'data_dir': args.data_dir, 'models_dir': args.models_dir,
+          'version': args.version, 'overwrite': args.overwrite}
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -227,28 +256,47 @@ def _quiet_onnx_ir() -> None:
   logging.getLogger('onnx_ir').setLevel(logging.ERROR)
 
 
-def _print_compression(summary: dict[str, Any], as_json: bool) -> int:
-  """The before/after table of a prune or quantize job."""
+def _print_compression(result: Any, as_json: bool) -> int:
+  """The before/after table of a prune or quantize job's `CompressResult`."""
   if as_json:
-    print(json.dumps(summary))
+    print(json.dumps(result.to_dict()))
     return 0
-  before, after = summary['metrics']['test_before'], summary['metrics']['test']
-  report = summary['compression'].get('sparsity_report')
-  table = Table(title=f"{summary['source']['path']} -> {summary['path']}")
+  metrics = result.metadata['metrics']
+  before, after = metrics['test_before'], metrics['test']
+  sparsity = f'{result.sparsity:.2%}' if hasattr(result, 'sparsity') else ''
+  table = Table(title=f"{result.metadata['source']['path']} -> {result.path}")
   for column in ('', 'accuracy', 'deep fraction', 'sparsity', 'bytes', 'gzip bytes'):
     table.add_column(column, justify='right')
   table.add_row('before', f"{before['accuracy']:.2%}", f"{before['deep_fraction']:.2%}", '',
-                f"{summary['source_bytes']['raw']:,}", f"{summary['source_bytes']['gzip']:,}")
+                f'{result.source_size.raw:,}', f'{result.source_size.gzip:,}')
   table.add_row('after', f"{after['accuracy']:.2%}", f"{after['deep_fraction']:.2%}",
-                f"{report['overall']['sparsity']:.2%}" if report else '',
-                f"{summary['bytes']['raw']:,}", f"{summary['bytes']['gzip']:,}")
+                sparsity, f'{result.size.raw:,}', f'{result.size.gzip:,}')
   _stdout.print(table)
-  routes, dense = summary['routes'], summary['dense_float_bytes']
+  dense, size = result.dense_float_size, result.size
   _stdout.print(
-      f"route agreement {routes['route_agreement']:.2%}; against the dense float32 "
-      f"checkpoint {dense['path']}: {dense['raw'] / summary['bytes']['raw']:.1f}x fewer "
-      f"bytes, {dense['gzip'] / summary['bytes']['gzip']:.1f}x fewer gzip bytes")
+      f'route agreement {result.route_agreement:.2%}; against the dense float32 '
+      f'checkpoint {result.dense_float_path}: {dense.raw / size.raw:.1f}x fewer '
+      f'bytes, {dense.gzip / size.gzip:.1f}x fewer gzip bytes')
   return 0
+
+
+def in_flags(message: str, command: str) -> str:
+  """A library error as `command` says it: arguments and settings by their flags.
+
+  `version = 'one'` and `version=1.0` become `--version 'one'` and `--version 1.0`,
+  `overwrite=True` becomes `--overwrite`; for prune and quantize,
+  `compress.prune.sparsity = 1.5` becomes `--sparsity 1.5`.
+  """
+  def argument(match: re.Match) -> str:
+    flag = ARGUMENT_FLAGS[match['name']]
+    return flag if match['value'] == 'True' else f"{flag} {match['value']}"
+
+  names = '|'.join(ARGUMENT_FLAGS)
+  message = re.sub(rf'(?<![\w.])(?P<name>{names})(?: = |=)(?P<value>\S*?)(?=[,;.]?(?:\s|$))',
+                   argument, message)
+  for key, flag in SETTING_FLAGS.get(command, {}).items():
+    message = re.sub(rf'(?<![\w.]){re.escape(key)}\b(?: =)?', flag, message)
+  return message
 
 
 def _stop(progress: Progress, exc_type: Any) -> None:
@@ -364,35 +412,46 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument('--json', action='store_true', help='print one JSON object')
   evaluate.set_defaults(handler=_evaluate)
 
+  # Every default is the config's (compress.prune), so `dnnr prune` and the pipeline agree.
   prune = commands.add_parser('prune', help='prune a checkpoint (models/pruned/)')
   prune.add_argument('model_path', metavar='MODEL_PATH')
-  prune.add_argument('--method', default='global',
-                     choices=('global', 'layer', 'structured', 'nm'))
-  prune.add_argument('--sparsity', type=float, default=0.9,
-                     help='fraction of kernel weights (units for structured) to remove')
-  prune.add_argument('--schedule', default='oneshot', choices=('oneshot', 'gradual'))
-  prune.add_argument('--finetune-epochs', type=int, default=2)
-  prune.add_argument('--n', type=int, default=2, help='N of N:M (default 2)')
-  prune.add_argument('--m', type=int, default=4, help='M of N:M (default 4)')
-  prune.add_argument('--distill', type=float, default=0.0,
+  prune.add_argument('--method', default=_PRUNE.method, choices=PRUNE_METHODS,
+                     help='default: %(default)s')
+  prune.add_argument('--sparsity', type=float, default=_PRUNE.sparsity,
+                     help='fraction of kernel weights (units for structured) to remove '
+                          '(default %(default)s)')
+  prune.add_argument('--schedule', default=_PRUNE.schedule, choices=PRUNE_SCHEDULES,
+                     help='gradual (global or layer only) prunes during fine-tuning '
+                          '(default %(default)s)')
+  prune.add_argument('--finetune-epochs', type=int, default=_PRUNE.finetune_epochs,
+                     help='default %(default)s')
+  prune.add_argument('--n', type=int, default=_PRUNE.n, help='N of N:M (default %(default)s)')
+  prune.add_argument('--m', type=int, default=_PRUNE.m, help='M of N:M (default %(default)s)')
+  prune.add_argument('--distill', type=float, default=_PRUNE.distill,
                      help='share of the fine-tuning loss that distils the source model '
-                          '(default 0: labels only; 0.5 works well)')
-  prune.add_argument('--temperature', type=float, default=4.0,
+                          '(default %(default)s: labels only; 0.5 works well)')
+  prune.add_argument('--temperature', type=float, default=_PRUNE.distill_temperature,
                      help='distillation temperature (default %(default)s)')
   _add_output_arguments(prune)
   prune.set_defaults(handler=_prune)
 
   quantize = commands.add_parser('quantize', help='quantize a checkpoint (models/quantized/)')
   quantize.add_argument('model_path', metavar='MODEL_PATH')
-  quantize.add_argument('--mode', default='dynamic',
-                        choices=('weight_only', 'dynamic', 'static', 'qat'))
-  quantize.add_argument('--bits', type=int, default=8, choices=(8, 4))
+  # Every default is the config's (compress.quantize).
+  quantize.add_argument('--mode', default=_QUANTIZE.mode, choices=QUANTIZE_MODES,
+                        help='default: %(default)s')
+  quantize.add_argument('--bits', type=int, default=_QUANTIZE.bits, choices=(8, 4),
+                        help='default: %(default)s')
   quantize.add_argument('--per-tensor', action='store_true',
+                        default=not _QUANTIZE.per_channel,
                         help='one scale per kernel instead of per output channel')
-  quantize.add_argument('--calibration-batches', type=int, default=10)
-  quantize.add_argument('--calibration-method', default='minmax',
-                        choices=('minmax', 'percentile'))
-  quantize.add_argument('--finetune-epochs', type=int, default=2, help='QAT epochs')
+  quantize.add_argument('--calibration-batches', type=int,
+                        default=_QUANTIZE.calibration_batches,
+                        help='training batches that calibrate static (default %(default)s)')
+  quantize.add_argument('--calibration-method', default=_QUANTIZE.calibration_method,
+                        choices=CALIBRATION_METHODS, help='default: %(default)s')
+  quantize.add_argument('--finetune-epochs', type=int, default=_QUANTIZE.finetune_epochs,
+                        help='QAT epochs (default %(default)s)')
   _add_output_arguments(quantize)
   quantize.set_defaults(handler=_quantize)
 
@@ -475,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return args.handler(args)
   except DnnrError as error:
-    print(f'error: {error}', file=sys.stderr)
+    print(f'error: {in_flags(str(error), args.command)}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print('interrupted; finished checkpoints are kept (dnnr train --resume, or the same '

@@ -179,7 +179,7 @@ class TrainingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
-  """The pipeline's pruning stage (`dnnr prune` takes the same as flags).
+  """How to prune: the pipeline's pruning stage, and `dnnr prune`'s flags and defaults.
 
   Attributes:
     method: 'global' or 'layer' magnitude, 'structured' (whole units) or 'nm'.
@@ -191,7 +191,11 @@ class PruneConfig:
     distill: share of the fine-tuning loss that distils the unpruned model's
       outputs (0: labels only).
     distill_temperature: the temperature that softens them.
-    n, m: the N:M pattern for 'nm'.
+    n, m: the N:M pattern for 'nm' (n of every m inputs kept, 1 <= n < m).
+    gradual_end: for 'gradual', the fraction of the fine-tuning steps after
+      which the schedule holds the final sparsity (the rest recovers).
+    mask_updates: for 'gradual', about how many times the masks are
+      recomputed over fine-tuning (every steps // mask_updates steps).
   """
   method: str = 'global'
   sparsity: float = 0.9
@@ -202,36 +206,45 @@ class PruneConfig:
   distill_temperature: float = 4.0
   n: int = 2
   m: int = 4
+  gradual_end: float = 0.75
+  mask_updates: int = 100
 
   def validate(self) -> None:
-    _check_choice('compress.prune.method', self.method, PRUNE_METHODS)
-    _check_fraction('compress.prune.sparsity', self.sparsity)
-    _check_choice('compress.prune.schedule', self.schedule, PRUNE_SCHEDULES)
-    _check_at_least('compress.prune.finetune_epochs', self.finetune_epochs, 0)
+    key = 'compress.prune'
+    _check_choice(f'{key}.method', self.method, PRUNE_METHODS)
+    _check_fraction(f'{key}.sparsity', self.sparsity)
+    _check_choice(f'{key}.schedule', self.schedule, PRUNE_SCHEDULES)
+    _check_at_least(f'{key}.finetune_epochs', self.finetune_epochs, 0)
     if self.learning_rate is not None:
-      _check_positive('compress.prune.learning_rate', self.learning_rate)
+      _check_positive(f'{key}.learning_rate', self.learning_rate)
     if not (math.isfinite(self.distill) and 0 <= self.distill <= 1):
-      raise ConfigError(f'compress.prune.distill = {self.distill!r} must be in [0, 1].')
+      raise ConfigError(f'{key}.distill = {self.distill!r} must be in [0, 1], a share of '
+                        'the loss, e.g. 0.5.')
     if self.distill and self.finetune_epochs < 1:
-      raise ConfigError('compress.prune.distill acts while fine-tuning: it needs '
-                        'finetune_epochs of at least 1.')
-    _check_positive('compress.prune.distill_temperature', self.distill_temperature)
+      raise ConfigError(f'{key}.distill acts while fine-tuning: it needs '
+                        f'{key}.finetune_epochs of at least 1.')
+    _check_positive(f'{key}.distill_temperature', self.distill_temperature)
     if self.schedule == 'gradual' and (
         self.method not in ('global', 'layer') or self.finetune_epochs < 1):
       raise ConfigError(
-          'compress.prune.schedule = gradual prunes during fine-tuning: it needs method '
-          'global or layer and finetune_epochs of at least 1.')
-    _check_at_least('compress.prune.n', self.n, 1)
+          f'{key}.schedule = gradual prunes during fine-tuning: it needs {key}.method '
+          f'global or layer and {key}.finetune_epochs of at least 1; otherwise set '
+          f'{key}.schedule to oneshot.')
+    _check_at_least(f'{key}.n', self.n, 1)
     if self.m <= self.n:
-      raise ConfigError(f'compress.prune.m = {self.m} must be larger than n = {self.n}.')
+      raise ConfigError(f'{key}.m = {self.m} must be larger than {key}.n = {self.n}.')
+    if not (math.isfinite(self.gradual_end) and 0 < self.gradual_end <= 1):
+      raise ConfigError(f'{key}.gradual_end = {self.gradual_end!r} must be in (0, 1].')
+    _check_at_least(f'{key}.mask_updates', self.mask_updates, 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeConfig:
-  """The pipeline's quantization stage (`dnnr quantize` takes the same as flags).
+  """How to quantize: the pipeline's quantization stage, and `dnnr quantize`'s flags and defaults.
 
   Attributes:
-    source: quantize the 'pruned' model (pruned + int8) or the 'final' one.
+    source: the pipeline quantizes the 'pruned' model (pruned + int8) or the
+      'final' one.
     mode: 'weight_only', 'dynamic', 'static' or 'qat'.
     bits: 8 or 4.
     per_channel: one scale per output channel, else per tensor.
@@ -257,8 +270,11 @@ class QuantizeConfig:
     _check_at_least('compress.quantize.calibration_batches', self.calibration_batches, 1)
     _check_choice('compress.quantize.calibration_method', self.calibration_method,
                   CALIBRATION_METHODS)
-    minimum = 1 if self.mode == 'qat' else 0
-    _check_at_least('compress.quantize.finetune_epochs', self.finetune_epochs, minimum)
+    _check_at_least('compress.quantize.finetune_epochs', self.finetune_epochs, 0)
+    if self.mode == 'qat' and self.finetune_epochs < 1:
+      raise ConfigError(
+          f'compress.quantize.finetune_epochs = {self.finetune_epochs} must be at least 1 '
+          'for compress.quantize.mode = qat, which fine-tunes with fake quantization.')
     if self.learning_rate is not None:
       _check_positive('compress.quantize.learning_rate', self.learning_rate)
 

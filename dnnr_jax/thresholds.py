@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from dnnr_jax.complexity import METRICS
 
@@ -29,19 +30,6 @@ def thresholds_from_values(values: Mapping[str, float] | object) -> Thresholds:
   return {name: jnp.asarray(values[name], jnp.float32) for name in METRICS}
 
 
-def annealing_progress(
-    epoch: jax.Array | int, start_epoch: int, total_epochs: int
-) -> jax.Array:
-  """Fraction of annealing done at `epoch`: 0 until `start_epoch`, 1 from
-  `total_epochs` on, linear between.
-  """
-  epoch = jnp.asarray(epoch, jnp.float32)
-  span = max(total_epochs - start_epoch, 0)
-  if span == 0:
-    return (epoch >= start_epoch).astype(jnp.float32)
-  return jnp.clip((epoch - start_epoch) / span, 0.0, 1.0)
-
-
 def linear_annealing(
     initial: Thresholds,
     final: Thresholds,
@@ -50,24 +38,31 @@ def linear_annealing(
 ) -> ThresholdSchedule:
   """The original `HybridThresholds` schedule, generalised to any end point.
 
-  With `final` all zero this is the original's `t * (1 - progress)`,
-  progress = (epoch - start) / (total - start).
+  Each threshold follows `optax.linear_schedule` from its `initial` to its
+  `final` value over epochs [start_epoch, total_epochs]. With `final` all
+  zero this is the original's `t * (1 - progress)`, progress = (epoch -
+  start) / (total - start).
 
   Args:
     initial: thresholds before `start_epoch`.
     final: thresholds from `total_epochs` on.
     start_epoch: first epoch whose thresholds move.
-    total_epochs: epoch at which `final` is reached.
+    total_epochs: epoch at which `final` is reached; at or before
+      `start_epoch`, the thresholds jump to `final` at `start_epoch`.
 
   Returns:
     `epoch -> thresholds`, traceable under `jax.jit`.
   """
-  def schedule(epoch: jax.Array | int) -> Thresholds:
-    progress = annealing_progress(epoch, start_epoch, total_epochs)
-    return jax.tree.map(
-        lambda start, end: start + (end - start) * progress, initial, final)
+  span = total_epochs - start_epoch
+  if span <= 0:  # optax would hold `initial` forever here; the original jumps.
+    def step(epoch: jax.Array | int) -> Thresholds:
+      reached = jnp.asarray(epoch) >= start_epoch
+      return jax.tree.map(lambda start, end: jnp.where(reached, end, start), initial, final)
 
-  return schedule
+    return step
+  schedules = jax.tree.map(
+      lambda start, end: optax.linear_schedule(start, end, span, start_epoch), initial, final)
+  return lambda epoch: jax.tree.map(lambda schedule: schedule(epoch), schedules)
 
 
 def schedule_from_config(config) -> ThresholdSchedule:

@@ -41,9 +41,9 @@ def run_one(final: pathlib.Path, config, sparsity: float, seed: int, folder: pat
   if not quantized.is_dir():
     options = dict(seed=seed, data_dir=data_dir, models_dir=folder, version='1.0')
     if not pruned.is_dir():
-      jobs.prune_as_configured(
+      jobs.prune_checkpoint(
           final, dataclasses.replace(config.compress.prune, sparsity=sparsity), **options)
-    jobs.quantize_as_configured(pruned, config.compress.quantize, **options)
+    jobs.quantize_checkpoint(pruned, config.compress.quantize, **options)
   return {
       'sparsity': sparsity, 'seed': seed,
       'pruned_accuracy': _accuracy(pruned), 'quantized_accuracy': _accuracy(quantized),

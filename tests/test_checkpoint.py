@@ -196,7 +196,7 @@ def test_save_does_not_overwrite(tmp_path, trained):
   variables = _host(trained.result.state.variables)
   doubled = jax.tree.map(lambda x: 2 * x + 1, variables)
 
-  with pytest.raises(CheckpointError, match='--overwrite') as raised:
+  with pytest.raises(CheckpointError, match='overwrite=True') as raised:
     checkpoint.save_checkpoint(path, doubled, {'kind': 'final'})
 
   assert str(path) in str(raised.value)
@@ -343,7 +343,7 @@ def test_evaluate_checkpoint_missing_split(trained):
 
 
 @pytest.mark.parametrize('version, words', [
-    ('1.0', '--overwrite'),
+    ('1.0', 'overwrite=True'),
     ('v1.0', 'MAJOR.MINOR'),
 ])
 def test_train_and_save_fails_before_work(monkeypatch, trained, config,

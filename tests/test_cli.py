@@ -208,3 +208,28 @@ def test_default_config_on_mnist(tmp_path, mnist_dir):
   assert served['n'] == 10000
   assert served['accuracy'] == metrics['accuracy']
   assert served['deep_fraction'] == metrics['deep_fraction']
+
+
+@pytest.mark.parametrize('command, message, said', [
+    ('train', "version = 'one' is not of the form MAJOR.MINOR; pass e.g. version=1.0.",
+     "--version 'one' is not of the form MAJOR.MINOR; pass e.g. --version 1.0."),
+    ('prune', 'm/p already exists; pass overwrite=True to replace it or another '
+     'version=MAJOR.MINOR.',
+     'm/p already exists; pass --overwrite to replace it or another --version MAJOR.MINOR.'),
+    ('prune', 'compress.prune.distill acts while fine-tuning: it needs '
+     'compress.prune.finetune_epochs of at least 1.',
+     '--distill acts while fine-tuning: it needs --finetune-epochs of at least 1.'),
+    ('prune', 'compress.prune.distill_temperature = 0.0 must be a positive number.',
+     '--temperature 0.0 must be a positive number.'),
+    ('quantize', 'compress.quantize.bits = 3 must be 4 or 8.', '--bits 3 must be 4 or 8.'),
+    # The pipeline takes its settings as config keys (--set), so they stay keys.
+    ('pipeline', 'compress.prune.sparsity = 1.5 must be in [0, 1).',
+     'compress.prune.sparsity = 1.5 must be in [0, 1).'),
+    ('train', 'MNIST not found: no data_dir=DIR was given, DNNR_DATA_DIR is not set.',
+     'MNIST not found: no --data-dir DIR was given, DNNR_DATA_DIR is not set.'),
+    ('predict', 'batch_size = 0 must be at least 1.', '--batch-size 0 must be at least 1.'),
+])
+def test_library_argument_names_are_said_as_flags(command, message, said):
+  from dnnr_jax import cli
+
+  assert cli.in_flags(message, command) == said

@@ -28,9 +28,8 @@ def sources(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('cli_compress')
   final, _ = jobs.train_and_save(
       load_config(SMOKE_CONFIG, ['training.epochs=3']), models_dir=tmp / 'models')
-  quantized, _ = compress_jobs.quantize_checkpoint(
-      final, models_dir=tmp / 'quantized_source')
-  return tmp, final, quantized
+  quantized = compress_jobs.quantize_checkpoint(final, models_dir=tmp / 'quantized_source')
+  return tmp, final, quantized.path
 
 
 @pytest.fixture(scope='module')

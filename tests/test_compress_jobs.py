@@ -1,5 +1,6 @@
 """The prune and quantize jobs end to end on one trained smoke model (digits, offline)."""
 
+import dataclasses
 import pathlib
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from dnnr_jax.compress import prune, quantize, structured
-from dnnr_jax.config import RoutingConfig, load_config
+from dnnr_jax.config import PruneConfig, QuantizeConfig, RoutingConfig, load_config
 from dnnr_jax.errors import CheckpointError, DnnrError
 from dnnr_jax.io import storage
 from dnnr_jax.io.checkpoint import load_model
@@ -22,22 +23,23 @@ LAYERS = ('trunk_0', 'trunk_1', 'deep', 'shortcut', 'head')
 SPARSITY = 0.8
 # Accuracy a quantized model may lose against its float source.
 ACCURACY_SLACK = 0.02
+ONESHOT = PruneConfig(schedule='oneshot', sparsity=SPARSITY, finetune_epochs=1)
+GRADUAL = PruneConfig(method='global', schedule='gradual', sparsity=0.9, finetune_epochs=2,
+                      learning_rate=0.002)
 # Each run writes into its own models folder, so its version is always 1.0.
+# By name: (settings, the job's other arguments).
 PRUNE_RUNS = {
-    'structured': dict(method='structured', sparsity=0.5, finetune_epochs=1),
-    'nm': dict(method='nm', n=2, m=4, finetune_epochs=1),
-    'gradual': dict(method='global', schedule='gradual', sparsity=0.9, finetune_epochs=2,
-                    learning_rate=0.002),
-    'distilled': dict(method='global', schedule='gradual', sparsity=0.9, finetune_epochs=2,
-                      learning_rate=0.002, distill=0.5, temperature=3.0),
-    'reseeded': dict(method='global', schedule='gradual', sparsity=0.9, finetune_epochs=2,
-                     learning_rate=0.002, seed=7),
+    'structured': (dataclasses.replace(ONESHOT, method='structured', sparsity=0.5), {}),
+    'nm': (dataclasses.replace(ONESHOT, method='nm', n=2, m=4), {}),
+    'gradual': (GRADUAL, {}),
+    'distilled': (dataclasses.replace(GRADUAL, distill=0.5, distill_temperature=3.0), {}),
+    'reseeded': (GRADUAL, {'seed': 7}),
 }
 QUANTIZE_RUNS = {
-    'dynamic': dict(mode='dynamic', bits=8),
-    'weight_only': dict(mode='weight_only', bits=4),
-    'static': dict(mode='static', bits=8, calibration_batches=4),
-    'qat': dict(mode='qat', bits=8, finetune_epochs=1),
+    'dynamic': (QuantizeConfig(mode='dynamic', bits=8), {}),
+    'weight_only': (QuantizeConfig(mode='weight_only', bits=4), {}),
+    'static': (QuantizeConfig(mode='static', bits=8, calibration_batches=4), {}),
+    'qat': (QuantizeConfig(mode='qat', bits=8, finetune_epochs=1), {}),
 }
 
 
@@ -92,8 +94,7 @@ def dataset(source):
 def oneshot(final_path):
   """Global then layer one-shot pruning into the source's models folder, by method."""
   return {method: compress_jobs.prune_checkpoint(
-      final_path, method=method, sparsity=SPARSITY, finetune_epochs=1)
-          for method in ('global', 'layer')}
+      final_path, dataclasses.replace(ONESHOT, method=method)) for method in ('global', 'layer')}
 
 
 def _cached_runs(final_path, root, kind, runs):
@@ -103,9 +104,10 @@ def _cached_runs(final_path, root, kind, runs):
     if name not in made:
       job = (compress_jobs.prune_checkpoint if kind == 'pruned'
              else compress_jobs.quantize_checkpoint)
-      path, summary = job(final_path, models_dir=root / name, **runs[name])
-      assert path == root / name / kind / f'{kind}_model_v1.0'
-      made[name] = path, summary, load_model(path)
+      settings, options = runs[name]
+      result = job(final_path, settings, models_dir=root / name, **options)
+      assert result.path == root / name / kind / f'{kind}_model_v1.0'
+      made[name] = result.path, result, load_model(result.path)
     return made[name]
 
   return make
@@ -127,16 +129,15 @@ def quantized(final_path, root):
 
 
 def test_oneshot_takes_successive_versions_beside_the_source(models_dir, oneshot):
-  assert oneshot['global'][0] == models_dir / 'pruned' / 'pruned_model_v1.0'
-  assert oneshot['layer'][0] == models_dir / 'pruned' / 'pruned_model_v1.1'
-  assert oneshot['global'][1]['version'] == '1.0'
-  assert oneshot['layer'][1]['version'] == '1.1'
+  assert oneshot['global'].path == models_dir / 'pruned' / 'pruned_model_v1.0'
+  assert oneshot['layer'].path == models_dir / 'pruned' / 'pruned_model_v1.1'
+  assert oneshot['global'].version == '1.0'
+  assert oneshot['layer'].version == '1.1'
 
 
 @pytest.mark.parametrize('method', ['global', 'layer'])
 def test_oneshot_prunes_exactly_and_finetuning_keeps_zeros(source, oneshot, method):
-  path, _ = oneshot[method]
-  kernels = _kernels(load_model(path).variables)
+  kernels = _kernels(load_model(oneshot[method].path).variables)
   original = _kernels(source.variables)
   # The zeros are exactly the weights the mask of the source removes: none
   # revived by fine-tuning, none added.
@@ -161,7 +162,8 @@ def test_oneshot_prunes_exactly_and_finetuning_keeps_zeros(source, oneshot, meth
 
 @pytest.mark.parametrize('method', ['global', 'layer'])
 def test_oneshot_metadata(final_path, source, dataset, oneshot, method):
-  path, summary = oneshot[method]
+  summary = oneshot[method]
+  path = summary.path
   loaded = load_model(path)
   metadata = loaded.metadata
   assert metadata['kind'] == 'pruned'
@@ -170,7 +172,7 @@ def test_oneshot_metadata(final_path, source, dataset, oneshot, method):
   assert {key: settings[key] for key in ('method', 'sparsity', 'schedule', 'finetune_epochs')} == {
       'method': method, 'sparsity': SPARSITY, 'schedule': 'oneshot', 'finetune_epochs': 1}
   report = settings['sparsity_report']
-  assert report == prune.sparsity_report(loaded.variables['params'])
+  assert report == prune.sparsity_report(loaded.variables['params']) == summary.sparsity_report
   assert report['overall']['zeros'] == sum(
       int(np.sum(np.asarray(kernel) == 0)) for kernel in _kernels(loaded.variables).values())
   # Accuracy before is the source's own, after is what the checkpoint scores.
@@ -195,11 +197,17 @@ def test_oneshot_metadata(final_path, source, dataset, oneshot, method):
   # Bytes: the arrays as encoded (sparse beats dense), and the directory.
   assert metadata['array_bytes'] == _array_bytes(loaded.variables)
   assert metadata['array_bytes'] < _array_bytes(source.variables) / 2
-  assert summary['path'] == str(path)
-  assert summary['bytes']['raw'] == storage.directory_bytes(path)
-  assert summary['source_bytes']['raw'] == storage.directory_bytes(final_path)
-  assert summary['bytes']['raw'] < summary['source_bytes']['raw']
-  assert summary['dense_float_bytes']['path'] == str(final_path)
+  assert summary.metadata['compression'] == settings
+  assert summary.size == compress_jobs.Footprint(
+      storage.directory_bytes(path), storage.gzip_bytes(path))
+  assert summary.source_size.raw == storage.directory_bytes(final_path)
+  assert summary.size.raw < summary.source_size.raw
+  assert summary.dense_float_path == final_path
+  # The JSON summary `dnnr prune --json` prints.
+  plain = summary.to_dict()
+  assert plain['path'] == str(path) and plain['kind'] == 'pruned'
+  assert plain['bytes'] == {'raw': summary.size.raw, 'gzip': summary.size.gzip}
+  assert plain['dense_float_bytes']['path'] == str(final_path)
 
 
 def test_structured_prune_halves_every_width(source, dataset, pruned):
@@ -208,7 +216,8 @@ def test_structured_prune_halves_every_width(source, dataset, pruned):
   assert tuple(old.hidden_sizes) == (32, 32) and old.deep_size == 16
   new = loaded.config.model
   assert tuple(new.hidden_sizes) == (16, 16) and new.deep_size == 8
-  assert summary['compression']['kept_units'] == {'trunk_0': 16, 'trunk_1': 16, 'block': 8}
+  assert summary.metadata['compression']['kept_units'] == {
+      'trunk_0': 16, 'trunk_1': 16, 'block': 8}
   shapes = {name: kernel.shape for name, kernel in _kernels(loaded.variables).items()}
   assert shapes == {'trunk_0': (64, 16), 'trunk_1': (16, 16), 'deep': (16, 8),
                     'shortcut': (16, 8), 'head': (8, 10)}
@@ -216,7 +225,7 @@ def test_structured_prune_halves_every_width(source, dataset, pruned):
   logits = loaded.predict(dataset.test.images)
   assert logits.shape == (360, 10)
   accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(dataset.test.labels)))
-  assert accuracy == pytest.approx(summary['metrics']['test']['accuracy'])
+  assert accuracy == pytest.approx(summary.accuracy)
   old_count = structured.count_parameters(source.variables['params'])
   new_count = structured.count_parameters(loaded.variables['params'])
   assert new_count == sum(
@@ -225,8 +234,8 @@ def test_structured_prune_halves_every_width(source, dataset, pruned):
 
 def test_nm_prune_keeps_two_of_every_four_inputs(source, pruned):
   _, summary, loaded = pruned('nm')
-  assert summary['compression']['method'] == 'nm'
-  assert (summary['compression']['n'], summary['compression']['m']) == (2, 4)
+  settings = summary.metadata['compression']
+  assert settings['method'] == 'nm' and (settings['n'], settings['m']) == (2, 4)
   masks = prune.nm_masks(source.variables['params'], 2, 4)
   total = 0
   for name, kernel in _kernels(loaded.variables).items():
@@ -235,28 +244,28 @@ def test_nm_prune_keeps_two_of_every_four_inputs(source, pruned):
     assert np.all(np.count_nonzero(groups, axis=1) <= 2), name
     np.testing.assert_array_equal(kernel != 0, np.asarray(masks[name]['kernel']))
     total += kernel.size
-  assert summary['compression']['sparsity_report']['overall']['zeros'] == total // 2
+  assert summary.zeros == total // 2 and summary.sparsity == 0.5
 
 
 def test_gradual_prune_reaches_the_final_sparsity_exactly(pruned):
   _, summary, loaded = pruned('gradual')
-  assert summary['compression']['schedule'] == 'gradual'
+  assert summary.metadata['compression']['schedule'] == 'gradual'
   kernels = [np.asarray(kernel) for kernel in _kernels(loaded.variables).values()]
   size = sum(kernel.size for kernel in kernels)
   zeros = sum(int(np.sum(kernel == 0)) for kernel in kernels)
   assert zeros == round(0.9 * size)
-  assert summary['compression']['sparsity_report']['overall']['zeros'] == zeros
-  assert summary['routes']['route_agreement'] == 1.0
-  assert summary['compression']['learning_rate'] == 0.002
-  assert summary['config']['training']['learning_rate'] == 0.002
+  assert summary.zeros == zeros
+  assert summary.route_agreement == 1.0
+  assert summary.metadata['compression']['learning_rate'] == 0.002
+  assert summary.metadata['config']['training']['learning_rate'] == 0.002
 
 
 def test_distilled_prune_records_its_teacher_and_keeps_the_mask(pruned, source):
   _, plain, _ = pruned('gradual')
   _, summary, loaded = pruned('distilled')
-  settings = summary['compression']
+  settings = summary.metadata['compression']
   assert (settings['distill'], settings['temperature']) == (0.5, 3.0)
-  assert 'distill' not in plain['compression']
+  assert 'distill' not in plain.metadata['compression']
   kernels = [np.asarray(kernel) for kernel in _kernels(loaded.variables).values()]
   assert sum(int(np.sum(kernel == 0)) for kernel in kernels) == round(
       0.9 * sum(kernel.size for kernel in kernels))
@@ -265,39 +274,41 @@ def test_distilled_prune_records_its_teacher_and_keeps_the_mask(pruned, source):
                          _kernels(load_model(pruned('gradual')[0]).variables)['head'])
   # The teacher is the source itself, untouched by the (donating) training.
   assert np.isfinite(np.asarray(source.variables['params']['head']['kernel'])).all()
-  assert summary['metrics']['test']['accuracy'] > 0.5
+  assert summary.accuracy > 0.5
 
 
 def test_a_fine_tuning_seed_reshuffles_and_is_recorded(pruned, source):
   _, default, default_model = pruned('gradual')
   _, summary, loaded = pruned('reseeded')
-  assert default['config']['training']['seed'] == source.config.training.seed != 7
-  assert summary['config']['training']['seed'] == 7
+  assert default.metadata['config']['training']['seed'] == source.config.training.seed != 7
+  assert summary.metadata['config']['training']['seed'] == 7
   assert not np.allclose(_kernels(loaded.variables)['head'],
                          _kernels(default_model.variables)['head'])
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(distill=1.5), '--distill 1.5'),
-    (dict(seed=-1), '--seed -1 is not a non-negative integer'),
-    (dict(distill=0.5, finetune_epochs=0), '--distill acts while fine-tuning'),
-    (dict(distill=0.5, temperature=0.0), '--temperature 0.0'),
-    (dict(sparsity=1.0), 'sparsity 1.0 is not in'),
-    (dict(sparsity=-0.1), 'sparsity -0.1 is not in'),
-    (dict(method='random'), "--method 'random'"),
-    (dict(schedule='cubic'), "--schedule 'cubic'"),
-    (dict(method='structured', schedule='gradual'), 'gradual schedule'),
-    (dict(schedule='gradual', finetune_epochs=0), 'gradual schedule'),
-    (dict(finetune_epochs=-1), '--finetune-epochs -1'),
-    (dict(learning_rate=-0.01), '--learning-rate -0.01'),
-    (dict(version='1.0'), 'already exists'),
-    (dict(version='one'), 'MAJOR.MINOR'),
+@pytest.mark.parametrize('settings, options, match', [
+    (dict(distill=1.5), {}, 'compress.prune.distill = 1.5'),
+    ({}, dict(seed=-1), 'seed = -1 is not a non-negative integer'),
+    (dict(distill=0.5, finetune_epochs=0), {}, 'compress.prune.distill acts while fine-tuning'),
+    (dict(distill=0.5, distill_temperature=0.0), {}, 'compress.prune.distill_temperature = 0.0'),
+    (dict(sparsity=1.0), {}, r'compress.prune.sparsity = 1.0 must be in \[0, 1\)'),
+    (dict(sparsity=-0.1), {}, 'compress.prune.sparsity = -0.1 must be in'),
+    (dict(method='random'), {}, "compress.prune.method = 'random'"),
+    (dict(schedule='cubic'), {}, "compress.prune.schedule = 'cubic'"),
+    (dict(method='structured', schedule='gradual'), {}, 'gradual prunes during fine-tuning'),
+    (dict(schedule='gradual', finetune_epochs=0), {}, 'gradual prunes during fine-tuning'),
+    (dict(method='nm', n=4, m=4), {}, 'compress.prune.m = 4 must be larger than'),
+    (dict(finetune_epochs=-1), {}, 'compress.prune.finetune_epochs = -1'),
+    (dict(learning_rate=-0.01), {}, 'compress.prune.learning_rate = -0.01'),
+    ({}, dict(version='1.0'), 'already exists'),
+    ({}, dict(version='one'), 'MAJOR.MINOR'),
 ])
-def test_prune_rejects_bad_settings_before_writing(models_dir, final_path, oneshot, kwargs,
-                                                   match):
+def test_prune_rejects_bad_settings_before_writing(models_dir, final_path, oneshot, settings,
+                                                   options, match):
   before = snapshot(models_dir)
   with pytest.raises(DnnrError, match=match):
-    compress_jobs.prune_checkpoint(final_path, **kwargs)
+    compress_jobs.prune_checkpoint(final_path, dataclasses.replace(ONESHOT, **settings),
+                                   **options)
   assert snapshot(models_dir) == before
 
 
@@ -306,7 +317,8 @@ def test_prune_refuses_a_quantized_checkpoint(root, quantized, method):
   path, _, _ = quantized('dynamic')
   before = snapshot(root)
   with pytest.raises(DnnrError, match='is quantized; prune a final or pruned model') as caught:
-    compress_jobs.prune_checkpoint(path, method=method, sparsity=0.5, finetune_epochs=0)
+    compress_jobs.prune_checkpoint(
+        path, PruneConfig(method=method, sparsity=0.5, schedule='oneshot', finetune_epochs=0))
   assert str(path) in str(caught.value)
   assert snapshot(root) == before
 
@@ -321,7 +333,7 @@ def test_prune_refuses_a_missing_checkpoint(root):
 
 def test_dynamic_quantization(final_path, source, quantized):
   path, summary, loaded = quantized('dynamic')
-  assert summary['quantization'] == {'mode': 'dynamic', 'bits': 8}
+  assert (summary.mode, summary.bits) == ('dynamic', 8)
   assert loaded.metadata['quantization'] == {'mode': 'dynamic', 'bits': 8}
   assert loaded.model.weight_only is False
   for name, kernel in _kernels(loaded.variables).items():
@@ -331,16 +343,18 @@ def test_dynamic_quantization(final_path, source, quantized):
     assert kernel.scale.shape == (1, original.shape[1])
     assert np.all(np.abs(np.asarray(kernel.dequantize()) - original)
                   <= np.asarray(kernel.scale) / 2 + 1e-7)
-  after = summary['metrics']['test']['accuracy']
+  after = summary.accuracy
   assert abs(after - source.metadata['metrics']['test']['accuracy']) <= ACCURACY_SLACK
+  assert summary.accuracy_before == source.metadata['metrics']['test']['accuracy']
   assert jobs.evaluate_checkpoint(path)['accuracy'] == after
-  assert summary['routes']['route_agreement'] == 1.0
-  assert summary['source'] == {'path': str(final_path), 'kind': 'final', 'version': '1.0'}
-  assert summary['bytes']['raw'] == storage.directory_bytes(path)
-  assert summary['bytes']['raw'] < summary['source_bytes']['raw']
+  assert summary.route_agreement == 1.0
+  assert summary.metadata['source'] == {'path': str(final_path), 'kind': 'final',
+                                        'version': '1.0'}
+  assert summary.size.raw == storage.directory_bytes(path)
+  assert summary.size.raw < summary.source_size.raw
   # The arrays: int8 codes plus float32 scales and biases against float32 weights.
-  assert summary['array_bytes'] == _array_bytes(loaded.variables)
-  assert summary['array_bytes'] < _array_bytes(source.variables) / 3
+  assert summary.metadata['array_bytes'] == _array_bytes(loaded.variables)
+  assert summary.metadata['array_bytes'] < _array_bytes(source.variables) / 3
 
 
 def test_weight_only_int4_quantization(source, dataset, quantized):
@@ -353,7 +367,7 @@ def test_weight_only_int4_quantization(source, dataset, quantized):
     assert np.abs(np.asarray(kernel.value)).max() <= 7
   layout = loaded.metadata['layout']
   assert any(layout[f'params/{name}/kernel']['encoding'] == 'int4' for name in LAYERS)
-  assert summary['array_bytes'] < _array_bytes(source.variables) / 5
+  assert summary.metadata['array_bytes'] < _array_bytes(source.variables) / 5
   # Weight-only computes in float with the dequantized weights, as evaluated.
   images, labels = dataset.test
   float_params = quantize.dequantize_params(loaded.variables['params'])
@@ -361,7 +375,7 @@ def test_weight_only_int4_quantization(source, dataset, quantized):
   logits = loaded.predict(images)
   np.testing.assert_allclose(logits, np.asarray(expected), rtol=1e-5, atol=1e-5)
   accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
-  assert accuracy == pytest.approx(summary['metrics']['test']['accuracy'])
+  assert accuracy == pytest.approx(summary.accuracy)
 
 
 def test_static_quantization_calibrates_every_dense_input(source, dataset, quantized):
@@ -383,13 +397,13 @@ def test_static_quantization_calibrates_every_dense_input(source, dataset, quant
     assert scale > 0
     assert scale == pytest.approx(max(abs(low), abs(high)) / 127, rel=1e-6)
   assert isinstance(_kernels(loaded.variables)['head'], quantize.QArray)
-  after = summary['metrics']['test']['accuracy']
+  after = summary.accuracy
   assert abs(after - source.metadata['metrics']['test']['accuracy']) <= ACCURACY_SLACK
 
 
 def test_qat_quantization_trains_then_converts(source, quantized):
   _, summary, loaded = quantized('qat')
-  assert summary['compression']['finetune_epochs'] == 1
+  assert summary.metadata['compression']['finetune_epochs'] == 1
   kernels = _kernels(loaded.variables)
   direct = _kernels({'params': quantize.quantize_params(source.variables['params'])})
   for kernel in kernels.values():
@@ -398,48 +412,49 @@ def test_qat_quantization_trains_then_converts(source, quantized):
   assert any(np.any(np.asarray(kernels[name].value) != np.asarray(direct[name].value))
              for name in LAYERS)
   # The extra epoch may well gain accuracy; it must not lose more than the slack.
-  after = summary['metrics']['test']['accuracy']
-  assert after >= source.metadata['metrics']['test']['accuracy'] - ACCURACY_SLACK
-  assert summary['routes']['route_agreement'] == 1.0
+  assert summary.accuracy >= source.metadata['metrics']['test']['accuracy'] - ACCURACY_SLACK
+  assert summary.route_agreement == 1.0
 
 
 def test_quantizing_a_pruned_checkpoint_keeps_its_zeros(final_path, root, oneshot):
-  pruned_path, pruned_summary = oneshot['global']
-  path, summary = compress_jobs.quantize_checkpoint(pruned_path, models_dir=root / 'chain')
-  _assert_zeros_kept(pruned_path, path)
-  assert summary['source']['path'] == str(pruned_path)
-  assert summary['source']['kind'] == 'pruned'
-  assert summary['source_bytes'] == pruned_summary['bytes']
+  pruned_summary = oneshot['global']
+  pruned_path = pruned_summary.path
+  summary = compress_jobs.quantize_checkpoint(pruned_path, models_dir=root / 'chain')
+  _assert_zeros_kept(pruned_path, summary.path)
+  assert summary.metadata['source']['path'] == str(pruned_path)
+  assert summary.metadata['source']['kind'] == 'pruned'
+  assert summary.source_size == pruned_summary.size
   # Sparse int8 codes (2 bytes a non-zero) against sparse float32 (5 bytes). On
   # disk, Orbax's fixed overhead, which grows with the number of arrays and
   # the length of the paths in the metadata, hides that for a model this small.
-  assert summary['array_bytes'] < pruned_summary['array_bytes'] * 0.7
-  assert summary['dense_float_bytes']['path'] == str(final_path)
-  assert summary['dense_float_bytes']['raw'] == storage.directory_bytes(final_path)
+  assert summary.metadata['array_bytes'] < pruned_summary.metadata['array_bytes'] * 0.7
+  assert summary.dense_float_path == final_path
+  assert summary.dense_float_size.raw == storage.directory_bytes(final_path)
 
 
 def test_qat_of_a_pruned_checkpoint_trains_only_its_non_zeros(root, oneshot):
-  pruned_path, _ = oneshot['global']
-  path, summary = compress_jobs.quantize_checkpoint(
-      pruned_path, mode='qat', finetune_epochs=1, models_dir=root / 'qat_chain')
-  _assert_zeros_kept(pruned_path, path)
-  assert summary['compression']['finetune_epochs'] == 1
+  pruned_path = oneshot['global'].path
+  summary = compress_jobs.quantize_checkpoint(
+      pruned_path, QuantizeConfig(mode='qat', finetune_epochs=1), models_dir=root / 'qat_chain')
+  _assert_zeros_kept(pruned_path, summary.path)
+  assert summary.metadata['compression']['finetune_epochs'] == 1
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(bits=3), '--bits 3'),
-    (dict(calibration_batches=0), '--calibration-batches 0'),
-    (dict(mode='float16'), "--mode 'float16'"),
-    (dict(mode='qat', finetune_epochs=0), '--finetune-epochs 0'),
-    (dict(mode='static', calibration_batches=45), 'exceeds the 44 training batches'),
-    (dict(version='1.0'), 'already exists'),
+@pytest.mark.parametrize('settings, options, match', [
+    (dict(bits=3), {}, 'compress.quantize.bits = 3'),
+    (dict(calibration_batches=0), {}, 'compress.quantize.calibration_batches = 0'),
+    (dict(mode='float16'), {}, "compress.quantize.mode = 'float16'"),
+    (dict(mode='qat', finetune_epochs=0), {}, 'compress.quantize.finetune_epochs = 0'),
+    (dict(mode='static', calibration_batches=45), {}, 'exceeds the 44 training batches'),
+    ({}, dict(version='1.0'), 'already exists'),
 ])
-def test_quantize_rejects_bad_settings_before_writing(root, final_path, quantized, kwargs,
-                                                      match):
+def test_quantize_rejects_bad_settings_before_writing(root, final_path, quantized, settings,
+                                                      options, match):
   quantized('dynamic')  # writes quantized 1.0 in models folder 'dynamic'
   before = snapshot(root)
   with pytest.raises(DnnrError, match=match):
-    compress_jobs.quantize_checkpoint(final_path, models_dir=root / 'dynamic', **kwargs)
+    compress_jobs.quantize_checkpoint(final_path, QuantizeConfig(**settings),
+                                      models_dir=root / 'dynamic', **options)
   assert snapshot(root) == before
 
 
@@ -447,7 +462,7 @@ def test_quantize_refuses_a_quantized_checkpoint(root, quantized):
   path, _, _ = quantized('dynamic')
   before = snapshot(root)
   with pytest.raises(DnnrError, match='is already quantized'):
-    compress_jobs.quantize_checkpoint(path, mode='weight_only', bits=4)
+    compress_jobs.quantize_checkpoint(path, QuantizeConfig(mode='weight_only', bits=4))
   assert snapshot(root) == before
 
 

@@ -6,7 +6,7 @@ import statistics
 import numpy as np
 import pytest
 
-from dnnr_jax.config import load_config
+from dnnr_jax.config import PruneConfig, load_config
 from dnnr_jax.io import storage
 from dnnr_jax.io.checkpoint import load_model, read_metadata
 from dnnr_jax.jobs import compress as compress_jobs
@@ -79,9 +79,9 @@ def test_every_run_is_written_summarized_and_resumed(study, final, tmp_path, cap
 
 
 @pytest.mark.parametrize('argv, words', [
-    (['--sparsities', '1.5'], ['sparsity 1.5']),
+    (['--sparsities', '1.5'], ['sparsity = 1.5']),
     (['--sparsities', '0.5', '--set', 'compress.prune.bogus=1'], ['bogus']),
-    (['--sparsities', '0.5', '--seeds', '-2'], ['--seed -2']),
+    (['--sparsities', '0.5', '--seeds', '-2'], ['seed = -2']),
 ])
 def test_bad_inputs_fail_with_one_line_and_write_nothing(study, final, tmp_path, capsys, argv,
                                                          words):
@@ -94,8 +94,9 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(study, final, tmp_path,
 
 
 def test_a_compressed_checkpoint_is_refused_as_the_dense_one(study, final, tmp_path, capsys):
-  pruned, _ = compress_jobs.prune_checkpoint(final, sparsity=0.5, finetune_epochs=0,
-                                             models_dir=tmp_path / 'a')
+  pruned = compress_jobs.prune_checkpoint(
+      final, PruneConfig(sparsity=0.5, schedule='oneshot', finetune_epochs=0),
+      models_dir=tmp_path / 'a').path
   code, _, stderr = _run(study, capsys, pruned, '--sparsities', '0.5', '--out', tmp_path / 'b',
                          '--config', SMOKE_CONFIG)
   assert code == 2 and 'pass a final one' in stderr

@@ -254,7 +254,7 @@ def test_incomplete_env_dir_is_an_error(isolated, monkeypatch, tmp_path):
 
 
 def _assert_names_every_place(message, cache):
-  assert '--data-dir' in message
+  assert 'data_dir=DIR' in message
   assert 'DNNR_DATA_DIR' in message
   assert str(cache) in message
 

@@ -72,7 +72,7 @@ def _toy_target():
 
 def test_update_compiles_once_and_follows_the_schedule():
   schedule = gradual.cubic_sparsity_schedule(0.0, 0.5, begin_step=0, end_step=9)
-  tx = gradual.pruning(optax.adam(0.05), sparsity_schedule=schedule, update_every=3)
+  tx = gradual.pruning(optax.adam(0.05), prune.magnitude_pruner(schedule), update_every=3)
   params, target = _toy_params(), _toy_target()
   traces = []
 
@@ -102,8 +102,8 @@ def test_update_compiles_once_and_follows_the_schedule():
 
 def test_nm_method_waits_for_the_schedule_then_holds_the_pattern():
   schedule = gradual.cubic_sparsity_schedule(0.0, 0.5, begin_step=4, end_step=5)
-  tx = gradual.pruning(optax.adam(0.05), sparsity_schedule=schedule, update_every=2,
-                       method='nm', n=1, m=4)
+  tx = gradual.pruning(optax.adam(0.05), prune.nm_pruner(1, 4, sparsity_schedule=schedule),
+                       update_every=2)
   params, target = _toy_params(), _toy_target()
   step = jax.jit(lambda params, state: tx.update(
       jax.grad(_toy_loss)(params, target), state, params))
@@ -126,12 +126,16 @@ def test_nm_method_waits_for_the_schedule_then_holds_the_pattern():
 def test_wrapper_arguments_are_checked():
   adam = optax.adam(1e-3)
   with pytest.raises(DnnrError, match='sparsity_schedule'):
-    gradual.pruning(adam, sparsity_schedule=None, update_every=10)
+    prune.magnitude_pruner(None)
+  with pytest.raises(DnnrError, match="'row'"):
+    prune.magnitude_pruner(lambda count: 0.5, scope='row')
+  with pytest.raises(DnnrError, match="'taylor'"):
+    prune.nm_pruner(2, 4, score='taylor')
+  with pytest.raises(DnnrError, match='4:4'):
+    prune.nm_pruner(4, 4)
   with pytest.raises(DnnrError, match='update_every 0'):
-    gradual.pruning(adam, sparsity_schedule=lambda count: 0.5, update_every=0)
-  with pytest.raises(DnnrError, match="'random'"):
-    gradual.pruning(adam, sparsity_schedule=lambda count: 0.5, update_every=1, method='random')
-  nm = gradual.pruning(adam, sparsity_schedule=None, update_every=1, method='nm', n=2, m=8)
+    gradual.pruning(adam, prune.magnitude_pruner(lambda count: 0.5), update_every=0)
+  nm = gradual.pruning(adam, prune.nm_pruner(2, 8), update_every=1)
   with pytest.raises(DnnrError, match=r'b/kernel has shape \(4, 6\)'):
     nm.init(_toy_params())
   with pytest.raises(DnnrError, match='no PruningState'):
@@ -178,7 +182,7 @@ def _kernel_stats(params, masks):
 def test_gradual_pruning_trains_the_model_to_exact_sparsity(digits, model_and_variables):
   model, variables = model_and_variables
   schedule = gradual.cubic_sparsity_schedule(0.0, FINAL_SPARSITY, begin_step=20, end_step=200)
-  tx = gradual.pruning(optax.adam(3e-3), sparsity_schedule=schedule, update_every=10)
+  tx = gradual.pruning(optax.adam(3e-3), prune.magnitude_pruner(schedule), update_every=10)
   state = train_state.TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx)
   train, mean_loss = _trainer(model, variables['thresholds'], *digits)
   initial_loss = float(mean_loss(state.params))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dnnr_jax.compress.quantize import QArray, dequantize_params, quantize_params
+from dnnr_jax.compress.quantize import QArray, QuantSpec, dequantize_params, quantize_params
 from dnnr_jax.model import DynamicMLP, init_variables
 
 HALF = {name: jnp.float32(0.5) for name in ('variance', 'entropy', 'sparsity')}
@@ -25,7 +25,7 @@ def _setup():
 def test_int8_model_is_close_to_float(weight_only):
   variables, inputs = _setup()
   float_logits, float_routes = jax.jit(_model().apply)(variables, inputs)
-  quantized = {**variables, 'params': quantize_params(variables['params'], bits=8)}
+  quantized = {**variables, 'params': quantize_params(variables['params'], QuantSpec(bits=8))}
   assert isinstance(quantized['params']['trunk_0']['kernel'], QArray)
   logits, routes = jax.jit(_model(weight_only=weight_only).apply)(quantized, inputs)
   np.testing.assert_array_equal(routes, float_routes)  # routing stays in float
@@ -35,7 +35,7 @@ def test_int8_model_is_close_to_float(weight_only):
 
 def test_weight_only_equals_the_dequantized_float_model():
   variables, inputs = _setup()
-  quantized = {**variables, 'params': quantize_params(variables['params'], bits=4)}
+  quantized = {**variables, 'params': quantize_params(variables['params'], QuantSpec(bits=4))}
   logits, _ = _model(weight_only=True).apply(quantized, inputs)
   reference, _ = _model().apply(
       {**variables, 'params': dequantize_params(quantized['params'])}, inputs)
@@ -44,7 +44,7 @@ def test_weight_only_equals_the_dequantized_float_model():
 
 def test_integer_path_lowers_to_integer_dots():
   variables, inputs = _setup()
-  quantized = {**variables, 'params': quantize_params(variables['params'], bits=8)}
+  quantized = {**variables, 'params': quantize_params(variables['params'], QuantSpec(bits=8))}
   jaxpr = jax.make_jaxpr(_model().apply)(quantized, inputs)
   dots = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == 'dot_general']
   assert len(dots) == 5
@@ -54,7 +54,7 @@ def test_integer_path_lowers_to_integer_dots():
 
 def test_static_scales_are_used_when_present():
   variables, inputs = _setup()
-  quantized = {**variables, 'params': quantize_params(variables['params'], bits=8)}
+  quantized = {**variables, 'params': quantize_params(variables['params'], QuantSpec(bits=8))}
   dynamic, _ = _model().apply(quantized, inputs)
   tiny = {name: {'input': jnp.float32(1e-4)} for name in quantized['params']}
   saturated, _ = _model().apply({**quantized, 'activation_scales': tiny}, inputs)

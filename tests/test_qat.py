@@ -61,11 +61,11 @@ def test_params_gradient_is_the_float_gradient_at_the_fake_weights():
   params = _mlp_params(6, 3)
   images = np.random.default_rng(3).standard_normal((8, 6), np.float32)
   labels = jnp.arange(8) % 3
-  fake = qat.fake_quantize_params(params, bits=4)
+  fake = qat.fake_quantize_params(params, q_lib.QuantSpec(bits=4))
   assert fake['head']['bias'] is params['head']['bias']
 
   def qat_loss(params):
-    return _loss(qat.fake_quantize_params(params, bits=4), images, labels)
+    return _loss(qat.fake_quantize_params(params, q_lib.QuantSpec(bits=4)), images, labels)
 
   actual = jax.jit(jax.grad(qat_loss))(params)
   tree_allclose(actual, jax.jit(jax.grad(_loss))(fake, images, labels), rtol=1e-6, atol=1e-7)
@@ -74,10 +74,10 @@ def test_params_gradient_is_the_float_gradient_at_the_fake_weights():
 @pytest.mark.parametrize('bits,axis,symmetric', CONFIGS)
 def test_convert_equals_fake_quantization_exactly(bits, axis, symmetric):
   params = _mlp_params(10, 4, seed=bits)
-  settings = {'bits': bits, 'per_channel': axis is not None, 'symmetric': symmetric}
-  converted = qat.convert(params, **settings)
+  spec = q_lib.QuantSpec(bits=bits, per_channel=axis is not None, symmetric=symmetric)
+  converted = qat.convert(params, spec)
   assert isinstance(converted['dense_0']['kernel'], q_lib.QArray)
-  fake = jax.jit(lambda p: qat.fake_quantize_params(p, **settings))(params)
+  fake = jax.jit(lambda p: qat.fake_quantize_params(p, spec))(params)
   tree_allclose(q_lib.dequantize_params(converted), fake, rtol=0, atol=0)
 
 
@@ -85,7 +85,7 @@ def test_bad_bits_and_patterns_raise():
   with pytest.raises(DnnrError, match='pass 4 or 8'):
     qat.fake_quantize(_weights(), bits=2)
   with pytest.raises(DnnrError, match='dense_9'):
-    qat.fake_quantize_params(_mlp_params(4, 2), patterns=(r'dense_9/kernel',))
+    qat.fake_quantize_params(_mlp_params(4, 2), q_lib.QuantSpec(patterns=(r'dense_9/kernel',)))
 
 
 def _train(params, split, steps, transform):
@@ -111,17 +111,17 @@ def _accuracy(params, split):
 def test_a_short_qat_fine_tune_keeps_digits_accuracy():
   dataset = data_lib.load_dataset(
       config_lib.DataConfig(dataset='digits', mean=0.3053, std=0.3760))
-  settings = {'bits': 4, 'per_channel': False}
+  spec = q_lib.QuantSpec(bits=4, per_channel=False)
   trained = _train(_mlp_params(dataset.num_features, dataset.num_classes), dataset.train,
                    150, lambda p: p)
   float_accuracy = _accuracy(trained, dataset.test)
   assert float_accuracy > 0.9
-  fake = jax.jit(lambda p: qat.fake_quantize_params(p, **settings))
+  fake = jax.jit(lambda p: qat.fake_quantize_params(p, spec))
   tuned = _train(trained, dataset.train, 60, fake)
   # The fine-tune at least halves the loss of the quantized model (0.025 to
   # 0.008), which only a working straight-through gradient can do.
   train = dataset.train
   assert _loss(fake(tuned), train.images, train.labels) < 0.5 * _loss(
       fake(trained), train.images, train.labels)
-  int4 = q_lib.dequantize_params(qat.convert(tuned, **settings))
+  int4 = q_lib.dequantize_params(qat.convert(tuned, spec))
   assert _accuracy(int4, dataset.test) >= float_accuracy - 0.02

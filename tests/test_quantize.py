@@ -195,7 +195,8 @@ def model_variables():
 def test_quantize_params_selects_kernels_and_round_trips(model_variables, per_channel):
   model, variables = model_variables
   params = variables['params']
-  quantized = jax.jit(lambda p: q_lib.quantize_params(p, bits=8, per_channel=per_channel))(params)
+  spec = q_lib.QuantSpec(bits=8, per_channel=per_channel)
+  quantized = jax.jit(lambda p: q_lib.quantize_params(p, spec))(params)
   assert set(quantized) == {'trunk_0', 'trunk_1', 'deep', 'shortcut', 'head'}
   for name, layer in quantized.items():
     kernel = layer['kernel']
@@ -214,7 +215,7 @@ def test_quantize_params_selects_kernels_and_round_trips(model_variables, per_ch
 
 def test_a_quantized_pytree_maps_and_jits(model_variables):
   _, variables = model_variables
-  quantized = jax.jit(lambda p: q_lib.quantize_params(p, bits=4, symmetric=False))(
+  quantized = jax.jit(lambda p: q_lib.quantize_params(p, q_lib.QuantSpec(bits=4, symmetric=False)))(
       variables['params'])
   # Kernels give value, scale and zero point; biases are one leaf each.
   assert len(jax.tree.leaves(quantized)) == 5 * 3 + 5
@@ -229,14 +230,15 @@ def test_a_quantized_pytree_maps_and_jits(model_variables):
 @pytest.mark.parametrize('bits', [2, 3, 16])
 def test_unsupported_bits_raise(model_variables, bits):
   with pytest.raises(DnnrError, match='pass 4 or 8'):
-    q_lib.quantize_params(model_variables[1]['params'], bits=bits)
+    q_lib.quantize_params(model_variables[1]['params'], q_lib.QuantSpec(bits=bits))
 
 
 def test_a_pattern_matching_nothing_raises(model_variables):
   params = model_variables[1]['params']
   with pytest.raises(DnnrError, match='kernal'):
-    q_lib.quantize_params(params, patterns=(r'.*/kernel$', r'.*/kernal'))
-  only_head = jax.jit(lambda p: q_lib.quantize_params(p, patterns=(r'head/.*',)))(params)
+    q_lib.quantize_params(params, q_lib.QuantSpec(patterns=(r'.*/kernel$', r'.*/kernal')))
+  head_only = q_lib.QuantSpec(patterns=(r'head/.*',))
+  only_head = jax.jit(lambda p: q_lib.quantize_params(p, head_only))(params)
   assert isinstance(only_head['head']['bias'], q_lib.QArray)
   assert not isinstance(only_head['deep']['kernel'], q_lib.QArray)
 

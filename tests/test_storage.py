@@ -82,14 +82,14 @@ def _variables():
 def test_variables_round_trip_through_a_checkpoint(tmp_path, bits):
   import jax
 
-  from dnnr_jax.compress.quantize import QArray, quantize_params
+  from dnnr_jax.compress.quantize import QArray, QuantSpec, quantize_params
   from dnnr_jax.config import Config, ModelConfig
   from dnnr_jax.io.checkpoint import load_model, save_checkpoint
   from tests.conftest import tree_allclose
 
   variables = _variables()
   if bits:
-    variables['params'] = quantize_params(variables['params'], bits=bits)
+    variables['params'] = quantize_params(variables['params'], QuantSpec(bits=bits))
   config = Config(model=ModelConfig(hidden_sizes=(64, 48), deep_size=32))
   path = save_checkpoint(tmp_path / 'ckpt', variables,
                          {'kind': 'pruned', 'config': config.to_dict(), 'num_features': 40})
@@ -110,7 +110,7 @@ def test_sparse_int8_checkpoint_is_much_smaller_on_disk(tmp_path):
   import jax
 
   from dnnr_jax.compress.prune import apply_masks, magnitude_masks
-  from dnnr_jax.compress.quantize import quantize_params
+  from dnnr_jax.compress.quantize import QuantSpec, quantize_params
   from dnnr_jax.config import Config
   from dnnr_jax.io.checkpoint import save_checkpoint
   from dnnr_jax.model import DynamicMLP, init_variables
@@ -121,7 +121,7 @@ def test_sparse_int8_checkpoint_is_much_smaller_on_disk(tmp_path):
   dense = save_checkpoint(tmp_path / 'dense', variables, metadata)
   params = apply_masks(variables['params'], magnitude_masks(variables['params'], 0.9))
   compact = save_checkpoint(tmp_path / 'compact', {
-      **variables, 'params': quantize_params(params, bits=8)}, metadata)
+      **variables, 'params': quantize_params(params, QuantSpec(bits=8))}, metadata)
   # 90% sparse int8: ~2 bytes per kept weight against 4 per weight.
   assert storage.directory_bytes(compact) < storage.directory_bytes(dense) / 10
   assert storage.gzip_bytes(compact) < storage.gzip_bytes(dense) / 10
@@ -142,10 +142,10 @@ def test_a_fully_pruned_model_round_trips(tmp_path):
 
 
 def test_arrays_are_packed_into_one_blob_per_dtype():
-  from dnnr_jax.compress.quantize import quantize_params
+  from dnnr_jax.compress.quantize import QuantSpec, quantize_params
 
   variables = _variables()
-  variables['params'] = quantize_params(variables['params'], bits=8)
+  variables['params'] = quantize_params(variables['params'], QuantSpec(bits=8))
   blobs, layout = storage.encode_variables(variables)
   # The float16-exact scales, zero biases and thresholds share one float16 blob.
   assert sorted(blobs) == ['float16', 'int8', 'uint8']
@@ -177,12 +177,12 @@ def test_compact_layout_expands_to_the_layout_exactly(bits):
   import json
 
   from dnnr_jax.compress import quantize
-  from dnnr_jax.compress.quantize import quantize_params
+  from dnnr_jax.compress.quantize import QuantSpec, quantize_params
   from tests.conftest import tree_allclose
 
   variables = _variables()
   if bits:
-    variables['params'] = quantize_params(variables['params'], bits=bits)
+    variables['params'] = quantize_params(variables['params'], QuantSpec(bits=bits))
     # An asymmetric leaf carries a zero point too.
     variables['params']['head']['kernel'] = quantize.quantize(
         np.asarray(_variables()['params']['head']['kernel']), bits=bits, symmetric=False)

@@ -6,12 +6,15 @@ from dnnr_jax.compress.gradual import keep_masked as keep_masked
 from dnnr_jax.compress.gradual import pruning as pruning
 from dnnr_jax.compress.prune import apply_masks as apply_masks
 from dnnr_jax.compress.prune import magnitude_masks as magnitude_masks
+from dnnr_jax.compress.prune import magnitude_pruner as magnitude_pruner
 from dnnr_jax.compress.prune import nm_masks as nm_masks
+from dnnr_jax.compress.prune import nm_pruner as nm_pruner
 from dnnr_jax.compress.prune import sparsity_report as sparsity_report
 from dnnr_jax.compress.qat import convert as convert
 from dnnr_jax.compress.qat import fake_quantize as fake_quantize
 from dnnr_jax.compress.qat import fake_quantize_params as fake_quantize_params
 from dnnr_jax.compress.quantize import QArray as QArray
+from dnnr_jax.compress.quantize import QuantSpec as QuantSpec
 from dnnr_jax.compress.quantize import calibrate as calibrate
 from dnnr_jax.compress.quantize import dequantize as dequantize
 from dnnr_jax.compress.quantize import dequantize_params as dequantize_params

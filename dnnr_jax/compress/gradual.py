@@ -1,46 +1,43 @@
 """Pruning during training: the cubic sparsity schedule and optax wrappers.
 
-`pruning(inner, ...)` is gradual magnitude pruning (Zhu & Gupta, 2017) as an
+`pruning(inner, pruner, ...)` is gradual pruning (Zhu & Gupta, 2017) as an
 optax `GradientTransformation`: the masks live in its state, are recomputed
-inside the jitted step every `update_every` steps, and every update it returns
-lands pruned weights on exactly 0.0. `keep_masked(inner, masks)` is the
-fine-tuning half of one-shot pruning: a fixed mask, kept the same way.
+by `pruner` (`prune.magnitude_pruner` or `prune.nm_pruner`) inside the jitted
+step every `update_every` steps, and every update it returns lands pruned
+weights on exactly 0.0. `keep_masked(inner, masks)` is the fine-tuning half
+of one-shot pruning: a fixed mask, kept the same way.
 
 Example:
   >>> schedule = cubic_sparsity_schedule(0.0, 0.8, begin_step=100, end_step=1000)
-  >>> tx = pruning(optax.adam(1e-3), sparsity_schedule=schedule, update_every=50)
+  >>> tx = pruning(optax.adam(1e-3), prune.magnitude_pruner(schedule), update_every=50)
   >>> state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from dnnr_jax.compress import prune
+from dnnr_jax.compress.paths import DEFAULT_PATTERNS, Patterns, is_none, select
 from dnnr_jax.errors import DnnrError
-
-METHODS = ('magnitude', 'nm')
-
-
-def _is_none(node) -> bool:
-  return node is None
 
 
 def cubic_sparsity_schedule(
     initial_sparsity: float, final_sparsity: float, begin_step: int, end_step: int,
-) -> Callable[[jax.Array], jax.Array]:
+) -> optax.Schedule:
   """Zhu & Gupta's s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3.
 
-  With t0 = begin_step and n dt = end_step - begin_step: s_i until
-  begin_step, s_f from end_step on. Pruning fast early, while redundant
-  weights are plentiful, and slowly near the end lets the network recover.
+  `optax.polynomial_schedule` of power 3, with t0 = begin_step and n dt =
+  end_step - begin_step: s_i until begin_step, s_f from end_step on. Pruning
+  fast early, while redundant weights are plentiful, and slowly near the end
+  lets the network recover.
 
   Returns:
-    count -> float32 sparsity, traceable (no Python branch on the count).
+    count -> sparsity, traceable (no Python branch on the count).
 
   Raises:
     DnnrError: sparsities outside [0, 1) or decreasing, or end_step <= begin_step.
@@ -57,14 +54,9 @@ def cubic_sparsity_schedule(
     raise DnnrError(
         f'pruning steps begin_step={begin_step}, end_step={end_step} are not '
         '0 <= begin_step < end_step; give the schedule a positive length.')
-
-  def schedule(count):
-    progress = jnp.clip((count - begin_step) / (end_step - begin_step), 0.0, 1.0)
-    return jnp.asarray(
-        final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3,
-        jnp.float32)
-
-  return schedule
+  return optax.polynomial_schedule(
+      init_value=initial_sparsity, end_value=final_sparsity, power=3,
+      transition_steps=end_step - begin_step, transition_begin=begin_step)
 
 
 class PruningState(NamedTuple):
@@ -84,7 +76,7 @@ def masked_updates(updates, masks, params):
   """Updates that land pruned weights on exactly 0.0: -param there, the update elsewhere."""
   return jax.tree.map(
       lambda keep, update, param: update if keep is None else jnp.where(keep, update, -param),
-      masks, updates, params, is_leaf=_is_none)
+      masks, updates, params, is_leaf=is_none)
 
 
 def _require_params(params) -> None:
@@ -94,36 +86,21 @@ def _require_params(params) -> None:
 
 def _all_kept(params, patterns):
   return jax.tree.map(lambda keep, leaf: jnp.ones(jnp.shape(leaf), bool) if keep else None,
-                      prune.select(params, patterns), params)
+                      select(params, patterns), params)
 
 
 def pruning(
     inner: optax.GradientTransformation,
+    pruner: prune.Pruner,
     *,
-    sparsity_schedule: Callable[[jax.Array], jax.Array] | None,
     update_every: int,
-    patterns: str | Sequence[str] = prune.DEFAULT_PATTERNS,
-    scope: str = 'global',
-    method: str = 'magnitude',
-    score: str = 'magnitude',
-    n: int = 2,
-    m: int = 4,
+    patterns: Patterns = DEFAULT_PATTERNS,
 ) -> optax.GradientTransformation:
   """Wraps `inner` so the params it trains are pruned on a schedule.
 
-  At every count that is a multiple of `update_every` (count 0 included) the
-  masks are recomputed, inside the same compiled step, from the would-be new
-  params `params + inner_updates`, with already-pruned weights held at zero:
-
-  * 'magnitude': prunes exactly round(s * n) weights (`scope` 'global' or
-    'layer', s = `sparsity_schedule(count)`). Already-pruned weights rank
-    below every other, so with a non-decreasing schedule a pruned weight is
-    never revived.
-  * 'nm': keeps n of every m along the input axis. The schedule, if given,
-    only gates it: all weights are kept while it is 0, so the pattern is
-    picked from trained weights at the first update where it is positive
-    (count 0 without a schedule). Later updates keep that pattern, since a
-    pruned weight, held at zero, loses to every nonzero one in its group.
+  At every count that is a multiple of `update_every` (count 0 included)
+  `pruner` recomputes the masks, inside the same compiled step, from the
+  would-be new params `params + inner_updates` and the current masks.
 
   The inner transform sees dense gradients (its moments are not masked); the
   returned updates are `where(mask, inner_updates, -params)`, so pruned
@@ -132,49 +109,21 @@ def pruning(
 
   Args:
     inner: the optimizer to wrap, e.g. `optax.adam(1e-3)`.
-    sparsity_schedule: count -> sparsity, e.g. `cubic_sparsity_schedule`.
+    pruner: `prune.magnitude_pruner(schedule, ...)` or `prune.nm_pruner(n, m, ...)`.
     update_every: steps between mask updates.
     patterns: regexes of the leaves to prune (default: Dense kernels).
-    scope: 'global' or 'layer' ('magnitude' only).
-    method: 'magnitude' or 'nm'.
-    score: a name in `prune.SCORES`.
-    n: kept weights per group ('nm' only).
-    m: group size ('nm' only).
 
   Returns:
     A transform whose state is a `PruningState`; it needs `params` in update.
   """
-  if method not in METHODS:
-    raise DnnrError(f'pruning method {method!r} is unknown; use one of {METHODS}.')
-  if method == 'magnitude' and sparsity_schedule is None:
-    raise DnnrError('magnitude pruning needs a sparsity_schedule, e.g. cubic_sparsity_schedule.')
   if not isinstance(update_every, int) or update_every < 1:
     raise DnnrError(f'update_every {update_every!r} is not a positive integer; use e.g. 100.')
-  if scope not in prune.SCOPES:
-    raise DnnrError(f'pruning scope {scope!r} is unknown; use one of {prune.SCOPES}.')
-  score_fn = prune.check_score(score)
-  if method == 'nm':
-    prune.check_nm(n, m)
 
   def init_fn(params):
     masks = _all_kept(params, patterns)
-    if method == 'nm':  # Fail at init, not in the middle of a trace.
-      prune.nm_masks_from_scores(masks, n, m)
-    return PruningState(inner.init(params), masks, jnp.zeros((), jnp.int32))
-
-  def new_masks(candidate, old_masks, count):
-    if method == 'magnitude':
-      scores = jax.tree.map(
-          lambda keep, leaf: None if keep is None else jnp.where(keep, score_fn(leaf), -jnp.inf),
-          old_masks, candidate, is_leaf=_is_none)
-      return prune.masks_from_scores(scores, sparsity_schedule(count), scope=scope)
-    scores = jax.tree.map(lambda keep, leaf: None if keep is None else score_fn(leaf),
-                          old_masks, candidate, is_leaf=_is_none)
-    masks = prune.nm_masks_from_scores(scores, n, m)
-    if sparsity_schedule is None:
-      return masks
-    inactive = sparsity_schedule(count) <= 0.0
-    return jax.tree.map(lambda keep: keep | inactive, masks)
+    count = jnp.zeros((), jnp.int32)
+    jax.eval_shape(pruner, params, masks, count)  # Bad shapes fail here, not mid-training.
+    return PruningState(inner.init(params), masks, count)
 
   def update_fn(updates, state, params=None):
     _require_params(params)
@@ -182,7 +131,7 @@ def pruning(
     candidate = optax.apply_updates(params, masked_updates(inner_updates, state.masks, params))
     # lax.cond, not a Python if: the count is traced, one program serves all steps.
     masks = jax.lax.cond(state.count % update_every == 0,
-                         lambda: new_masks(candidate, state.masks, state.count),
+                         lambda: pruner(candidate, state.masks, state.count),
                          lambda: state.masks)
     return masked_updates(inner_updates, masks, params), state._replace(
         inner_state=inner_state, masks=masks, count=optax.safe_increment(state.count))
@@ -198,7 +147,7 @@ def keep_masked(inner: optax.GradientTransformation, masks) -> optax.GradientTra
   """
 
   def init_fn(params):
-    if jax.tree.structure(masks, is_leaf=_is_none) != jax.tree.structure(params):
+    if jax.tree.structure(masks, is_leaf=is_none) != jax.tree.structure(params):
       raise DnnrError('keep_masked masks do not have the params\' structure; build them '
                       'from these params with prune.magnitude_masks or prune.nm_masks.')
     return PruningState(inner.init(params), masks, jnp.zeros((), jnp.int32))

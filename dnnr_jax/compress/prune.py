@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import functools
 import numbers
-import re
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dnnr_jax.compress.paths import DEFAULT_PATTERNS, is_none, param_paths, path_name, select
 from dnnr_jax.errors import DnnrError
 
 Params = Any
 Masks = Any
 ScoreFn = Callable[[jax.Array], jax.Array]
+# (candidate params, current masks, step count) -> new masks; traceable.
+Pruner = Callable[[Params, Masks, jax.Array], Masks]
 
-DEFAULT_PATTERNS = (r'.*/kernel$',)
 SCOPES = ('global', 'layer')
 
 # Higher means more important; the lowest scores are pruned first.
@@ -40,47 +41,6 @@ SCORES: dict[str, ScoreFn] = {
 def register_score(name: str, score_fn: ScoreFn) -> None:
   """Adds `score_fn` (array -> same-shaped scores) to `SCORES` under `name`."""
   SCORES[name] = score_fn
-
-
-def _is_none(value) -> bool:
-  return value is None
-
-
-def _path_str(key_path) -> str:
-  return jax.tree_util.keystr(key_path, simple=True, separator='/')
-
-
-def param_paths(params: Params) -> list[str]:
-  """'trunk_0/kernel'-style paths of every leaf, in flattening order."""
-  return [_path_str(key_path)
-          for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
-def select(params: Params, patterns: str | Sequence[str] = DEFAULT_PATTERNS) -> Any:
-  """Which leaves are prunable: a bool per leaf, True where a pattern fullmatches its path.
-
-  Raises:
-    DnnrError: a pattern is not a regular expression or matches no path.
-  """
-  if isinstance(patterns, str):
-    patterns = (patterns,)
-  paths = param_paths(params)
-  compiled = []
-  for pattern in patterns:
-    try:
-      regex = re.compile(pattern)
-    except re.error as error:
-      raise DnnrError(
-          f'pruning pattern {pattern!r} is not a regular expression ({error}); '
-          'fix its syntax.') from error
-    if not any(regex.fullmatch(path) for path in paths):
-      raise DnnrError(
-          f'pruning pattern {pattern!r} matches no parameter; available paths: '
-          f'{", ".join(paths)}.')
-    compiled.append(regex)
-  return jax.tree_util.tree_map_with_path(
-      lambda key_path, _: any(r.fullmatch(_path_str(key_path)) for r in compiled),
-      params)
 
 
 def check_score(score: str) -> ScoreFn:
@@ -107,6 +67,11 @@ def _prune_count(sparsity, size: int) -> int | jax.Array:
     return int(round(float(sparsity) * size))
   sparsity = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
   return jnp.round(sparsity * size).astype(jnp.int32)
+
+
+def check_scope(scope: str) -> None:
+  if scope not in SCOPES:
+    raise DnnrError(f'pruning scope {scope!r} is unknown; use one of {SCOPES}.')
 
 
 def check_sparsity(sparsity) -> None:
@@ -145,8 +110,7 @@ def masks_from_scores(scores: Masks, sparsity, *, scope: str = 'global') -> Mask
     broken by flattening order: of equal scores the earlier weight goes first.
   """
   check_sparsity(sparsity)
-  if scope not in SCOPES:
-    raise DnnrError(f'pruning scope {scope!r} is unknown; use one of {SCOPES}.')
+  check_scope(scope)
   leaves, treedef = jax.tree.flatten(scores)
   if scope == 'layer':
     kept = [_keep_top(leaf.ravel(), _prune_count(sparsity, leaf.size)).reshape(leaf.shape)
@@ -197,8 +161,9 @@ def magnitude_masks(
 
 
 def check_nm(n: int, m: int) -> None:
-  if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m):
-    raise DnnrError(f'N:M sparsity {n}:{m} is impossible; choose integers 1 <= n <= m, e.g. 2:4.')
+  """Rejects an N:M pattern that is not 1 <= n < m (n = m would prune nothing)."""
+  if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m):
+    raise DnnrError(f'N:M sparsity {n}:{m} is impossible; choose integers 1 <= n < m, e.g. 2:4.')
 
 
 def nm_masks_from_scores(scores: Masks, n: int = 2, m: int = 4) -> Masks:
@@ -214,7 +179,7 @@ def nm_masks_from_scores(scores: Masks, n: int = 2, m: int = 4) -> Masks:
   def keep_group_best(key_path, score):
     if score.ndim == 0 or score.shape[0] % m:
       raise DnnrError(
-          f'{_path_str(key_path)} has shape {score.shape}, whose input axis is not a '
+          f'{path_name(key_path)} has shape {score.shape}, whose input axis is not a '
           f'multiple of m={m}; exclude it with `patterns` or choose another m.')
     return _keep_group_best(score, n, m)
 
@@ -242,6 +207,72 @@ def nm_masks(
   return nm_masks_from_scores(selected_scores(params, patterns, score), n, m)
 
 
+def magnitude_pruner(
+    sparsity_schedule: Callable[[jax.Array], jax.Array], *, scope: str = 'global',
+    score: str = 'magnitude',
+) -> Pruner:
+  """Masks that prune exactly round(s * n) weights, s = `sparsity_schedule(count)`.
+
+  Weights the current masks already prune rank below every other, so with a
+  non-decreasing schedule a pruned weight is never revived.
+
+  Args:
+    sparsity_schedule: count -> sparsity, e.g. `gradual.cubic_sparsity_schedule`.
+    scope: 'global' or 'layer' (see `masks_from_scores`).
+    score: a name in `SCORES`.
+
+  Returns:
+    A `Pruner` for `gradual.pruning`.
+  """
+  if sparsity_schedule is None:
+    raise DnnrError('magnitude pruning needs a sparsity_schedule, e.g. '
+                    'gradual.cubic_sparsity_schedule.')
+  check_scope(scope)
+  score_fn = check_score(score)
+
+  def new_masks(candidate: Params, masks: Masks, count: jax.Array) -> Masks:
+    scores = jax.tree.map(
+        lambda keep, leaf: None if keep is None else jnp.where(keep, score_fn(leaf), -jnp.inf),
+        masks, candidate, is_leaf=is_none)
+    return masks_from_scores(scores, sparsity_schedule(count), scope=scope)
+
+  return new_masks
+
+
+def nm_pruner(
+    n: int = 2, m: int = 4, *, sparsity_schedule: Callable[[jax.Array], jax.Array] | None = None,
+    score: str = 'magnitude',
+) -> Pruner:
+  """Masks that keep the n best of every m weights along the input axis.
+
+  The schedule, if given, only gates the pattern: every weight is kept while
+  it is 0, so the pattern is picked from trained weights at the first count
+  where it is positive. Later updates keep that pattern, since a pruned
+  weight, held at zero, loses to every nonzero one in its group.
+
+  Args:
+    n, m: the N:M pattern, 1 <= n < m.
+    sparsity_schedule: count -> sparsity, or None to prune from count 0.
+    score: a name in `SCORES`.
+
+  Returns:
+    A `Pruner` for `gradual.pruning`.
+  """
+  check_nm(n, m)
+  score_fn = check_score(score)
+
+  def new_masks(candidate: Params, masks: Masks, count: jax.Array) -> Masks:
+    scores = jax.tree.map(lambda keep, leaf: None if keep is None else score_fn(leaf),
+                          masks, candidate, is_leaf=is_none)
+    kept = nm_masks_from_scores(scores, n, m)
+    if sparsity_schedule is None:
+      return kept
+    inactive = sparsity_schedule(count) <= 0.0
+    return jax.tree.map(lambda keep: keep | inactive, kept)
+
+  return new_masks
+
+
 def zero_masks(params: Params, patterns: str | Sequence[str] = DEFAULT_PATTERNS) -> Masks | None:
   """Masks that keep the non-zeros of the selected leaves of already pruned params.
 
@@ -252,14 +283,14 @@ def zero_masks(params: Params, patterns: str | Sequence[str] = DEFAULT_PATTERNS)
   masks = jax.tree.map(
       lambda leaf, keep: (leaf != 0) if keep and not bool(jnp.all(leaf != 0)) else None,
       params, chosen)
-  return None if all(mask is None for mask in jax.tree.leaves(masks, is_leaf=_is_none)) else masks
+  return None if all(mask is None for mask in jax.tree.leaves(masks, is_leaf=is_none)) else masks
 
 
 def apply_masks(params: Params, masks: Masks) -> Params:
   """Zeroes (exactly +0.0) the pruned weights; leaves under a `None` mask are untouched."""
   return jax.tree.map(
       lambda keep, leaf: leaf if keep is None else jnp.where(keep, leaf, jnp.zeros_like(leaf)),
-      masks, params, is_leaf=_is_none)
+      masks, params, is_leaf=is_none)
 
 
 def _counts(leaf) -> dict[str, float]:
@@ -289,7 +320,7 @@ def sparsity_report(
   if masks is None:
     chosen = select(params, patterns)
   else:
-    chosen = jax.tree.map(lambda keep, _: keep is not None, masks, params, is_leaf=_is_none)
+    chosen = jax.tree.map(lambda keep, _: keep is not None, masks, params, is_leaf=is_none)
     params = apply_masks(params, masks)
   paths = param_paths(params)
   report = {}

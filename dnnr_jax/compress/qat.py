@@ -1,15 +1,15 @@
 """Quantization-aware training: fake quantization with a straight-through gradient.
 
-Inside a loss, `fake_quantize_params(params, ...)` makes the forward pass see
+Inside a loss, `fake_quantize_params(params, spec)` makes the forward pass see
 exactly the weights integer inference will use, while the optimizer keeps
 updating the float params:
 
   def loss_fn(params, batch):
-    logits = apply({'params': qat.fake_quantize_params(params, bits=4)}, batch)
+    logits = apply({'params': qat.fake_quantize_params(params, QuantSpec(bits=4))}, batch)
     ...
 
 After training, `convert` turns the float params into QArrays, and
-`dequantize_params(convert(p))` equals `fake_quantize_params(p)` bit for bit:
+`dequantize_params(convert(p, spec))` equals `fake_quantize_params(p, spec)` bit for bit:
 both run the same `quantize` then `dequantize`.
 
 The gradient is the plain straight-through estimator: identity everywhere.
@@ -22,12 +22,13 @@ no gradient flows through max|w|.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from dnnr_jax.compress import quantize as quantize_lib
+from dnnr_jax.compress.quantize import DEFAULT_SPEC, QuantSpec
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -67,41 +68,30 @@ def fake_quantize(
   return _fake_quantize(jnp.asarray(w, jnp.float32), bits, axis, symmetric)
 
 
-def fake_quantize_params(
-    params: Any, *, bits: int = 8, per_channel: bool = True, symmetric: bool = True,
-    patterns: Sequence[str] = quantize_lib.DEFAULT_PATTERNS,
-) -> Any:
-  """The params with the leaves `patterns` select fake-quantized.
+def fake_quantize_params(params: Any, spec: QuantSpec = DEFAULT_SPEC) -> Any:
+  """The params with the leaves `spec.patterns` select fake-quantized.
 
   Args:
     params: a params pytree.
-    bits: 4 or 8.
-    per_channel: one scale per output channel (last axis), else per tensor.
-    symmetric: see `quantize.quantize`.
-    patterns: regular expressions fully matched against '/'-joined paths; each
-      must match at least one leaf.
+    spec: how the weights will be quantized (the same spec `convert` takes).
 
   Returns:
     The same structure of float arrays; differentiable with the STE.
   """
-  quantize_lib.code_range(bits, symmetric)
-  axis = -1 if per_channel else None
+  quantize_lib.code_range(spec.bits, spec.symmetric)
   return quantize_lib.map_matching_leaves(
-      lambda w: fake_quantize(w, bits=bits, axis=axis, symmetric=symmetric), params, patterns)
+      lambda w: fake_quantize(w, bits=spec.bits, axis=spec.axis, symmetric=spec.symmetric),
+      params, spec.patterns)
 
 
-def convert(
-    params: Any, *, bits: int = 8, per_channel: bool = True, symmetric: bool = True,
-    patterns: Sequence[str] = quantize_lib.DEFAULT_PATTERNS,
-) -> Any:
-  """Real integer weights after QAT: `quantize_params` with the same settings.
+def convert(params: Any, spec: QuantSpec = DEFAULT_SPEC) -> Any:
+  """Real integer weights after QAT: `quantize_params` with the same spec.
 
-  Pass the settings the training used; then `dequantize_params(convert(p))`
-  equals `fake_quantize_params(p)` exactly, so the converted model computes
-  what the QAT model was trained to compute.
+  Pass the spec the training used; then `dequantize_params(convert(p, spec))`
+  equals `fake_quantize_params(p, spec)` exactly, so the converted model
+  computes what the QAT model was trained to compute.
 
   Returns:
     The params with the selected leaves as QArrays.
   """
-  return quantize_lib.quantize_params(
-      params, bits=bits, per_channel=per_channel, symmetric=symmetric, patterns=patterns)
+  return quantize_lib.quantize_params(params, spec)

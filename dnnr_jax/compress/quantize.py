@@ -18,8 +18,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
 from typing import Any, Callable, Iterable, Sequence
 
 import flax.struct
@@ -27,11 +27,46 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dnnr_jax.compress.paths import DEFAULT_PATTERNS, select
+from dnnr_jax.config import CALIBRATION_METHODS, QuantizeConfig
 from dnnr_jax.errors import DnnrError
 
 BITS = (4, 8)  # Supported widths; codes of either are stored one per int8.
-DEFAULT_PATTERNS = (r'.*/kernel$',)
-CALIBRATION_METHODS = ('minmax', 'percentile')
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How to quantize the weights of a params pytree (qwix's `HowToQuantize`).
+
+  One frozen object carries the settings through `quantize_params`,
+  `qat.fake_quantize_params` and `qat.convert`, so the weights QAT trains
+  against are the ones conversion produces.
+
+  Attributes:
+    bits: 4 or 8.
+    per_channel: one scale per output channel (last axis), else per tensor.
+    symmetric: scale by max|w| around zero; otherwise map [min, max] onto
+      the full code range with a zero point (see `quantize`).
+    patterns: regular expressions, each fully matched against '/'-joined
+      paths such as 'trunk_0/kernel'; each must match at least one leaf.
+  """
+  bits: int = 8
+  per_channel: bool = True
+  symmetric: bool = True
+  patterns: tuple[str, ...] = DEFAULT_PATTERNS
+
+  @property
+  def axis(self) -> int | None:
+    """The axis with its own scales: -1 per output channel, None per tensor."""
+    return -1 if self.per_channel else None
+
+  @classmethod
+  def from_config(cls, settings: QuantizeConfig) -> QuantSpec:
+    """The spec of a config's `compress.quantize` section (Dense kernels, symmetric)."""
+    return cls(bits=settings.bits, per_channel=settings.per_channel)
+
+
+DEFAULT_SPEC = QuantSpec()  # Symmetric int8 per output channel, every Dense kernel.
 
 
 @flax.struct.dataclass
@@ -125,7 +160,7 @@ def float16_round(tree: Any) -> Any:
   limit = float(np.finfo(np.float16).max)
 
   def round_leaf(leaf):
-    if _is_qarray(leaf) or getattr(leaf, 'dtype', None) != np.float32:
+    if is_qarray(leaf) or getattr(leaf, 'dtype', None) != np.float32:
       return leaf
     # numpy, not XLA: XLA's CPU conversion may flush subnormals to zero.
     leaf = np.asarray(leaf)
@@ -133,7 +168,7 @@ def float16_round(tree: Any) -> Any:
       half = leaf.astype(np.float16).astype(np.float32)
     return jnp.asarray(np.where(np.abs(leaf) < limit, half, leaf))
 
-  return jax.tree.map(round_leaf, tree, is_leaf=_is_qarray)
+  return jax.tree.map(round_leaf, tree, is_leaf=is_qarray)
 
 
 def _float16_normal(x: jax.Array) -> jax.Array:
@@ -172,30 +207,23 @@ def unpack_int4(packed: jax.Array, shape: Sequence[int]) -> jax.Array:
   return jnp.where(nibbles >= 8, nibbles - 16, nibbles).reshape(shape)
 
 
-def quantize_params(
-    params: Any, *, bits: int = 8, per_channel: bool = True, symmetric: bool = True,
-    patterns: Sequence[str] = DEFAULT_PATTERNS,
-) -> Any:
-  """The params with the leaves `patterns` select as QArrays, the others unchanged.
+def quantize_params(params: Any, spec: QuantSpec = DEFAULT_SPEC) -> Any:
+  """The params with the leaves `spec.patterns` select as QArrays, the others unchanged.
 
   Args:
     params: a params pytree, e.g. `{'trunk_0': {'kernel': ..., 'bias': ...}}`.
-    bits: 4 or 8.
-    per_channel: one scale per output channel (last axis), else per tensor.
-    symmetric: see `quantize`.
-    patterns: regular expressions, each fully matched against '/'-joined
-      paths such as 'trunk_0/kernel'; each must match at least one leaf.
+    spec: bits, per-channel or per-tensor scales, symmetry and patterns.
   """
-  code_range(bits, symmetric)  # Bad bits fail here even if no pattern matches.
-  axis = -1 if per_channel else None
+  code_range(spec.bits, spec.symmetric)  # Bad bits fail here even if no pattern matches.
   return map_matching_leaves(
-      lambda w: quantize(w, bits=bits, axis=axis, symmetric=symmetric), params, patterns)
+      lambda w: quantize(w, bits=spec.bits, axis=spec.axis, symmetric=spec.symmetric),
+      params, spec.patterns)
 
 
 def dequantize_params(params: Any) -> Any:
   """The params with every QArray leaf dequantized to float32."""
-  return jax.tree.map(lambda leaf: dequantize(leaf) if _is_qarray(leaf) else leaf,
-                      params, is_leaf=_is_qarray)
+  return jax.tree.map(lambda leaf: dequantize(leaf) if is_qarray(leaf) else leaf,
+                      params, is_leaf=is_qarray)
 
 
 def map_matching_leaves(
@@ -205,18 +233,9 @@ def map_matching_leaves(
   QArray leaves are left as they are. Raises DnnrError for a pattern that
   matches no leaf, since a typo would otherwise silently quantize nothing.
   """
-  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qarray)[0]
-  names = [_path_name(path) for path, _ in leaves]
-  for pattern in patterns:
-    if not any(re.fullmatch(pattern, name) for name in names):
-      raise DnnrError(f'pattern {pattern!r} matches none of the parameter paths '
-                      f'({", ".join(names)}); fix the regular expression.')
-
-  def visit(path, leaf):
-    selected = any(re.fullmatch(pattern, _path_name(path)) for pattern in patterns)
-    return fn(leaf) if selected and not _is_qarray(leaf) else leaf
-
-  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_qarray)
+  chosen = select(params, patterns, is_leaf=is_qarray)
+  return jax.tree.map(lambda leaf, keep: fn(leaf) if keep and not is_qarray(leaf) else leaf,
+                      params, chosen, is_leaf=is_qarray)
 
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -333,11 +352,6 @@ def _normalize_axis(axis: int | None, ndim: int) -> int | None:
   return None if axis is None else axis % ndim
 
 
-def _is_qarray(leaf: Any) -> bool:
+def is_qarray(leaf: Any) -> bool:
+  """`is_leaf` that keeps a QArray whole in `jax.tree` functions."""
   return isinstance(leaf, QArray)
-
-
-def _path_name(path: tuple[Any, ...]) -> str:
-  # DictKey has .key, SequenceKey .idx, GetAttrKey .name.
-  return '/'.join(str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
-                  for key in path)

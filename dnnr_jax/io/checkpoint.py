@@ -60,8 +60,8 @@ def checkpoint_path(models_dir: str | os.PathLike, kind: str, version: str) -> p
 def check_version(version: str) -> str:
   if not _VERSION.fullmatch(version):
     raise CheckpointError(
-        f'version {version!r} is not of the form MAJOR.MINOR; pass e.g. '
-        '--version 1.0.')
+        f'version = {version!r} is not of the form MAJOR.MINOR; pass e.g. '
+        'version=1.0.')
   return version
 
 
@@ -87,8 +87,8 @@ def ensure_writable(path: pathlib.Path, overwrite: bool) -> None:
   """Fails before any work if `path` exists and may not be replaced."""
   if path.exists() and not overwrite:
     raise CheckpointError(
-        f'{path} already exists; pass --overwrite to replace it or choose '
-        'another --version.')
+        f'{path} already exists; pass overwrite=True to replace it or another '
+        'version=MAJOR.MINOR.')
 
 
 def library_versions() -> dict[str, str]:

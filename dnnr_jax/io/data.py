@@ -30,6 +30,7 @@ import numpy as np
 from dnnr_jax.config import PIXEL_MAX, DataConfig
 from dnnr_jax.errors import DataError
 from dnnr_jax.io.idx import read_idx
+from dnnr_jax.io.pixels import normalise_pixels
 from dnnr_jax.train import Split
 
 MNIST_FILES = {
@@ -115,13 +116,8 @@ def load_dataset(
   pixel_max = PIXEL_MAX[config.dataset]
 
   def split(images: np.ndarray, labels: np.ndarray) -> Split:
-    # In place, because a float32 copy of MNIST's training set is 188 MB.
-    pixels = images.reshape(images.shape[0], -1).astype(np.float32)
-    pixels /= pixel_max
-    pixels -= config.mean
-    pixels /= config.std
-    return Split(jax.device_put(pixels),
-                 jax.device_put(labels.astype(np.int32)))
+    pixels = normalise_pixels(images, pixel_max, config.mean, config.std)
+    return Split(jax.device_put(pixels), jax.device_put(labels.astype(np.int32)))
 
   validation = None
   if config.validation_size > 0:
@@ -185,7 +181,7 @@ def find_mnist(
   fix = 'put the four MNIST files there or point it at a directory that does'
   if data_dir is not None:
     directory = pathlib.Path(data_dir).expanduser()
-    _require_complete(directory, f'--data-dir {directory}', fix)
+    _require_complete(directory, f'data_dir = {directory}', fix)
     return directory
   env_dir = os.environ.get('DNNR_DATA_DIR')
   if env_dir:
@@ -205,9 +201,9 @@ def find_mnist(
   else:
     reason = 'downloading was turned off'
   raise DataError(
-      'MNIST not found: no --data-dir was given, DNNR_DATA_DIR is not set, '
+      'MNIST not found: no data_dir=DIR was given, DNNR_DATA_DIR is not set, '
       f'the cache {cache} lacks {len(missing)} of the four files and '
-      f'{reason}; pass --data-dir DIR, set DNNR_DATA_DIR=DIR, or place '
+      f'{reason}; pass data_dir=DIR, set DNNR_DATA_DIR=DIR, or place '
       f'{", ".join(MNIST_FILES.values())} in {cache}.')
 
 

@@ -32,6 +32,7 @@ from dnnr_jax.config import PIXEL_MAX
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import onnx_passes
 from dnnr_jax.io.checkpoint import LoadedModel, load_model
+from dnnr_jax.io.pixels import normalise_pixels
 
 OPSET = 21
 CHECK_BATCH_SIZES = (1, 7, 128)
@@ -54,11 +55,9 @@ def inference_function(model: LoadedModel, *, raw_uint8_input: bool = False):
   if not raw_uint8_input:
     return normalised
   data = model.config.data
-  pixel_max = PIXEL_MAX[data.dataset]
 
   def raw(images):
-    pixels = images.reshape(images.shape[0], -1).astype(jnp.float32)
-    return normalised((pixels * np.float32(1 / pixel_max) - data.mean) * np.float32(1 / data.std))
+    return normalised(normalise_pixels(images, PIXEL_MAX[data.dataset], data.mean, data.std))
 
   return raw
 
@@ -103,16 +102,16 @@ def export_onnx(
   model = load_model(path)
   output = pathlib.Path(output) if output else default_output(model.path)
   if output.suffix != '.onnx':
-    raise DnnrError(f'--output {output} does not end in .onnx; name an .onnx file.')
+    raise DnnrError(f'output = {output} does not end in .onnx; name an .onnx file.')
   if output.exists() and not overwrite:
-    raise DnnrError(f'{output} already exists; pass --overwrite or another --output.')
+    raise DnnrError(f'{output} already exists; pass overwrite=True or another output=FILE.onnx.')
   if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
     raise DnnrError(f'cannot write {output}: {output.parent} is not a writable directory; '
-                    'choose another --output.')
+                    'choose another output=FILE.onnx.')
   function = inference_function(model, raw_uint8_input=raw_uint8_input)
   side = math.isqrt(model.num_features)
   if raw_uint8_input and side * side != model.num_features:
-    raise DnnrError(f'--raw-uint8-input needs square images; {model.path.name} takes '
+    raise DnnrError(f'raw_uint8_input=True needs square images; {model.path.name} takes '
                     f'{model.num_features} features.')
   batch = jax.export.symbolic_shape('B')[0]
   input_spec = (jax.ShapeDtypeStruct((batch, side, side), jnp.uint8) if raw_uint8_input
@@ -161,12 +160,19 @@ def _jax_and_flax_plugins_only():
 
   A process's first `to_onnx` imports every plugin jax2onnx ships, and its
   Equinox plugins build and compile example modules as they are imported:
-  about 9 of the 10 s that first call took here. The graphs exported here
-  need only JAX and Flax primitives (and every export is checked in
-  onnxruntime, so a missing one would fail loudly). Afterwards jax2onnx is
-  left to import the rest on its next conversion, so other users of it in
-  the same process see no difference. With a jax2onnx whose plugin loader
-  is not the one this was written against, it does nothing.
+  a fresh `dnnr export` of the smoke model took a median 56 s with them and
+  9.3 s without (docs/jax2onnx-plugins.md). The graphs exported here need only
+  JAX and Flax primitives (and every export is checked in onnxruntime, so a
+  missing one would fail loudly). Afterwards jax2onnx is left to import the
+  rest on its next conversion, so other users of it in the same process see
+  no difference.
+
+  jax2onnx has no public switch for this (one is worth proposing upstream:
+  a list of plugin packages to load), so this sets two of its module
+  internals, `plugin_system._import_tree` and `_already_imported_plugins`,
+  and is guarded: with a jax2onnx whose loader is not the one this was
+  written against (0.17), or if anything here fails, it does nothing and the
+  conversion runs through the public `to_onnx` alone, only slower.
   """
   from jax2onnx.plugins import plugin_system
 
@@ -174,10 +180,14 @@ def _jax_and_flax_plugins_only():
   if loader is None or getattr(plugin_system, '_already_imported_plugins', None) is not False:
     yield
     return
-  root = pathlib.Path(plugin_system.__file__).parent
-  for tree in ('jax', 'flax'):
-    loader(root / tree, f'jax2onnx.plugins.{tree}')
-  plugin_system._already_imported_plugins = True
+  try:
+    root = pathlib.Path(plugin_system.__file__).parent
+    for tree in ('jax', 'flax'):
+      loader(root / tree, f'jax2onnx.plugins.{tree}')
+    plugin_system._already_imported_plugins = True
+  except Exception:  # The public path (every plugin) still converts.
+    yield
+    return
   try:
     yield
   finally:

@@ -21,25 +21,18 @@ _SUMMARY_KEYS = ('overall', 'all_params')
 
 def training_curves(report: dict[str, Any], path: pathlib.Path) -> None:
   """Loss and accuracy per epoch, train and test."""
-  history = report['history']
-  epochs = [record['epoch'] for record in history]
-  figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 4))
+  history, epochs, figure, (loss, accuracy) = _history_panels(report)
   for split in ('train', 'test'):
     loss.plot(epochs, [record[split]['loss'] for record in history], label=split)
     accuracy.plot(epochs, [record[split]['accuracy'] for record in history], label=split)
   loss.set(xlabel='epoch', ylabel='cross-entropy', title='Loss')
   accuracy.set(xlabel='epoch', ylabel='accuracy', title='Accuracy')
-  for axes in (loss, accuracy):
-    axes.legend()
-    axes.grid(alpha=0.3)
-  _save(figure, path)
+  _save(figure, path, legends=(loss, accuracy))
 
 
 def thresholds_and_routes(report: dict[str, Any], path: pathlib.Path) -> None:
   """The hybrid thresholds and the deep-path fraction per epoch."""
-  history = report['history']
-  epochs = [record['epoch'] for record in history]
-  figure, (thresholds, routes) = plt.subplots(1, 2, figsize=(10, 4))
+  history, epochs, figure, (thresholds, routes) = _history_panels(report)
   for name in history[0]['thresholds']:
     thresholds.plot(epochs, [record['thresholds'][name] for record in history], label=name)
   for split in ('train', 'test'):
@@ -47,10 +40,7 @@ def thresholds_and_routes(report: dict[str, Any], path: pathlib.Path) -> None:
   thresholds.set(xlabel='epoch', ylabel='threshold', title='Hybrid thresholds')
   routes.set(xlabel='epoch', ylabel='fraction of inputs', title='Deep-path fraction',
              ylim=(-0.02, 1.02))
-  for axes in (thresholds, routes):
-    axes.legend()
-    axes.grid(alpha=0.3)
-  _save(figure, path)
+  _save(figure, path, legends=(thresholds, routes))
 
 
 def sparsity_per_layer(report: dict[str, Any], path: pathlib.Path) -> None:
@@ -93,7 +83,18 @@ def write_all(report: dict[str, Any], directory: pathlib.Path) -> dict[str, str]
   return {name: file_name for name, (file_name, _) in plots.items()}
 
 
-def _save(figure, path: pathlib.Path) -> None:
+def _history_panels(report: dict[str, Any]):
+  """The training history, its epochs, and a figure with two axes side by side."""
+  history = report['history']
+  figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+  return history, [record['epoch'] for record in history], figure, axes
+
+
+def _save(figure, path: pathlib.Path, legends=()) -> None:
+  """Writes `figure`, after a legend and a grid on each of the `legends` axes."""
+  for axes in legends:
+    axes.legend()
+    axes.grid(alpha=0.3)
   figure.tight_layout()
   temporary = path.with_name(f'.{path.name}.partial')
   figure.savefig(temporary, format='png', dpi=100)

@@ -16,6 +16,7 @@ import numpy as np
 from dnnr_jax.config import PIXEL_MAX
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io.idx import read_idx
+from dnnr_jax.io.pixels import normalise_pixels
 
 
 def predict_onnx(
@@ -44,7 +45,7 @@ def predict_onnx(
   import onnxruntime
 
   if batch_size < 1:
-    raise DnnrError(f'--batch-size {batch_size} must be at least 1.')
+    raise DnnrError(f'batch_size = {batch_size} must be at least 1.')
   if not os.path.isfile(model_path):
     raise DnnrError(f'{model_path} is not a file; pass an .onnx file written by dnnr export.')
   try:
@@ -70,18 +71,13 @@ def predict_onnx(
     if labels.shape[0] != images.shape[0]:
       raise DnnrError(f'{labels_path} has {labels.shape[0]} labels for {images.shape[0]} '
                       f'images in {images_path}; pass the matching labels file.')
-  predictions, routes = [], []
   start = time.perf_counter()
-  for first in range(0, inputs.shape[0], batch_size):
-    logits, deep_path = session.run(['logits', 'deep_path'],
-                                    {'input': inputs[first:first + batch_size]})
-    predictions.append(np.argmax(logits, -1))
-    routes.append(deep_path)
+  logits, routes = run_batches(session, inputs, batch_size)
   seconds = time.perf_counter() - start
-  predictions = np.concatenate(predictions)
+  predictions = np.argmax(logits, -1)
   result = {
       'n': int(images.shape[0]),
-      'deep_fraction': float(np.mean(np.concatenate(routes))),
+      'deep_fraction': float(np.mean(routes)),
       'samples_per_second': images.shape[0] / seconds,
       'batch_size': batch_size,
       'predictions': predictions.tolist(),
@@ -91,12 +87,21 @@ def predict_onnx(
   return result
 
 
+def run_batches(session: Any, inputs: np.ndarray,
+                batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(logits [N, classes], deep_path bool [N]) of an exported model's onnxruntime
+  `session` on `inputs`, `batch_size` rows per call."""
+  logits, routes = [], []
+  for first in range(0, inputs.shape[0], batch_size):
+    batch_logits, batch_routes = session.run(['logits', 'deep_path'],
+                                             {'input': inputs[first:first + batch_size]})
+    logits.append(batch_logits)
+    routes.append(batch_routes)
+  return np.concatenate(logits), np.concatenate(routes)
+
+
 def _normalise(images: np.ndarray, props: dict[str, str]) -> np.ndarray:
   """Pixels to the normalised float32 features the export takes, as in training."""
   constants = dict(item.split('=') for item in props['dnnr_jax.normalisation'].split(','))
   pixel_max = PIXEL_MAX.get(props.get('dnnr_jax.dataset', 'mnist'), 255.0)
-  pixels = images.reshape(images.shape[0], -1).astype(np.float32)
-  pixels /= pixel_max
-  pixels -= float(constants['mean'])
-  pixels /= float(constants['std'])
-  return pixels
+  return normalise_pixels(images, pixel_max, float(constants['mean']), float(constants['std']))

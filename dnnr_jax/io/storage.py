@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dnnr_jax.compress import quantize
+from dnnr_jax.compress.paths import path_name
+from dnnr_jax.compress.quantize import is_qarray
 
 MAX_GAP = 255
 
@@ -118,10 +120,10 @@ def encode_variables(variables: Any) -> tuple[dict[str, Any], dict[str, dict[str
   """
   blobs: dict[str, list[np.ndarray]] = {}
   layout = {}
-  leaves = jax.tree_util.tree_flatten_with_path(variables, is_leaf=_is_qarray)[0]
+  leaves = jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_qarray)[0]
   for key_path, leaf in leaves:
-    path = '/'.join(str(getattr(key, 'key', key)) for key in key_path)
-    if _is_qarray(leaf):
+    path = path_name(key_path)
+    if is_qarray(leaf):
       codes = np.asarray(leaf.value)
       entry, spec = _encode_codes(codes, leaf.bits)
       entry['scale'] = np.asarray(leaf.scale)
@@ -259,7 +261,3 @@ def _encode_codes(codes: np.ndarray, bits: int) -> tuple[dict, dict]:
   spec['encoding'] = encoding
   spec['arrays'] = {}
   return dict(entry), spec
-
-
-def _is_qarray(leaf: Any) -> bool:
-  return isinstance(leaf, quantize.QArray)

@@ -1,11 +1,14 @@
 """The `dnnr prune` and `dnnr quantize` jobs: checkpoint in, smaller checkpoint out.
 
-Each job loads a dnnr_jax checkpoint, transforms its params pytree, fine-tunes
-where asked (with the checkpoint's thresholds held fixed), evaluates before and
-after on the test split, and writes a versioned Orbax checkpoint under
+Each job loads a dnnr_jax checkpoint, transforms its params pytree as one
+settings object says (`PruneConfig`, `QuantizeConfig`: a config's
+`compress.prune` and `compress.quantize` sections), fine-tunes where asked
+(with the checkpoint's thresholds held fixed), evaluates before and after on
+the test split, and writes a versioned Orbax checkpoint under
 `<models>/pruned/` or `<models>/quantized/` whose metadata records the source,
 the settings, sparsity per layer, bits, calibration, accuracy before and after,
-route agreement and bytes.
+route agreement and bytes. Each returns a typed result (`PruneResult`,
+`QuantizeResult`).
 """
 
 from __future__ import annotations
@@ -13,133 +16,118 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 
 from dnnr_jax.compress import gradual, prune, qat, quantize, structured
-from dnnr_jax.config import (
-  PRUNE_METHODS,
-  PRUNE_SCHEDULES,
-  QUANTIZE_MODES,
-  Config,
-  PruneConfig,
-  QuantizeConfig,
-  ThresholdsConfig,
-  ThresholdValues,
-)
+from dnnr_jax.config import Config, PruneConfig, QuantizeConfig, ThresholdsConfig, ThresholdValues
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import storage
 from dnnr_jax.io.data import Dataset, load_dataset
 from dnnr_jax.jobs.fit import EpochCallback, fit
+from dnnr_jax.jobs.results import CompressResult as CompressResult  # Re-exported.
+from dnnr_jax.jobs.results import Footprint, PruneResult, QuantizeResult
 from dnnr_jax.model import Dense, model_from_config
 from dnnr_jax.train import Teacher, evaluate
 
+DEFAULT_PRUNE = PruneConfig()
+DEFAULT_QUANTIZE = QuantizeConfig()
+
 
 def prune_checkpoint(
-    path: str | os.PathLike, *, method: str = 'global', sparsity: float = 0.9,
-    schedule: str = 'oneshot', finetune_epochs: int = 2, n: int = 2, m: int = 4,
-    learning_rate: float | None = None, distill: float = 0.0, temperature: float = 4.0,
+    path: str | os.PathLike, settings: PruneConfig = DEFAULT_PRUNE, *,
     seed: int | None = None, data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
     extra_metadata: dict[str, Any] | None = None,
-) -> tuple[pathlib.Path, dict[str, Any]]:
+) -> PruneResult:
   """Prunes a checkpoint and writes `<models>/pruned/pruned_model_v{version}`.
 
   Args:
     path: the source checkpoint (final or another pruned one).
-    method: 'global' or 'layer' magnitude, 'structured' (whole units), or
-      'nm' (n:m semi-structured; `sparsity` is then n/m's complement).
-    sparsity: fraction of the selected kernels' weights (units for
-      'structured') to remove, in [0, 1).
-    schedule: 'oneshot' (prune, then fine-tune with the mask fixed) or
-      'gradual' (cubic schedule during fine-tuning; global/layer only).
-    finetune_epochs: Adam epochs after (or during) pruning; 0 for none.
-    n, m: the N:M pattern.
-    learning_rate: fine-tuning's peak learning rate; None keeps the source's.
-    distill: while fine-tuning, this share of the loss distils the source
-      model's outputs softened at `temperature` (see `train.Teacher`); 0 for
-      plain fine-tuning on the labels.
-    temperature: the distillation temperature.
+    settings: method, sparsity, schedule, fine-tuning and distillation (see
+      `PruneConfig`); checked with `settings.validate()` before any work.
+      With `distill`, the source model as it is teaches the pruned one (see
+      `train.Teacher`).
     seed: fine-tuning's shuffling seed; None keeps the source's training.seed.
     data_dir, models_dir, version, overwrite, on_epoch, extra_metadata: as
       for training.
 
   Returns:
-    The new checkpoint's path and a summary (what the metadata records, plus
-    bytes on disk).
+    The new checkpoint, what its metadata records, and bytes on disk.
+
+  Raises:
+    DnnrError: bad settings (`ConfigError`), a quantized or missing source,
+      a version that exists without `overwrite`.
   """
-  _check_choice('--method', method, PRUNE_METHODS)
-  _check_choice('--schedule', schedule, PRUNE_SCHEDULES)
-  prune.check_sparsity(sparsity)
-  if finetune_epochs < 0:
-    raise DnnrError(f'--finetune-epochs {finetune_epochs} is negative; pass 0 for none.')
-  if not 0 <= distill <= 1:
-    raise DnnrError(f'--distill {distill} is not a share of the loss in [0, 1]; pass e.g. 0.5.')
-  if distill and finetune_epochs < 1:
-    raise DnnrError('--distill acts while fine-tuning: pass --finetune-epochs of at least 1.')
-  if not temperature > 0:
-    raise DnnrError(f'--temperature {temperature} must be a positive number, e.g. 4.')
-  if schedule == 'gradual' and (method not in ('global', 'layer') or finetune_epochs < 1):
-    raise DnnrError(
-        'a gradual schedule prunes during fine-tuning: use --method global or layer '
-        'with --finetune-epochs of at least 1.')
+  settings.validate()
   source, out_path, version = _prepare(path, 'pruned', models_dir, version, overwrite)
   if _is_quantized(source):
     raise DnnrError(f'{source.path} is quantized; prune a final or pruned model, '
                     'then quantize the result.')
-  params = source.variables['params']
-  config = _finetune_config(source, finetune_epochs, learning_rate, seed)
+  config = _finetune_config(source, settings.finetune_epochs, settings.learning_rate, seed)
   dataset = load_dataset(source.config.data, data_dir)  # After every cheap check.
+  recorded: dict[str, Any] = {
+      'method': settings.method, 'sparsity': settings.sparsity, 'schedule': settings.schedule,
+      'finetune_epochs': settings.finetune_epochs,
+      'learning_rate': config.training.learning_rate}
   state_options: dict[str, Any] = {}
-  settings = {'method': method, 'sparsity': sparsity, 'schedule': schedule,
-              'finetune_epochs': finetune_epochs,
-              'learning_rate': config.training.learning_rate}
-  if distill:
-    # The source model as it is (dense, float) teaches the pruned one.
-    state_options['teacher'] = Teacher(source.variables, source.model.apply, distill, temperature)
-    settings.update(distill=distill, temperature=temperature)
-  if method == 'structured':
-    params, model_config, kept = structured.prune_units(params, config.model, sparsity)
-    config = config.replace(model=model_config)
-    settings['kept_units'] = {name: len(units) for name, units in kept.items()}
-  elif schedule == 'gradual':
-    steps = finetune_epochs * (dataset.train.labels.shape[0] // config.training.batch_size)
-    sparsity_schedule = gradual.cubic_sparsity_schedule(
-        0.0, sparsity, begin_step=0, end_step=max(1, int(0.75 * steps)))
-    state_options['wrap_optimizer'] = lambda tx: gradual.pruning(
-        tx, sparsity_schedule=sparsity_schedule, update_every=max(1, steps // 100),
-        scope=method)
-  else:
-    if method == 'nm':
-      masks = prune.nm_masks(params, n, m)
-      settings.update(n=n, m=m)
-    else:
-      masks = prune.magnitude_masks(params, sparsity, scope=method)
-    params = prune.apply_masks(params, masks)
-    state_options['wrap_optimizer'] = lambda tx: gradual.keep_masked(tx, masks)
-  if finetune_epochs > 0:
+  if settings.distill:
+    state_options['teacher'] = Teacher(source.variables, source.model.apply, settings.distill,
+                                       settings.distill_temperature)
+    recorded.update(distill=settings.distill, temperature=settings.distill_temperature)
+  params, config, state_options['wrap_optimizer'], plan = _pruning_plan(
+      source.variables['params'], settings, config, dataset)
+  recorded.update(plan)
+  if settings.finetune_epochs > 0:
     params = fit(config, dataset, on_epoch=on_epoch, params=params,
                  **state_options).state.params
   variables = {**source.variables, 'params': params}
-  report = prune.sparsity_report(params)
-  settings['sparsity_report'] = report
-  return _finish(source, out_path, 'pruned', version, config, variables, dataset,
-                 settings, overwrite=overwrite, extra_metadata=extra_metadata)
+  recorded['sparsity_report'] = prune.sparsity_report(params)
+  return _finish(PruneResult, source, out_path, version, config, variables, dataset, recorded,
+                 overwrite=overwrite, extra_metadata=extra_metadata,
+                 sparsity_report=recorded['sparsity_report'])
+
+
+def _pruning_plan(
+    params: Any, settings: PruneConfig, config: Config, dataset: Dataset,
+) -> tuple[Any, Config, Callable[[optax.GradientTransformation], Any] | None, dict[str, Any]]:
+  """How `settings` prune `params`: (params to fine-tune, config, optimizer wrapper, record).
+
+  Structured pruning shrinks the model (and its config) once; 'gradual'
+  prunes during fine-tuning on Zhu & Gupta's cubic schedule; one-shot
+  pruning masks once and fine-tunes with the mask fixed.
+  """
+  if settings.method == 'structured':
+    params, model_config, kept = structured.prune_units(params, config.model, settings.sparsity)
+    return (params, config.replace(model=model_config), None,
+            {'kept_units': {name: len(units) for name, units in kept.items()}})
+  if settings.schedule == 'gradual':
+    steps = settings.finetune_epochs * (
+        dataset.train.labels.shape[0] // config.training.batch_size)
+    schedule = gradual.cubic_sparsity_schedule(
+        0.0, settings.sparsity, begin_step=0, end_step=max(1, int(settings.gradual_end * steps)))
+    pruner = prune.magnitude_pruner(schedule, scope=settings.method)
+    update_every = max(1, steps // settings.mask_updates)
+    return params, config, lambda tx: gradual.pruning(tx, pruner, update_every=update_every), {}
+  if settings.method == 'nm':
+    masks, plan = prune.nm_masks(params, settings.n, settings.m), {'n': settings.n, 'm': settings.m}
+  else:
+    masks, plan = prune.magnitude_masks(params, settings.sparsity, scope=settings.method), {}
+  return (prune.apply_masks(params, masks), config,
+          lambda tx: gradual.keep_masked(tx, masks), plan)
 
 
 def quantize_checkpoint(
-    path: str | os.PathLike, *, mode: str = 'dynamic', bits: int = 8,
-    per_channel: bool = True, calibration_batches: int = 10,
-    calibration_method: str = 'minmax', finetune_epochs: int = 2,
-    learning_rate: float | None = None, seed: int | None = None, data_dir=None,
-    models_dir=None, version: str | None = None,
+    path: str | os.PathLike, settings: QuantizeConfig = DEFAULT_QUANTIZE, *,
+    seed: int | None = None, data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
     extra_metadata: dict[str, Any] | None = None,
-) -> tuple[pathlib.Path, dict[str, Any]]:
+) -> QuantizeResult:
   """Quantizes a checkpoint's kernels; writes `<models>/quantized/quantized_model_v{version}`.
 
   The weight scales and the biases are rounded to float16 values (the scales
@@ -147,79 +135,83 @@ def quantize_checkpoint(
 
   Args:
     path: the source checkpoint (final or pruned; pruned zeros stay zero).
-    mode: 'weight_only' (integer weights, float compute), 'dynamic' (integer
-      matmuls with per-row activation scales), 'static' (integer matmuls at
-      activation scales calibrated on `calibration_batches` training batches)
-      or 'qat' (fine-tune with fake quantization, then convert; dynamic compute).
-    bits: 8 or 4.
-    per_channel: one scale per output channel, else per tensor.
-    calibration_batches: for 'static'.
-    calibration_method: 'minmax' or 'percentile', for 'static'.
-    finetune_epochs: for 'qat'.
-    learning_rate: QAT's peak learning rate; None keeps the source's.
+    settings: the mode ('weight_only': integer weights, float compute;
+      'dynamic': integer matmuls with per-row activation scales; 'static':
+      integer matmuls at activation scales calibrated on
+      `calibration_batches` training batches; 'qat': fine-tune with fake
+      quantization, then convert, dynamic compute), bits, scales, QAT's
+      epochs and rate (see `QuantizeConfig`; `source` is the pipeline's and
+      is not used here). Checked with `settings.validate()` first.
     seed: QAT's shuffling seed; None keeps the source's training.seed.
     data_dir, models_dir, version, overwrite, on_epoch, extra_metadata: as
       for training.
+
+  Returns:
+    The new checkpoint, what its metadata records, and bytes on disk.
   """
-  _check_choice('--mode', mode, QUANTIZE_MODES)
-  if bits not in quantize.BITS:
-    raise DnnrError(f'--bits {bits} is not supported; choose 8 or 4.')
-  if calibration_batches < 1:
-    raise DnnrError(f'--calibration-batches {calibration_batches} must be at least 1.')
-  if mode == 'qat' and finetune_epochs < 1:
-    raise DnnrError(f'--mode qat fine-tunes with fake quantization: --finetune-epochs '
-                    f'{finetune_epochs} must be at least 1.')
+  settings.validate()
   source, out_path, version = _prepare(path, 'quantized', models_dir, version, overwrite)
   if _is_quantized(source):
     raise DnnrError(f'{source.path} is already quantized; quantize a final or pruned model.')
-  config = _finetune_config(source, finetune_epochs, learning_rate, seed)
+  config = _finetune_config(source, settings.finetune_epochs, settings.learning_rate, seed)
   dataset = load_dataset(source.config.data, data_dir)  # After every cheap check.
+  spec = quantize.QuantSpec.from_config(settings)
   params = source.variables['params']
-  settings: dict[str, Any] = {'mode': mode, 'bits': bits, 'per_channel': per_channel}
+  recorded: dict[str, Any] = {
+      'mode': settings.mode, 'bits': settings.bits, 'per_channel': settings.per_channel}
   variables = dict(source.variables)
-  if mode == 'qat':
-    model = model_from_config(config)
-
-    def fake_quantized_apply(variables, inputs):
-      return model.apply({**variables, 'params': qat.fake_quantize_params(
-          variables['params'], bits=bits, per_channel=per_channel)}, inputs)
-
-    # A pruned source keeps its zeros: its exact zeros are its mask.
-    zeros = prune.zero_masks(params)
-    wrap = (lambda tx: gradual.keep_masked(tx, zeros)) if zeros is not None else None
-    params = fit(config, dataset, on_epoch=on_epoch, params=params,
-                 apply_fn=fake_quantized_apply, wrap_optimizer=wrap).state.params
-    settings['finetune_epochs'] = finetune_epochs
-  if mode == 'static':
-    batch_size = config.training.batch_size
-    available = dataset.train.labels.shape[0] // batch_size
-    if calibration_batches > available:
-      raise DnnrError(
-          f'--calibration-batches {calibration_batches} exceeds the {available} training '
-          f'batches of {batch_size} in {dataset.name}; choose at most {available}.')
-    batches = [dataset.train.images[i * batch_size:(i + 1) * batch_size]
-               for i in range(calibration_batches)]
-    ranges = quantize.calibrate(
-        lambda batch: dense_inputs(model_from_config(config.replace(
-            routing=dataclasses.replace(config.routing, mode='per_sample'))),
-            source.variables, batch),
-        batches, method=calibration_method)
-    variables['activation_scales'] = {
-        name: {'input': value.scale()} for name, value in ranges.items()}
-    settings['calibration'] = {
-        'batches': calibration_batches, 'batch_size': batch_size,
-        'method': calibration_method,
-        'ranges': {name: [float(value.minimum), float(value.maximum)]
-                   for name, value in ranges.items()}}
+  if settings.mode == 'qat':
+    params = _quantization_aware_training(config, dataset, params, spec, on_epoch)
+    recorded['finetune_epochs'] = settings.finetune_epochs
+  if settings.mode == 'static':
+    variables['activation_scales'], recorded['calibration'] = _calibrate(
+        source, config, dataset, settings)
   # For QAT, `convert` is this call: the weights land on the trained grid.
   # The biases are rounded to float16 values, as the weight scales are: each
   # is then two bytes on disk, and moves by at most 2**-11 of itself.
-  variables['params'] = quantize.float16_round(
-      qat.convert(params, bits=bits, per_channel=per_channel))
-  settings['bias_precision'] = 'float16'
-  return _finish(source, out_path, 'quantized', version, config, variables, dataset,
-                 settings, overwrite=overwrite, quantization={'mode': mode, 'bits': bits},
-                 extra_metadata=extra_metadata)
+  variables['params'] = quantize.float16_round(qat.convert(params, spec))
+  recorded['bias_precision'] = 'float16'
+  return _finish(QuantizeResult, source, out_path, version, config, variables, dataset,
+                 recorded, overwrite=overwrite, extra_metadata=extra_metadata,
+                 quantization={'mode': settings.mode, 'bits': settings.bits})
+
+
+def _quantization_aware_training(config, dataset, params, spec, on_epoch):
+  """The params fine-tuned under fake quantization (a pruned source keeps its zeros)."""
+  model = model_from_config(config)
+
+  def fake_quantized_apply(variables, inputs):
+    return model.apply(
+        {**variables, 'params': qat.fake_quantize_params(variables['params'], spec)}, inputs)
+
+  # A pruned source's exact zeros are its mask.
+  zeros = prune.zero_masks(params)
+  wrap = (lambda tx: gradual.keep_masked(tx, zeros)) if zeros is not None else None
+  return fit(config, dataset, on_epoch=on_epoch, params=params,
+             apply_fn=fake_quantized_apply, wrap_optimizer=wrap).state.params
+
+
+def _calibrate(source, config: Config, dataset: Dataset, settings: QuantizeConfig):
+  """Static activation scales of every Dense input, and what to record of them."""
+  batch_size = config.training.batch_size
+  available = dataset.train.labels.shape[0] // batch_size
+  if settings.calibration_batches > available:
+    raise DnnrError(
+        f'compress.quantize.calibration_batches = {settings.calibration_batches} exceeds the '
+        f'{available} training batches of {batch_size} in {dataset.name}; choose at most '
+        f'{available}.')
+  batches = [dataset.train.images[i * batch_size:(i + 1) * batch_size]
+             for i in range(settings.calibration_batches)]
+  per_sample = model_from_config(config.replace(
+      routing=dataclasses.replace(config.routing, mode='per_sample')))
+  ranges = quantize.calibrate(lambda batch: dense_inputs(per_sample, source.variables, batch),
+                              batches, method=settings.calibration_method)
+  scales = {name: {'input': value.scale()} for name, value in ranges.items()}
+  return scales, {
+      'batches': settings.calibration_batches, 'batch_size': batch_size,
+      'method': settings.calibration_method,
+      'ranges': {name: [float(value.minimum), float(value.maximum)]
+                 for name, value in ranges.items()}}
 
 
 def dense_inputs(model: nn.Module, variables: Any, inputs: jax.Array) -> dict[str, jax.Array]:
@@ -253,31 +245,8 @@ def route_report(source, model: nn.Module, variables: Any, dataset: Dataset) -> 
 
 
 def _is_quantized(source) -> bool:
-  return any(isinstance(leaf, quantize.QArray) for leaf in jax.tree.leaves(
-      source.variables, is_leaf=lambda leaf: isinstance(leaf, quantize.QArray)))
-
-
-def prune_as_configured(path: str | os.PathLike, settings: PruneConfig, **options):
-  """`prune_checkpoint` with a config's `compress.prune` settings.
-
-  `options` are the rest of its arguments (seed, data_dir, models_dir,
-  version, ...).
-  """
-  return prune_checkpoint(
-      path, method=settings.method, sparsity=settings.sparsity, schedule=settings.schedule,
-      finetune_epochs=settings.finetune_epochs, n=settings.n, m=settings.m,
-      learning_rate=settings.learning_rate, distill=settings.distill,
-      temperature=settings.distill_temperature, **options)
-
-
-def quantize_as_configured(path: str | os.PathLike, settings: QuantizeConfig, **options):
-  """`quantize_checkpoint` with a config's `compress.quantize` settings (`source` aside)."""
-  return quantize_checkpoint(
-      path, mode=settings.mode, bits=settings.bits, per_channel=settings.per_channel,
-      calibration_batches=settings.calibration_batches,
-      calibration_method=settings.calibration_method,
-      finetune_epochs=settings.finetune_epochs, learning_rate=settings.learning_rate,
-      **options)
+  return any(quantize.is_qarray(leaf) for leaf in jax.tree.leaves(
+      source.variables, is_leaf=quantize.is_qarray))
 
 
 def _prepare(path, kind, models_dir, version, overwrite):
@@ -293,10 +262,8 @@ def _prepare(path, kind, models_dir, version, overwrite):
 def _finetune_config(source, epochs: int, learning_rate: float | None = None,
                      seed: int | None = None) -> Config:
   """The source config, trained for `epochs` with its final thresholds fixed."""
-  if learning_rate is not None and not learning_rate > 0:
-    raise DnnrError(f'--learning-rate {learning_rate} must be a positive number.')
   if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-    raise DnnrError(f'--seed {seed!r} is not a non-negative integer; pass e.g. 1.')
+    raise DnnrError(f'seed = {seed!r} is not a non-negative integer; pass e.g. seed=1.')
   values = ThresholdValues(**{name: float(value)
                               for name, value in source.variables['thresholds'].items()})
   config = source.config
@@ -309,8 +276,9 @@ def _finetune_config(source, epochs: int, learning_rate: float | None = None,
           seed=config.training.seed if seed is None else seed))
 
 
-def _finish(source, out_path, kind, version, config, variables, dataset, settings, *,
-            overwrite, quantization=None, extra_metadata=None):
+def _finish(result_type, source, out_path, version, config, variables, dataset, recorded, *,
+            overwrite, extra_metadata=None, quantization=None, **fields):
+  """Evaluates, saves and measures the new checkpoint; its `result_type`."""
   weight_only = bool(quantization) and quantization['mode'] == 'weight_only'
   model = model_from_config(config, weight_only=weight_only)
   batch_size = config.training.eval_batch_size
@@ -318,12 +286,12 @@ def _finish(source, out_path, kind, version, config, variables, dataset, setting
   after = evaluate(model, variables, dataset.test, batch_size)
   arrays, _ = storage.encode_variables(variables)
   metadata = {
-      'kind': kind, 'version': version, 'config': config.to_dict(),
-      'num_features': source.num_features,
+      'kind': result_type.KIND, 'version': version,
+      'config': config.to_dict(), 'num_features': source.num_features,
       'thresholds': {name: float(value) for name, value in variables['thresholds'].items()},
       'source': {'path': str(source.path), 'kind': source.metadata.get('kind'),
                  'version': source.metadata.get('version')},
-      'compression': settings,
+      'compression': recorded,
       'metrics': {'test': after, 'test_before': before},
       'routes': route_report(source, model, variables, dataset),
       'array_bytes': int(sum(leaf.nbytes for leaf in jax.tree.leaves(arrays))),
@@ -333,27 +301,18 @@ def _finish(source, out_path, kind, version, config, variables, dataset, setting
     metadata['quantization'] = quantization
   metadata.update(extra_metadata or {})
   saved = checkpoint_lib.save_checkpoint(out_path, variables, metadata, overwrite=overwrite)
-  summary = {**metadata, 'path': str(saved), 'bytes': _bytes(saved),
-             'source_bytes': _bytes(source.path), 'dense_float_bytes': _dense_float_bytes(source)}
-  return saved, summary
+  dense_path = _dense_float_path(source)
+  return result_type(path=saved, metadata=metadata, size=Footprint.of(saved),
+                     source_size=Footprint.of(source.path), dense_float_path=dense_path,
+                     dense_float_size=Footprint.of(dense_path), **fields)
 
 
-def _dense_float_bytes(source) -> dict[str, Any]:
-  """Bytes of the final (dense float32) checkpoint at the root of `source`'s lineage."""
+def _dense_float_path(source) -> pathlib.Path:
+  """The final (dense float32) checkpoint at the root of `source`'s lineage."""
   path, metadata = source.path, source.metadata
   while metadata.get('kind') != 'final' and 'source' in metadata:
     path = pathlib.Path(metadata['source']['path'])
     if not path.is_dir():
       break
     metadata = checkpoint_lib.read_metadata(path)
-  return {'path': str(path), **_bytes(path)}
-
-
-def _bytes(path) -> dict[str, int]:
-  return {'raw': storage.directory_bytes(path), 'gzip': storage.gzip_bytes(path)}
-
-
-def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise DnnrError(f'{flag} {value!r} is not one of: {", ".join(choices)}.')
-
+  return path

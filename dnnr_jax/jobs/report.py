@@ -1,0 +1,181 @@
+"""The pipeline's report: one measured row per artifact, as JSON, Markdown and plots.
+
+`build_report` loads the three checkpoints and runs their ONNX files in
+onnxruntime on the test split (accuracy, routes, sizes, latency and
+throughput); `write_report` writes `report.json`, `report.md` and the PNG
+plots, each whole or not at all.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from dnnr_jax.config import Config
+from dnnr_jax.io import checkpoint as checkpoint_lib
+
+ARTIFACTS = ('final', 'pruned', 'quantized')
+
+
+def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes) -> dict[str, Any]:
+  """One row per artifact (three checkpoints, three ONNX files), measured now."""
+  from dnnr_jax.io import storage
+  from dnnr_jax.jobs import benchmark
+  from dnnr_jax.train import evaluate
+
+  images, labels = (np.asarray(value) for value in dataset.test)
+  seconds = config.pipeline.benchmark_seconds
+  models = {kind: checkpoint_lib.load_model(paths[kind]) for kind in ARTIFACTS}
+  _, final_routes = models['final'].predict_with_routes(images)
+  final_bytes = storage.directory_bytes(paths['final'])
+  runners = {kind: benchmark.jax_runner(models[kind]) for kind in ARTIFACTS}
+  runners.update({f'{kind} onnx': benchmark.onnx_runner(onnx_paths[kind]) for kind in ARTIFACTS})
+  speeds = benchmark.compare_inference(runners, images[:benchmark.THROUGHPUT_BATCH], seconds)
+  rows = []
+  for kind in ARTIFACTS:
+    model = models[kind]
+    # What `dnnr evaluate` computes, on the test split already loaded.
+    evaluation = evaluate(model.model, model.variables, dataset.test,
+                          model.config.training.eval_batch_size)
+    _, routes = model.predict_with_routes(images)
+    counts = _parameter_counts(model.variables['params'])
+    raw, packed = storage.directory_bytes(paths[kind]), storage.gzip_bytes(paths[kind])
+    rows.append({
+        'artifact': kind, 'format': 'orbax', 'path': str(paths[kind]),
+        'test_accuracy': evaluation['accuracy'], 'deep_fraction': evaluation['deep_fraction'],
+        'route_agreement': float(np.mean(routes == final_routes)),
+        **counts, 'bytes': raw, 'gzip_bytes': packed,
+        'smaller_than_final': final_bytes / raw,
+        **_prefix('jax', speeds[kind]),
+    })
+  rows += [_onnx_row(onnx_paths[kind], kind, (images, labels), final_routes, final_bytes,
+                     rows[ARTIFACTS.index(kind)], speeds[f'{kind} onnx']) for kind in ARTIFACTS]
+  final_metadata = models['final'].metadata
+  pruned_metadata = models['pruned'].metadata
+  sweep = json.loads((report_dir / 'sweep.json').read_text())['results'] if (
+      report_dir / 'sweep.json').is_file() else []
+  return {
+      'version': final_metadata['version'],
+      'dataset': dataset.name,
+      'machine': benchmark.machine(),
+      'config': config.to_dict(),
+      'hashes': hashes,
+      'rows': rows,
+      'history': final_metadata.get('history', []),
+      'sparsity_report': pruned_metadata['compression'].get('sparsity_report'),
+      'compression': {'pruned': pruned_metadata['compression'],
+                      'quantized': models['quantized'].metadata['compression']},
+      'sweep': sweep,
+      'final_test_accuracy': rows[0]['test_accuracy'],
+  }
+
+
+def _onnx_row(path: pathlib.Path, kind: str, test: tuple[np.ndarray, np.ndarray],
+              final_routes: np.ndarray, final_bytes: int, source_row: dict[str, Any],
+              speed: dict[str, float]) -> dict[str, Any]:
+  """The report row of one ONNX file, run in onnxruntime on the test split."""
+  import onnxruntime
+
+  from dnnr_jax.io.serve import run_batches
+
+  images, labels = test
+  session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+  logits, routes = run_batches(session, images, 1000)
+  data = path.read_bytes()
+  return {
+      'artifact': f'{kind} onnx', 'format': 'onnx', 'path': str(path),
+      'test_accuracy': float(np.mean(np.argmax(logits, -1) == labels)),
+      'deep_fraction': float(np.mean(routes)),
+      'route_agreement': float(np.mean(routes == final_routes)),
+      'parameters': source_row['parameters'], 'nonzeros': source_row['nonzeros'],
+      'bytes': len(data), 'gzip_bytes': len(gzip.compress(data, 9, mtime=0)),
+      'smaller_than_final': final_bytes / len(data),
+      **_prefix('onnxruntime', speed),
+  }
+
+
+def write_report(report: dict[str, Any], report_dir: pathlib.Path) -> None:
+  """report.json, report.md and the plots, each written whole or not at all."""
+  from dnnr_jax.io import plots
+
+  report_dir.mkdir(parents=True, exist_ok=True)
+  report['plots'] = plots.write_all(report, report_dir)
+  write_json(report_dir / 'report.json', report)
+  _write_text(report_dir / 'report.md', markdown(report))
+
+
+def markdown(report: dict[str, Any]) -> str:
+  """The report as Markdown: the artifact table, settings, plots."""
+  machine = report['machine']
+  lines = [
+      f"# dnnr_jax pipeline report, version {report['version']} ({report['dataset']})",
+      '',
+      f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, JAX {machine['jax']} "
+      f"({machine['backend']}). Latency: median per call at batch 1; throughput: "
+      'samples/s at batch 256 (see `dnnr_jax.jobs.benchmark`).',
+      '',
+      '| artifact | test accuracy | deep path | route agreement | parameters | non-zeros '
+      '| bytes | gzip bytes | x smaller | latency µs (b=1) | samples/s (b=256) |',
+      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  ]
+  for row in report['rows']:
+    engine = 'jax' if row['format'] == 'orbax' else 'onnxruntime'
+    lines.append(
+        f"| {row['artifact']} | {row['test_accuracy']:.2%} | {row['deep_fraction']:.1%} "
+        f"| {row['route_agreement']:.2%} | {row['parameters']:,} | {row['nonzeros']:,} "
+        f"| {row['bytes']:,} | {row['gzip_bytes']:,} | {row['smaller_than_final']:.1f} "
+        f"| {row[engine + '_latency_us']:.1f} ({engine}) "
+        f"| {row[engine + '_throughput']:,.0f} ({engine}) |")
+  compression = report['compression']
+  lines += ['', '## Settings', '',
+            f"- pruning: {_settings(compression['pruned'])}",
+            f"- quantization: {_settings(compression['quantized'])}"]
+  if report.get('stage_seconds'):
+    lines.append('- stage seconds (this run): ' + ', '.join(
+        f'{name} {value:.1f}' for name, value in report['stage_seconds'].items()))
+  if report.get('skipped'):
+    lines.append(f"- reused from an earlier run: {', '.join(report['skipped'])}")
+  if report['sweep']:
+    lines += ['', '## Sparsity sweep', '', '| sparsity | test accuracy | bytes |',
+              '| ---: | ---: | ---: |']
+    lines += [f"| {item['measured_sparsity']:.1%} | {item['test_accuracy']:.2%} "
+              f"| {item['bytes']['raw']:,} |" for item in report['sweep']]
+  lines += ['', '## Plots', '']
+  lines += [f'![{name}]({file})' for name, file in report['plots'].items()]
+  return '\n'.join(lines) + '\n'
+
+
+def _settings(settings: dict[str, Any]) -> str:
+  return ', '.join(f'{key} {value}' for key, value in settings.items()
+                   if not isinstance(value, dict))
+
+
+def _parameter_counts(params: Any) -> dict[str, int]:
+  import jax
+
+  from dnnr_jax.compress.quantize import is_qarray
+
+  leaves = jax.tree.leaves(params, is_leaf=is_qarray)
+  arrays = [np.asarray(leaf.value if is_qarray(leaf) else leaf) for leaf in leaves]
+  return {'parameters': int(sum(array.size for array in arrays)),
+          'nonzeros': int(sum(np.count_nonzero(array) for array in arrays))}
+
+
+def _prefix(engine: str, speed: dict[str, float]) -> dict[str, float]:
+  return {f'{engine}_{key}': value for key, value in speed.items()}
+
+
+def write_json(path: pathlib.Path, value: Any) -> None:
+  """`value` as indented JSON, written whole or not at all."""
+  _write_text(path, json.dumps(value, indent=2) + '\n')
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+  temporary = path.with_name(f'.{path.name}.partial')
+  temporary.write_text(text)
+  os.replace(temporary, path)
