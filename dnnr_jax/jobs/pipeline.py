@@ -34,6 +34,7 @@ import numpy as np
 from dnnr_jax.config import Config
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
+from dnnr_jax.io import distributed
 
 ARTIFACTS = ('final', 'pruned', 'quantized')
 TRAINING_SECTIONS = ('data', 'model', 'thresholds', 'routing', 'training')
@@ -155,7 +156,7 @@ def run_pipeline(
            if rebuild[kind] or not _onnx_matches(onnx_paths[kind], hashes[kind])]
 
   def export_all():
-    for kind in stale:
+    for kind in stale if distributed.is_primary() else ():  # One copy of each file.
       export.export_onnx(paths[kind], check_inputs=check_inputs, overwrite=True,
                          extra_metadata={'dnnr_jax.pipeline_hash': hashes[kind]})
 
@@ -165,11 +166,14 @@ def run_pipeline(
 
   def sweep():
     results = _sweep(config, paths['final'], report_dir, data_dir, epochs('sweep'))
-    report_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(sweep_file, {'hash': hashes['sweep'], 'results': results})
+    if distributed.is_primary():
+      report_dir.mkdir(parents=True, exist_ok=True)
+      _write_json(sweep_file, {'hash': hashes['sweep'], 'results': results})
 
   stage('sweep', not rebuild['final'] and _json_hash(sweep_file) == hashes['sweep'], sweep)
 
+  if not distributed.is_primary():  # Process 0 writes the report.
+    return PipelineResult(report_dir, {'rows': []}, ran, skipped)
   on_stage('report', 'start')
   report = build_report(config, paths, onnx_paths, dataset, report_dir, hashes)
   report['stage_seconds'] = seconds
