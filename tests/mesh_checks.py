@@ -19,6 +19,7 @@ from dnnr_jax.config import load_config
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint
 from dnnr_jax.io.data import load_dataset
+from dnnr_jax.jobs import benchmark
 from dnnr_jax.jobs.fit import fit
 from tests.conftest import SMOKE_CONFIG
 
@@ -72,6 +73,8 @@ def main(out: pathlib.Path) -> dict:
   results['restored_on_8_shardings'] = _shardings(restored)
   results['restored_on_8_kernel_devices'] = len(
       restored['params']['trunk_0']['kernel'].sharding.device_set)
+  scaling = benchmark.device_scaling(base, digits, [1, 8], repeats=1)
+  results['scaling'] = scaling
   # Bad input: more devices than there are; a batch that does not divide.
   for name, settings in {'too_many_devices': ['training.mesh.devices=16'],
                          'batch_does_not_divide': ['training.batch_size=30']}.items():

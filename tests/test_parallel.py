@@ -101,6 +101,18 @@ def test_bad_meshes_are_refused_in_one_sentence(checks):
       'batch_does_not_divide']
 
 
+def test_device_scaling_reports_each_mesh_and_says_cpu_devices_are_simulated(checks):
+  _, results, _ = checks
+  scaling = results['scaling']
+  assert [row['devices'] for row in scaling['rows']] == [1, 8]
+  one, eight = scaling['rows']
+  assert one['speedup'] == one['efficiency'] == 1.0
+  assert eight['speedup'] == pytest.approx(
+      eight['samples_per_second'] / one['samples_per_second'])
+  assert eight['efficiency'] == pytest.approx(eight['speedup'] / 8)
+  assert 'not that it is faster' in scaling['note']
+
+
 def test_cli_refuses_a_mesh_larger_than_the_devices(tmp_path):
   models = tmp_path / 'models'
   result = run(sys.executable, '-m', 'dnnr_jax', 'train', '--config', SMOKE_CONFIG,
