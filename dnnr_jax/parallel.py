@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -55,6 +56,17 @@ def mesh_from_config(settings: MeshConfig) -> Mesh:
   # Auto axes: XLA places the collectives (jax.make_mesh's default is Explicit).
   return jax.make_mesh((count,), (DATA,), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=devices[:count])
+
+
+def within_reach(settings: MeshConfig) -> MeshConfig:
+  """`settings`, or every device when they ask for more than there are.
+
+  For jobs that start from a checkpoint trained elsewhere (fine-tuning):
+  its mesh is where it was trained, not where it must go on.
+  """
+  if settings.devices > jax.device_count():
+    return dataclasses.replace(settings, devices=0)
+  return settings
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:

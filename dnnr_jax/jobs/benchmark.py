@@ -30,8 +30,8 @@ from dnnr_jax.config import Config
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io.checkpoint import LoadedModel
 from dnnr_jax.io.data import Dataset
-from dnnr_jax.jobs.fit import fit
-from dnnr_jax.train import create_train_state, jit_train_epoch, train_step
+from dnnr_jax.jobs.fit import fit, on_mesh
+from dnnr_jax.train import create_train_state, train_step
 
 
 def machine() -> dict[str, Any]:
@@ -161,13 +161,8 @@ def _timed_epochs(config: Config, dataset: Dataset, repeats: int) -> dict[str, A
   mesh = parallel.mesh_from_config(config.training.mesh)
   parallel.check_batch(config.training.batch_size, mesh)
   steps = dataset.train.labels.shape[0] // config.training.batch_size
-  state = create_train_state(config, dataset.num_features, steps)
-  sharding = parallel.state_shardings(state, mesh, config.training.mesh.shard_params)
-  state = parallel.put(state, sharding)
-  train, count = parallel.shard_rows(dataset.train, mesh, pad=True)
-  run_epoch = jit_train_epoch(
-      config, num_examples=count, state_sharding=sharding,
-      batch_sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None)
+  state, train, run_epoch = on_mesh(
+      config, mesh, create_train_state(config, dataset.num_features, steps), dataset.train)
   start = time.perf_counter()
   state, metrics = run_epoch(state, train)
   jax.block_until_ready(metrics)

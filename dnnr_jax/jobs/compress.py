@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from dnnr_jax import parallel
 from dnnr_jax.compress import gradual, prune, qat, quantize, structured
 from dnnr_jax.config import (
   PRUNE_METHODS,
@@ -306,7 +307,8 @@ def _finetune_config(source, epochs: int, learning_rate: float | None = None,
       training=dataclasses.replace(
           config.training, epochs=max(epochs, 1), checkpoint_every=0,
           learning_rate=learning_rate or config.training.learning_rate,
-          seed=config.training.seed if seed is None else seed))
+          seed=config.training.seed if seed is None else seed,
+          mesh=parallel.within_reach(config.training.mesh)))
 
 
 def _finish(source, out_path, kind, version, config, variables, dataset, settings, *,

@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+from jax.sharding import Mesh
 
 from dnnr_jax import parallel
 from dnnr_jax.config import Config
@@ -22,7 +23,7 @@ from dnnr_jax.io import periodic
 from dnnr_jax.io.data import Dataset
 from dnnr_jax.model import model_from_config
 from dnnr_jax.thresholds import thresholds_to_floats
-from dnnr_jax.train import TrainState, create_train_state, evaluate, jit_train_epoch
+from dnnr_jax.train import Split, TrainState, create_train_state, evaluate, jit_train_epoch
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -90,9 +91,7 @@ def fit(
   parallel.check_batch(training.batch_size, mesh)
   state = create_train_state(
       config, dataset.num_features, steps_per_epoch, **state_options)
-  state_sharding = parallel.state_shardings(state, mesh, training.mesh.shard_params)
-  state = parallel.put(state, state_sharding)
-  train, num_examples = parallel.shard_rows(dataset.train, mesh, pad=True)
+  state, train, run_epoch = on_mesh(config, mesh, state, dataset.train)
   splits = {name: parallel.shard_rows(split, mesh, pad=False)[0]
             for name, split in (('test', dataset.test), ('validation', dataset.validation))
             if split is not None}
@@ -106,9 +105,6 @@ def fit(
   # Evaluate what the training step runs (e.g. the fake-quantized model in QAT).
   apply_fn = state_options.get('apply_fn')
   evaluated = _AppliedModel(apply_fn) if apply_fn else model
-  run_epoch = jit_train_epoch(
-      config, num_examples=num_examples, state_sharding=state_sharding,
-      batch_sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None)
   epoch_seconds = []
   start = time.perf_counter()
   try:
@@ -144,6 +140,23 @@ def fit(
   throughput = (samples / statistics.median(epoch_seconds[1:])
                 if len(epoch_seconds) > 1 else None)
   return FitResult(state, history, time.perf_counter() - start, throughput)
+
+
+def on_mesh(
+    config: Config, mesh: Mesh, state: TrainState, train: Split,
+) -> tuple[TrainState, Split, Callable]:
+  """The state and the training split placed on `mesh`, and the epoch compiled for them.
+
+  Returns:
+    (state: replicated, or FSDP-sharded with `training.mesh.shard_params`;
+    the split sharded by rows; `run_epoch(state, split) -> (state, metrics)`).
+  """
+  sharding = parallel.state_shardings(state, mesh, config.training.mesh.shard_params)
+  train, num_examples = parallel.shard_rows(train, mesh, pad=True)
+  run_epoch = jit_train_epoch(
+      config, num_examples=num_examples, state_sharding=sharding,
+      batch_sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None)
+  return parallel.put(state, sharding), train, run_epoch
 
 
 @dataclasses.dataclass(frozen=True)
