@@ -12,6 +12,8 @@ _EXPORTS = {
     'LoadedModel': 'dnnr_jax.io.checkpoint',
     'load_model': 'dnnr_jax.io.checkpoint',
     'save_checkpoint': 'dnnr_jax.io.checkpoint',
+    'restore_sharded': 'dnnr_jax.io.checkpoint',
+    'mesh_from_config': 'dnnr_jax.parallel',
     'batch_complexity': 'dnnr_jax.complexity',
     'Config': 'dnnr_jax.config',
     'config_from_dict': 'dnnr_jax.config',

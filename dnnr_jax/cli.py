@@ -51,7 +51,7 @@ def _train(args: argparse.Namespace) -> int:
   from dnnr_jax.config import load_config
   from dnnr_jax.jobs import train as jobs
 
-  config = load_config(args.config, args.set)
+  config = load_config(args.config, args.set + _mesh_overrides(args))
   with _EpochProgress(config.training.epochs) as progress:
     path, result = jobs.train_and_save(
         config, data_dir=args.data_dir, models_dir=args.models_dir,
@@ -171,7 +171,7 @@ def _pipeline(args: argparse.Namespace) -> int:
   from dnnr_jax.jobs import pipeline
 
   _quiet_onnx_ir()
-  config = load_config(args.config, args.set)
+  config = load_config(args.config, args.set + _mesh_overrides(args))
   with _StageProgress(config) as progress:
     result = pipeline.run_pipeline(
         config, data_dir=args.data_dir, models_dir=args.models_dir, version=args.version,
@@ -207,7 +207,7 @@ def _benchmark(args: argparse.Namespace) -> int:
   results = benchmark.run_suite(
       config, dataset, batch_sizes=args.batch_sizes, repeats=args.repeats,
       routing_modes=args.routing, models=args.models, accuracy=args.accuracy,
-      training=not args.no_training, seconds=args.seconds)
+      training=not args.no_training, seconds=args.seconds, device_counts=args.devices or ())
   if args.output:
     with open(args.output, 'w') as output:
       json.dump(results, output, indent=2)
@@ -233,6 +233,18 @@ def _benchmark(args: argparse.Namespace) -> int:
     _stdout.print(f'float32 matmul on this device: {peak:.1f} GFLOP/s, so at most '
                   f'{peak * 1e9 / fastest:,.0f} training samples/s at '
                   f'{fastest / 1e6:.2f} MFLOP per sample')
+  if 'scaling' in results:
+    scaling = results['scaling']
+    table = Table(title=f"Data-parallel training, batch {scaling['batch_size']} over the mesh "
+                        f"({scaling['backend']})")
+    for column in ('devices', 'samples/s', 'speedup', 'efficiency'):
+      table.add_column(column, justify='right')
+    for row in scaling['rows']:
+      table.add_row(str(row['devices']), f"{row['samples_per_second']:,.0f}",
+                    f"{row['speedup']:.2f}x", f"{row['efficiency']:.0%}")
+    _stdout.print(table)
+    if scaling['note']:
+      _stdout.print(f"note: {scaling['note']}.")
   if results['inference']:
     table = Table(title='Inference (median; latency at batch 1, throughput at batch 256)')
     for column in ('model', 'engine', 'latency µs', 'samples/s'):
@@ -247,6 +259,32 @@ def _benchmark(args: argparse.Namespace) -> int:
                   f"{accuracy['epochs']} epochs in {accuracy['wall_seconds']:.1f} s "
                   f"(deep fraction {accuracy['test_deep_fraction']:.1%})")
   return 0
+
+
+def _mesh_overrides(args: argparse.Namespace) -> list[str]:
+  """Joins a multi-process run if asked; `--devices` as a config override."""
+  from dnnr_jax.io import distributed
+
+  if args.coordinator or args.distributed:
+    distributed.initialize(distributed.ProcessGroup(
+        coordinator=args.coordinator, num_processes=args.num_processes,
+        process_id=args.process_id, timeout_s=args.distributed_timeout))
+  return [] if args.devices is None else [f'training.mesh.devices={args.devices}']
+
+
+def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--devices', type=int, metavar='N',
+                      help='devices of the data-parallel mesh, across all processes '
+                           '(default: training.mesh.devices; 0 is every device)')
+  parser.add_argument('--coordinator', metavar='HOST:PORT',
+                      help="process 0's address, to run as one of --num-processes processes")
+  parser.add_argument('--num-processes', type=int, metavar='N')
+  parser.add_argument('--process-id', type=int, metavar='I', help='0 .. N-1')
+  parser.add_argument('--distributed', action='store_true',
+                      help='join a multi-process run detected from the environment '
+                           '(SLURM, Open MPI, TPU, GKE)')
+  parser.add_argument('--distributed-timeout', type=int, default=120, metavar='S',
+                      help='seconds to wait for every process to join (default: %(default)s)')
 
 
 def _quiet_onnx_ir() -> None:
@@ -402,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument('--resume', action='store_true',
                      help='continue from the last periodic checkpoint')
   train.add_argument('--json', action='store_true', help='print one JSON object')
+  _add_mesh_arguments(train)
   train.set_defaults(handler=_train)
 
   evaluate = commands.add_parser('evaluate', help='evaluate a checkpoint')
@@ -479,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
   pipeline.add_argument('--force', action='store_true',
                         help='rebuild every artifact, replacing existing ones')
   pipeline.add_argument('--json', action='store_true', help='print one JSON object')
+  _add_mesh_arguments(pipeline)
   pipeline.set_defaults(handler=_pipeline)
 
   bench = commands.add_parser(
@@ -492,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument('--routing', nargs='+', choices=ROUTING_MODES,
                      help="routing modes to time (default: the config's)")
   bench.add_argument('--no-training', action='store_true', help='skip training throughput')
+  bench.add_argument('--devices', type=int, nargs='+', metavar='N',
+                     help='also time data-parallel training on meshes of these many devices '
+                          '(e.g. 1 2 4 8) and print the scaling efficiency')
   bench.add_argument('--models', nargs='+', default=[], metavar='PATH',
                      help='checkpoints (JAX, and onnxruntime where PATH.onnx exists) '
                           'or .onnx files to time')

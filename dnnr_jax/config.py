@@ -139,6 +139,23 @@ class RoutingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The devices training, fine-tuning and evaluation run on (`dnnr_jax.parallel`).
+
+  Attributes:
+    devices: devices of the one-axis 'data' mesh, across all processes; 0
+      takes every device. The batch size must divide evenly over them.
+    shard_params: split kernels and their optimizer state over the devices
+      along their first axis (FSDP-style) instead of replicating them.
+  """
+  devices: int = 0
+  shard_params: bool = False
+
+  def validate(self) -> None:
+    _check_at_least('training.mesh.devices', self.devices, 0)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingConfig:
   """Optimisation and bookkeeping.
 
@@ -154,6 +171,7 @@ class TrainingConfig:
     keep_checkpoints: periodic checkpoints kept on disk.
     scan_unroll: optimizer steps per iteration of the epoch's loop; 4 is
       about 10 % faster on an H100, 1 is best on CPU.
+    mesh: the devices to run on.
   """
   epochs: int = 10
   batch_size: int = 64
@@ -164,6 +182,7 @@ class TrainingConfig:
   checkpoint_every: int = 1
   keep_checkpoints: int = 2
   scan_unroll: int = 1
+  mesh: MeshConfig = MeshConfig()
 
   def validate(self) -> None:
     _check_at_least('training.epochs', self.epochs, 1)
@@ -175,6 +194,7 @@ class TrainingConfig:
     _check_at_least('training.checkpoint_every', self.checkpoint_every, 0)
     _check_at_least('training.keep_checkpoints', self.keep_checkpoints, 1)
     _check_at_least('training.scan_unroll', self.scan_unroll, 1)
+    self.mesh.validate()
 
 
 @dataclasses.dataclass(frozen=True)

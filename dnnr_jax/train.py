@@ -186,6 +186,8 @@ def train_epoch(
     batch_size: int,
     schedule: ThresholdSchedule,
     unroll: int = 1,
+    num_examples: int | None = None,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One pass over the shuffled training split, as one `lax.scan`.
 
@@ -194,11 +196,22 @@ def train_epoch(
   epoch. `unroll` steps run per loop iteration (`lax.scan`'s unroll): fewer
   iterations help where each costs a launch, as on a GPU.
 
+  Args:
+    state: the train state.
+    train: the training split; rows past `num_examples` are padding.
+    batch_size: examples per step.
+    schedule: the thresholds as a function of the epoch.
+    unroll: steps per loop iteration.
+    num_examples: the real rows of `train` (None: all of them).
+    batch_sharding: over a mesh, how [steps, batch, ...] arrays are laid
+      out (`parallel.batch_sharding`): the epoch's shuffled batches are then
+      gathered once, each device receiving its part of every batch.
+
   Returns:
     The new state and the epoch's running means: 'loss', 'accuracy',
     'deep_fraction'.
   """
-  num_examples = train.labels.shape[0]
+  num_examples = num_examples or train.labels.shape[0]
   steps = num_examples // batch_size
   state = state.replace(thresholds=schedule(state.epoch))
   order = jax.random.permutation(
@@ -208,7 +221,12 @@ def train_epoch(
   def body(state, indices):
     return train_step(state, (train.images[indices], train.labels[indices]))
 
-  state, sums = jax.lax.scan(body, state, batches, unroll=unroll)
+  if batch_sharding is None:
+    state, sums = jax.lax.scan(body, state, batches, unroll=unroll)
+  else:
+    shuffled = jax.lax.with_sharding_constraint(
+        (train.images[batches], train.labels[batches]), batch_sharding)
+    state, sums = jax.lax.scan(train_step, state, shuffled, unroll=unroll)
   seen = steps * batch_size
   metrics = {
       'loss': jnp.sum(sums['loss']) / seen,
@@ -218,27 +236,57 @@ def train_epoch(
   return state.replace(epoch=state.epoch + 1), metrics
 
 
-def jit_train_epoch(config: Config) -> Callable:
-  """`train_epoch` compiled once for this config; donates the old state."""
+def jit_train_epoch(
+    config: Config,
+    *,
+    num_examples: int | None = None,
+    state_sharding: Any = None,
+    batch_sharding: jax.sharding.NamedSharding | None = None,
+) -> Callable:
+  """`train_epoch` compiled once for this config; donates the old state.
+
+  Args:
+    config: the run's configuration.
+    num_examples: the training split's real rows (None: all).
+    state_sharding: over a mesh, the state's shardings (`parallel.state_shardings`),
+      kept from epoch to epoch so that every epoch runs one program.
+    batch_sharding: over a mesh of several devices, the batches' layout.
+  """
+  out_shardings = None
+  if state_sharding is not None:
+    metrics_sharding = jax.sharding.NamedSharding(
+        jax.tree.leaves(state_sharding)[0].mesh, jax.sharding.PartitionSpec())
+    out_shardings = (state_sharding, metrics_sharding)
   return jax.jit(
       functools.partial(
           train_epoch,
           batch_size=config.training.batch_size,
           schedule=schedule_from_config(config),
           unroll=config.training.scan_unroll,
+          num_examples=num_examples,
+          batch_sharding=batch_sharding,
       ),
       donate_argnums=0,
+      out_shardings=out_shardings,
   )
 
 
-@functools.partial(jax.jit, static_argnames='model')
-def _evaluate_chunks(model: nn.Module, variables, images, labels):
-  """Sums over [K, B, F] chunks; each chunk is one routing batch."""
+@functools.partial(jax.jit, static_argnames=('model', 'batch_size'))
+def _evaluate_sums(model: nn.Module, variables, images, labels, batch_size: int):
+  """Sums over [B, F] batches and one remainder batch; each is one routing batch."""
   def chunk_sums(chunk):
     return batch_sums(model.apply, variables, *chunk)[1]
 
-  sums = jax.lax.map(chunk_sums, (images, labels))
-  return jax.tree.map(jnp.sum, sums)
+  num_examples = labels.shape[0]
+  full = num_examples // batch_size * batch_size
+  sums = jax.lax.map(chunk_sums, (
+      images[:full].reshape(-1, batch_size, images.shape[1]),
+      labels[:full].reshape(-1, batch_size)))
+  totals = jax.tree.map(jnp.sum, sums)
+  if full < num_examples:
+    rest = chunk_sums((images[full:], labels[full:]))
+    totals = jax.tree.map(jnp.add, totals, rest)
+  return totals
 
 
 def evaluate(
@@ -247,26 +295,18 @@ def evaluate(
   """Loss, accuracy and deep-path fraction of `variables` on a split.
 
   The split is cut into batches of `batch_size` (and one remainder batch);
-  in 'batch' routing mode each batch takes one route.
+  in 'batch' routing mode each batch takes one route. Over a mesh, the
+  variables and the split are used where they lie (`parallel.shard_rows`).
 
   Returns:
     {'loss', 'accuracy', 'deep_fraction', 'n'}.
   """
   num_examples = int(split.labels.shape[0])
   batch_size = min(batch_size, num_examples)
-  full = num_examples // batch_size * batch_size
-  parts = [(split.images[:full].reshape(-1, batch_size, split.images.shape[1]),
-            split.labels[:full].reshape(-1, batch_size))]
-  if full < num_examples:
-    parts.append((split.images[None, full:], split.labels[None, full:]))
-  totals = {'loss': 0.0, 'correct': 0, 'deep': 0}
-  for images, labels in parts:
-    sums = _evaluate_chunks(model, variables, images, labels)
-    for name in totals:
-      totals[name] += sums[name].item()
+  sums = _evaluate_sums(model, variables, split.images, split.labels, batch_size)
   return {
-      'loss': totals['loss'] / num_examples,
-      'accuracy': totals['correct'] / num_examples,
-      'deep_fraction': totals['deep'] / num_examples,
+      'loss': float(sums['loss']) / num_examples,
+      'accuracy': int(sums['correct']) / num_examples,
+      'deep_fraction': int(sums['deep']) / num_examples,
       'n': num_examples,
   }

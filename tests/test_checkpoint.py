@@ -117,25 +117,72 @@ def test_save_checkpoint_round_trip_and_predict(tmp_path, trained, config, digit
   np.testing.assert_allclose(single[0], logits[3], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('format_version', [2, 3])
-def test_an_earlier_format_still_loads(tmp_path, trained, monkeypatch, format_version):
+def _write_blob_format(path: pathlib.Path, variables, metadata, format_version: int) -> None:
+  """A real checkpoint of formats 2 to 4: one blob per dtype, as those versions wrote it."""
   from dnnr_jax.io import storage
 
-  variables = checkpoint.load_model(trained.path).variables
-  with monkeypatch.context() as patch:
-    # Formats 2 and 3 stored the layout expanded; 2 every float32 array as float32.
-    patch.setattr(storage, 'compact_layout', lambda layout: layout)
-    if format_version == 2:
+  with pytest.MonkeyPatch.context() as patch:
+    if format_version == 2:  # 2 stored every float32 array as float32.
       patch.setattr(storage, '_narrowed', lambda array: array)
-    path = checkpoint.save_checkpoint(
-        tmp_path / f'format{format_version}', variables,
-        {**checkpoint.read_metadata(trained.path)})
-  target = path / 'metadata' / 'metadata'
-  metadata = json.loads(target.read_text())
-  assert isinstance(metadata['layout'], dict)
-  assert ('float16' in json.dumps(metadata['layout'])) == (format_version == 3)
-  target.write_text(json.dumps({**metadata, 'format_version': format_version}))
-  tree_allclose(checkpoint.load_model(path).variables, variables, rtol=0, atol=0)
+    blobs, layout = storage.encode_blobs(variables)
+  # 2 and 3 stored the layout expanded, 4 compact.
+  stored_layout = storage.compact_layout(layout) if format_version == 4 else layout
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    checkpointer.save(path, args=ocp.args.Composite(
+        variables=ocp.args.StandardSave(blobs),
+        metadata=ocp.args.JsonSave({**metadata, 'format_version': format_version,
+                                    'layout': stored_layout})))
+
+
+@pytest.mark.parametrize('format_version', [2, 3, 4])
+@pytest.mark.parametrize('bits', [None, 4])
+def test_an_earlier_format_still_loads(tmp_path, trained, format_version, bits):
+  from dnnr_jax.compress.quantize import QuantSpec, quantize_params
+
+  variables = checkpoint.load_model(trained.path).variables
+  if bits:
+    variables = {**variables, 'params': quantize_params(variables['params'], QuantSpec(bits=bits))}
+  path = tmp_path / f'format{format_version}'
+  _write_blob_format(path, variables, checkpoint.read_metadata(trained.path), format_version)
+  stored = json.loads((path / 'metadata' / 'metadata').read_text())
+  assert isinstance(stored['layout'], list if format_version == 4 else dict)
+  # Blobs: one array per dtype, not the model's tree.
+  assert set(ocp.StandardCheckpointer().restore(path / 'variables')) <= {
+      'float16', 'float32', 'int8', 'uint8'}
+  assert ('float16' in json.dumps(stored['layout'])) == (format_version > 2)
+  loaded = checkpoint.load_model(path)
+  assert loaded.metadata['format_version'] == format_version
+  tree_allclose(loaded.variables, variables, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('bits', [None, 8, 4])
+def test_plain_orbax_restore_shows_the_model(tmp_path, trained, bits):
+  from dnnr_jax.compress.prune import apply_masks, magnitude_masks
+  from dnnr_jax.compress.quantize import QuantSpec, quantize_params
+
+  variables = _host(trained.result.state.variables)
+  params = variables['params']
+  if bits:  # A pruned, quantized model: every kind of encoding.
+    params = quantize_params(apply_masks(params, magnitude_masks(params, 0.9)), QuantSpec(bits=bits))
+  path = checkpoint.save_checkpoint(tmp_path / 'model', {**variables, 'params': params},
+                                    checkpoint.read_metadata(trained.path))
+
+  restored = ocp.StandardCheckpointer().restore(path / 'variables')
+
+  assert sorted(restored) == ['params', 'thresholds']
+  assert sorted(restored['thresholds']) == ['entropy', 'sparsity', 'variance']
+  assert sorted(restored['params']) == ['deep', 'head', 'shortcut', 'trunk_0', 'trunk_1']
+  for layer in restored['params'].values():
+    assert sorted(layer) == ['bias', 'kernel']
+  kernel = restored['params']['trunk_0']['kernel']
+  if bits is None:
+    np.testing.assert_array_equal(kernel, params['trunk_0']['kernel'])
+  else:
+    assert sorted(kernel) == ['gaps', 'scale', 'values']
+    assert kernel['values'].dtype == np.int8
+    codes = np.asarray(params['trunk_0']['kernel'].value)
+    # Runs of over 255 zeros add filler zeros to the values.
+    np.testing.assert_array_equal(kernel['values'][kernel['values'] != 0], codes[codes != 0])
 
 
 def test_the_layout_is_stored_compact(trained):

@@ -16,6 +16,7 @@ PACKAGE = ROOT / 'dnnr_jax'
 LAYERS = {
     'errors': 0, 'config': 0,
     'complexity': 1, 'thresholds': 1, 'routing': 1, 'model': 1, 'train': 1, 'compress': 1,
+    'parallel': 1,
     'io': 2,
     'jobs': 3,
     'cli': 4, 'cli_models': 4, '__main__': 4,

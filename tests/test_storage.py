@@ -141,12 +141,39 @@ def test_a_fully_pruned_model_round_trips(tmp_path):
   tree_allclose(load_model(path).variables, variables, rtol=0, atol=0)
 
 
-def test_arrays_are_packed_into_one_blob_per_dtype():
+def test_arrays_keep_the_model_tree_with_named_encodings():
+  from dnnr_jax.compress.quantize import QuantSpec, quantize_params
+
+  variables = _variables()
+  variables['params'] = quantize_params(variables['params'], QuantSpec(bits=4))
+  arrays, layout = storage.encode_variables(variables)
+  assert sorted(arrays) == ['params', 'thresholds']
+  assert arrays['thresholds']['entropy'].shape == ()
+  # trunk_0 is 90 % zeros: sparse codes; trunk_1 dense: int4 codes, two per byte.
+  assert sorted(arrays['params']['trunk_0']['kernel']) == ['gaps', 'scale', 'values']
+  assert sorted(arrays['params']['trunk_1']['kernel']) == ['packed', 'scale']
+  assert arrays['params']['trunk_1']['kernel']['packed'].shape == (64 * 48 // 2,)
+  assert arrays['params']['trunk_1']['bias'].dtype == np.float16  # zeros
+  assert layout['params/trunk_1/kernel']['encoding'] == 'int4'
+
+
+def test_uncompacted_arrays_are_the_variables_themselves():
+  import jax
+
+  variables = _variables()
+  arrays, layout = storage.encode_variables(variables, compact=False)
+  assert jax.tree.structure(arrays) == jax.tree.structure(variables)
+  for leaf, original in zip(jax.tree.leaves(arrays), jax.tree.leaves(variables), strict=True):
+    assert leaf is original
+  assert {spec['encoding'] for spec in layout.values()} == {'dense'}
+
+
+def test_blob_formats_pack_one_blob_per_dtype():
   from dnnr_jax.compress.quantize import QuantSpec, quantize_params
 
   variables = _variables()
   variables['params'] = quantize_params(variables['params'], QuantSpec(bits=8))
-  blobs, layout = storage.encode_variables(variables)
+  blobs, layout = storage.encode_blobs(variables)
   # The float16-exact scales, zero biases and thresholds share one float16 blob.
   assert sorted(blobs) == ['float16', 'int8', 'uint8']
   assert all(blob.ndim == 1 for blob in blobs.values())
@@ -186,10 +213,14 @@ def test_compact_layout_expands_to_the_layout_exactly(bits):
     # An asymmetric leaf carries a zero point too.
     variables['params']['head']['kernel'] = quantize.quantize(
         np.asarray(_variables()['params']['head']['kernel']), bits=bits, symmetric=False)
-  blobs, layout = storage.encode_variables(variables)
+  blobs, layout = storage.encode_blobs(variables)
   rows = json.loads(json.dumps(storage.compact_layout(layout)))
   assert storage.expand_layout(rows) == layout
-  tree_allclose(storage.decode_variables(blobs, storage.expand_layout(rows)), variables,
+  tree_allclose(storage.decode_blobs(blobs, storage.expand_layout(rows)), variables,
+                rtol=0, atol=0)
+  arrays, layout = storage.encode_variables(variables)
+  rows = json.loads(json.dumps(storage.compact_layout(layout)))
+  tree_allclose(storage.decode_variables(arrays, storage.expand_layout(rows)), variables,
                 rtol=0, atol=0)
 
 

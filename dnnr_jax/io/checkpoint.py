@@ -1,9 +1,14 @@
 """Versioned Orbax checkpoints and `load_model`.
 
-A checkpoint is an Orbax directory with two items: `variables` (params and
-thresholds, as arrays) and `metadata` (JSON: format, kind, version, config,
-metrics, dataset, library versions, timestamp). Directories are named by
-kind and version:
+A checkpoint is an Orbax directory with two items: `variables`, the model's
+own tree (`{'params': {'trunk_0': {'kernel', 'bias'}, ...}, 'thresholds':
+{...}}`, an encoded leaf as named arrays under its path, e.g.
+`params/trunk_0/kernel/{gaps, values}`), and `metadata` (JSON: format, kind,
+version, config, metrics, dataset, library versions, timestamp, layout).
+Plain `ocp.StandardCheckpointer().restore(path / 'variables')` shows the
+model; `restore_sharded` restores a dense one into any mesh's shardings.
+Periodic checkpoints (`--resume`) are the same, with a third item
+`train_state`. Directories are named by kind and version:
 
     <models>/final/model_v1.0_final/
     <models>/pruned/pruned_model_v1.0/
@@ -30,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from dnnr_jax.config import Config, config_from_dict
 from dnnr_jax.errors import CheckpointError, ConfigError
@@ -37,11 +43,13 @@ from dnnr_jax.io import storage
 from dnnr_jax.model import DynamicMLP, model_from_config
 
 FORMAT = 'dnnr_jax'
-# 2: arrays packed into one blob per dtype (compress.storage); 3: float32
-# arrays that float16 holds exactly may be stored as float16. Format 2 reads
-# the same way, so both are read.
-FORMAT_VERSION = 4
-READABLE_FORMAT_VERSIONS = (2, 3, 4)
+# 2: arrays packed into one blob per dtype (io.storage); 3: float32 arrays
+# that float16 holds exactly may be stored as float16; 4: the layout stored
+# compact; 5: the variables saved as the model's own tree, encodings as
+# named leaves under each layer. 2 to 4 are read as blobs.
+FORMAT_VERSION = 5
+READABLE_FORMAT_VERSIONS = (2, 3, 4, 5)
+BLOB_FORMAT_VERSIONS = (2, 3, 4)
 KINDS = {
     'final': ('final', 'model_v{version}_final'),
     'pruned': ('pruned', 'pruned_model_v{version}'),
@@ -102,6 +110,39 @@ def library_versions() -> dict[str, str]:
   return versions
 
 
+def checkpoint_items(
+    variables: dict[str, Any], metadata: dict[str, Any], *, compact: bool = True,
+    **extra_items: ocp.args.CheckpointArgs,
+) -> ocp.args.Composite:
+  """What a checkpoint directory holds, as Orbax save arguments.
+
+  `variables` become the model's own tree of arrays
+  (`storage.encode_variables`); `metadata` gains the format marker, library
+  versions, a timestamp and the layout. Final, pruned, quantized and
+  periodic checkpoints all go through here.
+
+  Args:
+    variables: params and thresholds.
+    metadata: JSON-ready facts (kind, version, config, ...).
+    compact: store each leaf in its smallest encoding; False keeps every
+      leaf as it is (periodic checkpoints, restored into sharded states).
+    **extra_items: further items, e.g. a periodic checkpoint's train state.
+  """
+  arrays, layout = storage.encode_variables(variables, compact=compact)
+  metadata = {
+      'format': FORMAT,
+      'format_version': FORMAT_VERSION,
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      'library_versions': library_versions(),
+      **metadata,
+      'layout': storage.compact_layout(layout),
+  }
+  return ocp.args.Composite(
+      variables=ocp.args.StandardSave(arrays),
+      metadata=ocp.args.JsonSave(metadata),
+      **extra_items)
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     variables: dict[str, Any],
@@ -111,10 +152,11 @@ def save_checkpoint(
 ) -> pathlib.Path:
   """Writes `variables` and `metadata` as an Orbax checkpoint at `path`.
 
-  Every leaf is stored in its smallest encoding (`compress.storage`: sparse
-  kernels as relative indices and values, int4 codes packed two per byte),
-  described by a 'layout' entry added to the metadata with the format
-  marker, library versions and a timestamp. The checkpoint is written beside
+  Every leaf is stored in its smallest encoding (`io.storage`: sparse
+  kernels as relative indices and values, int4 codes packed two per byte)
+  under its own path, described by a 'layout' entry added to the metadata
+  with the format marker, library versions and a timestamp
+  (`checkpoint_items`). The checkpoint is written beside
   `path` under a temporary name and renamed into place; an existing `path` is replaced only with
   `overwrite`, and only once the new one is complete.
 
@@ -124,35 +166,31 @@ def save_checkpoint(
   path = pathlib.Path(path).absolute()
   ensure_writable(path, overwrite)
   path.parent.mkdir(parents=True, exist_ok=True)
-  arrays, layout = storage.encode_variables(variables)
-  metadata = {
-      'format': FORMAT,
-      'format_version': FORMAT_VERSION,
-      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      'library_versions': library_versions(),
-      **metadata,
-      'layout': storage.compact_layout(layout),
-  }
+  items = checkpoint_items(variables, metadata)
   staging = path.with_name(f'.{path.name}.partial')
   retired = path.with_name(f'.{path.name}.old')
+  # Every process writes its own shards; process 0 alone moves directories.
+  primary = jax.process_index() == 0
   for leftover in (staging, retired):
-    if leftover.exists():
+    if primary and leftover.exists():
       shutil.rmtree(leftover)
+  _sync(f'dnnr_save_start:{path}')
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(
-        staging,
-        args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(arrays),
-            metadata=ocp.args.JsonSave(metadata),
-        ),
-    )
-  if path.exists():
+    checkpointer.save(staging, args=items)
+  if primary and path.exists():
     os.rename(path, retired)
     os.rename(staging, path)
     shutil.rmtree(retired)
-  else:
+  elif primary:
     os.rename(staging, path)
+  _sync(f'dnnr_save_done:{path}')
   return path
+
+
+def _sync(name: str) -> None:
+  """Waits for every process of a multi-process run (nothing to wait for alone)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -188,21 +226,77 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   return metadata
 
 
-def restore_variables(path: str | os.PathLike, layout: dict[str, Any]) -> Any:
-  """Restores and decodes the `variables` item that `layout` describes."""
+def restore_variables(
+    path: str | os.PathLike, layout: dict[str, Any], format_version: int = FORMAT_VERSION,
+) -> Any:
+  """Restores and decodes the `variables` item that `layout` describes, on the host."""
   path = _existing_checkpoint_dir(path)
+  blobs = format_version in BLOB_FORMAT_VERSIONS
+  abstract = (storage.abstract_blobs if blobs else storage.abstract_variables)(layout)
   try:
-    abstract = storage.abstract_arrays(layout)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-      restored = checkpointer.restore(
-          path,
-          args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract)))
-    return storage.decode_variables(restored['variables'], layout)
+    restored = _restore_item(path, abstract)
   except Exception as error:  # A truncated file surfaces from TensorStore.
     raise CheckpointError(
         f'{path} is damaged or incomplete (its arrays could not be read: '
         f'{_short(error)}); restore it from a copy or write it again.'
     ) from None
+  return (storage.decode_blobs if blobs else storage.decode_variables)(restored, layout)
+
+
+def restore_sharded(path: str | os.PathLike, target: Any) -> Any:
+  """A dense checkpoint's variables restored straight into `target`'s shardings.
+
+  Args:
+    path: a checkpoint directory whose leaves are stored dense (a final or
+      periodic checkpoint).
+    target: the variables as `jax.ShapeDtypeStruct`s carrying shardings (on
+      any mesh, whatever mesh saved it), e.g. `jax.tree.map(lambda x:
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=...), variables)`.
+
+  Returns:
+    The variables as `jax.Array`s sharded as `target` says.
+
+  Raises:
+    CheckpointError: the checkpoint is not dense, or its tree or shapes
+      differ from `target`'s.
+  """
+  path = _existing_checkpoint_dir(path)
+  metadata = read_metadata(path)
+  layout = metadata['layout']
+  if metadata['format_version'] in BLOB_FORMAT_VERSIONS or any(
+      spec['encoding'] != 'dense' or spec['kind'] != 'array' for spec in layout.values()):
+    raise CheckpointError(
+        f'{path} stores encoded (sparse or quantized) arrays, which cannot be restored '
+        'into shardings; use load_model, or pass a dense checkpoint in format 5.')
+  wanted = {'/'.join(str(getattr(key, 'key', key)) for key in key_path): leaf
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+  for name in sorted(set(wanted) | set(layout)):
+    saved = layout.get(name)
+    shape = None if saved is None else tuple(saved['shape'])
+    if name not in wanted or shape != tuple(wanted[name].shape):
+      has = 'absent' if shape is None else f'of shape {shape}'
+      wants = 'absent' if name not in wanted else f'of shape {tuple(wanted[name].shape)}'
+      raise CheckpointError(
+          f'{path} does not fit the target tree: {name} is {has} in the checkpoint and '
+          f'{wants} in the target; restore into the variables of the model it was saved '
+          'from.')
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      restored = checkpointer.restore(path, args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(target)))
+  except Exception as error:  # A truncated file surfaces from TensorStore.
+    raise CheckpointError(
+        f'{path} is damaged or incomplete (its arrays could not be read: '
+        f'{_short(error)}); restore it from a copy or write it again.') from None
+  return restored['variables']
+
+
+def _restore_item(path: pathlib.Path, abstract: Any) -> Any:
+  """The `variables` item, however it was sharded when saved, on the default device."""
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    restored = checkpointer.restore(
+        path, args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract)))
+  return restored['variables']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +380,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         'with dnnr.') from None
   weight_only = metadata.get('quantization', {}).get('mode') == 'weight_only'
   model = model_from_config(config, weight_only=weight_only)
-  variables = restore_variables(path, layout)
+  variables = restore_variables(path, layout, metadata['format_version'])
   if not {'params', 'thresholds'} <= set(variables):
     raise CheckpointError(
         f'{path} holds no params or thresholds; pass a checkpoint written by dnnr.')

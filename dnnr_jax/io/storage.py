@@ -9,9 +9,12 @@ instead of 4·n; for int8 weights (1 + 1)·(1 − s)·n.
 
 `encode_sparse` and `decode_sparse` are exact inverses for any array;
 `encode_variables` picks the smallest encoding of every leaf of a variables
-pytree (QArrays included) and `decode_variables` restores it exactly. A
-float32 array whose every value float16 holds exactly (quantization scales
-and the biases of quantized models are rounded so) is stored as float16.
+pytree (QArrays included), keeping the model's tree with each encoding's
+arrays as named leaves under the layer (`params/trunk_0/kernel/{gaps,
+values}`), and `decode_variables` restores it exactly. A float32 array whose
+every value float16 holds exactly (quantization scales and the biases of
+quantized models are rounded so) is stored as float16. Checkpoint formats 2
+to 4 packed all arrays into one blob per dtype; `decode_blobs` reads them.
 """
 
 from __future__ import annotations
@@ -101,24 +104,31 @@ def gzip_bytes(path: str | os.PathLike) -> int:
   return buffer.tell()
 
 
-def encode_variables(variables: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-  """Splits a variables pytree into arrays to save and a JSON layout.
+def encode_variables(
+    variables: Any, *, compact: bool = True,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+  """The arrays to save for a variables pytree, as the model's own tree, and a JSON layout.
 
-  Each leaf takes the smallest of its encodings: float arrays dense or
-  sparse; a QArray's codes dense int8, packed int4 (two per byte) or sparse,
-  with its scale (and zero point) dense.
+  This is the one step between a model and what Orbax writes: the result
+  keeps the variables' tree ('params/trunk_0/kernel', ...). A leaf stored
+  dense stays a leaf (a `jax.Array` stays one, with its sharding, so every
+  process writes its own shards); an encoded leaf becomes a dict of named
+  arrays under the same path: a sparse kernel `{'gaps', 'values'}`, a
+  QArray `{'codes' | 'packed' | 'gaps', 'values', 'scale'[, 'zero_point']}`.
 
-  All encoded arrays of one dtype are then concatenated into one flat blob,
-  so a checkpoint holds a handful of arrays whatever the model's depth: each
-  saved array costs Orbax a few hundred bytes of metadata, which would
-  otherwise dominate a small sparse model.
+  Args:
+    variables: params and thresholds (QArrays allowed).
+    compact: pick each leaf's smallest encoding (float arrays dense or
+      sparse, float32 narrowed to float16 where exact; a QArray's codes
+      dense int8, packed int4 or sparse). False stores every leaf as it is,
+      as periodic checkpoints do so that they restore into sharded targets.
 
   Returns:
-    (blobs, layout): {dtype name: 1-D array}, and for each path such as
-    'params/trunk_0/kernel' a JSON-ready spec saying how its arrays sit in
-    the blobs. `decode_variables` inverts it exactly.
+    (arrays, layout): the tree to save, and for each path such as
+    'params/trunk_0/kernel' a JSON-ready spec of its encoding;
+    `decode_variables` inverts it exactly.
   """
-  blobs: dict[str, list[np.ndarray]] = {}
+  arrays: dict[str, Any] = {}
   layout = {}
   leaves = jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_qarray)[0]
   for key_path, leaf in leaves:
@@ -130,16 +140,68 @@ def encode_variables(variables: Any) -> tuple[dict[str, Any], dict[str, dict[str
       if leaf.zero_point is not None:
         entry['zero_point'] = np.asarray(leaf.zero_point)
       spec.update(kind='qarray', bits=leaf.bits, axis=leaf.axis, symmetric=leaf.symmetric)
+    elif not compact or not _on_this_host(leaf):
+      entry = {'dense': leaf}
+      spec = {'kind': 'array', 'shape': list(leaf.shape),
+              'dtype': np.dtype(leaf.dtype).name, 'encoding': 'dense', 'arrays': {}}
     else:
       entry, spec = _encode_dense_or_sparse(np.asarray(leaf))
+    if spec['encoding'] == 'sparse' and not entry['gaps'].size:
+      # All zeros. Orbax saves no empty array: one entry writes a zero at position 0.
+      entry.update(gaps=np.zeros(1, np.uint8), values=np.zeros(1, entry['values'].dtype))
+    if compact:
+      entry = {name: _narrowed(np.asarray(array)) if _on_this_host(array) else array
+               for name, array in entry.items()}
     for name, array in entry.items():
-      array = _narrowed(array)
-      parts = blobs.setdefault(array.dtype.name, [])
-      offset = sum(part.size for part in parts)
-      spec['arrays'][name] = [list(array.shape), array.dtype.name, offset]
-      parts.append(array.reshape(-1))
+      spec['arrays'][name] = [list(array.shape), np.dtype(array.dtype).name, 0]
     layout[path] = spec
-  # An empty blob (all kernels of a dtype fully pruned) is not saved at all.
+    _put(arrays, path, entry['dense'] if spec['kind'] == 'array' and
+         spec['encoding'] == 'dense' else entry)
+  return arrays, layout
+
+
+def abstract_variables(layout: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """The tree `encode_variables` saved, as shapes and dtypes to restore it."""
+  tree: dict[str, Any] = {}
+  for path, spec in layout.items():
+    entry = {name: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+             for name, (shape, dtype, _) in spec['arrays'].items()}
+    _put(tree, path, entry['dense'] if spec['kind'] == 'array' and
+         spec['encoding'] == 'dense' else entry)
+  return tree
+
+
+def decode_variables(arrays: dict[str, Any], layout: dict[str, dict[str, Any]]) -> Any:
+  """Rebuilds the variables pytree (QArrays included) from the saved tree."""
+  variables: dict[str, Any] = {}
+  for path, spec in layout.items():
+    node = _get(arrays, path)
+    entry = node if isinstance(node, dict) else {'dense': node}
+    _put(variables, path, _decode_leaf(
+        {name: np.asarray(array) for name, array in entry.items()}, spec))
+  return variables
+
+
+def encode_blobs(variables: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+  """Formats 2 to 4: every leaf encoded, then one flat blob per dtype.
+
+  Only read now (`decode_blobs`); this writer is kept so that tests write
+  real checkpoints of those formats.
+
+  Returns:
+    (blobs, layout): {dtype name: 1-D array}, and per path where its arrays
+    sit in the blobs.
+  """
+  blobs: dict[str, list[np.ndarray]] = {}
+  arrays, layout = encode_variables(variables)
+  for path, spec in layout.items():
+    node = _get(arrays, path)
+    entry = node if isinstance(node, dict) else {'dense': node}
+    for name, array in entry.items():
+      array = np.asarray(array)
+      parts = blobs.setdefault(array.dtype.name, [])
+      spec['arrays'][name][2] = sum(part.size for part in parts)
+      parts.append(array.reshape(-1))
   blobs = {dtype: np.concatenate(parts) for dtype, parts in blobs.items()}
   return {dtype: blob for dtype, blob in blobs.items() if blob.size}, layout
 
@@ -186,8 +248,8 @@ def expand_layout(rows: list[list[Any]]) -> dict[str, dict[str, Any]]:
   return layout
 
 
-def abstract_arrays(layout: dict[str, dict[str, Any]]) -> dict[str, Any]:
-  """The blobs `encode_variables` saved, as shapes and dtypes to restore them."""
+def abstract_blobs(layout: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """The blobs of formats 2 to 4, as shapes and dtypes to restore them."""
   sizes: dict[str, int] = {}
   for spec in layout.values():
     for shape, dtype, offset in spec['arrays'].values():
@@ -196,29 +258,43 @@ def abstract_arrays(layout: dict[str, dict[str, Any]]) -> dict[str, Any]:
           for dtype, size in sizes.items() if size}
 
 
-def decode_variables(blobs: dict[str, Any], layout: dict[str, dict[str, Any]]) -> Any:
-  """Rebuilds the variables pytree (QArrays included) from the saved blobs."""
+def decode_blobs(blobs: dict[str, Any], layout: dict[str, dict[str, Any]]) -> Any:
+  """Rebuilds the variables pytree from the blobs of formats 2 to 4."""
   variables: dict[str, Any] = {}
   blobs = {dtype: np.asarray(blob) for dtype, blob in blobs.items()}
   for path, spec in layout.items():
     entry = {name: blobs.get(dtype, np.zeros(0, dtype))[offset:offset + math.prod(shape)]
              .reshape(shape) for name, (shape, dtype, offset) in spec['arrays'].items()}
-    shape, dtype = tuple(spec['shape']), np.dtype(spec['dtype'])
-    if spec['encoding'] == 'sparse':
-      value = decode_sparse(entry, shape, dtype)
-    elif spec['encoding'] == 'int4':
-      value = np.asarray(quantize.unpack_int4(entry['packed'], shape))
-    else:
-      value = np.asarray(entry['dense'], dtype)
-    if spec['kind'] == 'qarray':
-      value = quantize.QArray(
-          jnp.asarray(value), jnp.asarray(entry['scale'], jnp.float32),
-          jnp.asarray(entry['zero_point']) if 'zero_point' in entry else None,
-          bits=spec['bits'], axis=spec['axis'], symmetric=spec['symmetric'])
-    else:
-      value = jnp.asarray(value)
-    _put(variables, path, value)
+    _put(variables, path, _decode_leaf(entry, spec))
   return variables
+
+
+def _decode_leaf(entry: dict[str, np.ndarray], spec: dict[str, Any]) -> Any:
+  shape, dtype = tuple(spec['shape']), np.dtype(spec['dtype'])
+  if spec['encoding'] == 'sparse':
+    value = decode_sparse(entry, shape, dtype)
+  elif spec['encoding'] == 'int4':
+    value = np.asarray(quantize.unpack_int4(entry['packed'], shape))
+  else:
+    value = np.asarray(entry['codes' if 'codes' in entry else 'dense'], dtype)
+  if spec['kind'] == 'qarray':
+    return quantize.QArray(
+        jnp.asarray(value), jnp.asarray(entry['scale'], jnp.float32),
+        jnp.asarray(entry['zero_point']) if 'zero_point' in entry else None,
+        bits=spec['bits'], axis=spec['axis'], symmetric=spec['symmetric'])
+  return jnp.asarray(value)
+
+
+def _on_this_host(leaf: Any) -> bool:
+  """Whether every value of `leaf` can be read here (not sharded across processes)."""
+  return (not isinstance(leaf, jax.Array) or leaf.is_fully_addressable
+          or leaf.is_fully_replicated)
+
+
+def _get(tree: dict[str, Any], path: str) -> Any:
+  for part in path.split('/'):
+    tree = tree[part]
+  return tree
 
 
 def _narrowed(array: np.ndarray) -> np.ndarray:
@@ -251,7 +327,7 @@ def _encode_dense_or_sparse(array: np.ndarray) -> tuple[dict, dict]:
 
 def _encode_codes(codes: np.ndarray, bits: int) -> tuple[dict, dict]:
   spec = {'shape': list(codes.shape), 'dtype': 'int8'}
-  options = [('dense', {'dense': codes})]
+  options = [('dense', {'codes': codes})]
   if bits == 4:
     options.append(('int4', {'packed': np.asarray(quantize.pack_int4(codes))}))
   if sparse_nbytes(codes) < codes.nbytes:

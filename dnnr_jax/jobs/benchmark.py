@@ -25,12 +25,13 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from dnnr_jax import parallel
 from dnnr_jax.config import Config
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io.checkpoint import LoadedModel
 from dnnr_jax.io.data import Dataset
-from dnnr_jax.jobs.fit import fit
-from dnnr_jax.train import create_train_state, jit_train_epoch, train_step
+from dnnr_jax.jobs.fit import fit, on_mesh
+from dnnr_jax.train import create_train_state, train_step
 
 
 def machine() -> dict[str, Any]:
@@ -103,28 +104,16 @@ def training_throughput(
   for batch_size in batch_sizes:
     sized = config.replace(training=dataclasses.replace(
         config.training, batch_size=batch_size))
-    steps = dataset.train.labels.shape[0] // batch_size
-    state = create_train_state(sized, dataset.num_features, steps)
-    run_epoch = jit_train_epoch(sized)
-    start = time.perf_counter()
-    state, metrics = run_epoch(state, dataset.train)
-    jax.block_until_ready(metrics)
-    compile_seconds = time.perf_counter() - start
-    seconds = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      state, metrics = run_epoch(state, dataset.train)
-      jax.block_until_ready(metrics)
-      seconds.append(time.perf_counter() - start)
-    samples = steps * batch_size
+    timed = _timed_epochs(sized, dataset, repeats)
+    samples, seconds = timed['samples'], timed['seconds']
     rates = [samples / value for value in seconds]
-    flops = step_flops(state, batch_size, dataset.num_features) / batch_size
+    flops = step_flops(timed['state'], batch_size, dataset.num_features) / batch_size
     results.append({
         'batch_size': batch_size,
         'samples_per_second': samples / statistics.median(seconds),
         'min': min(rates),
         'max': max(rates),
-        'compile_seconds': compile_seconds,
+        'compile_seconds': timed['compile_seconds'],
         'epoch_seconds': statistics.median(seconds),
         'samples_per_epoch': samples,
         'flops_per_sample': flops,
@@ -132,6 +121,60 @@ def training_throughput(
         'routing': sized.routing.mode,
     })
   return results
+
+
+SIMULATED_NOTE = ('simulated CPU devices share the same cores: they prove that the '
+                  'mesh computes the right thing, not that it is faster')
+
+
+def device_scaling(
+    config: Config, dataset: Dataset, device_counts: Sequence[int], repeats: int = 5,
+) -> dict[str, Any]:
+  """Training samples/s on meshes of each device count, and the scaling efficiency.
+
+  Efficiency is (samples/s on n devices) / (n * samples/s on the fewest
+  devices measured, scaled to one): 1.0 is perfect linear scaling.
+
+  Returns:
+    {'rows': [{'devices', 'samples_per_second', 'speedup', 'efficiency',
+    'compile_seconds'}], 'batch_size', 'backend', 'note'}.
+  """
+  rows = []
+  for count in device_counts:
+    meshed = config.replace(training=dataclasses.replace(
+        config.training, mesh=dataclasses.replace(config.training.mesh, devices=count)))
+    timed = _timed_epochs(meshed, dataset, repeats)
+    rows.append({'devices': count,
+                 'samples_per_second': timed['samples'] / statistics.median(timed['seconds']),
+                 'compile_seconds': timed['compile_seconds']})
+  base = rows[0]['samples_per_second'] / rows[0]['devices']
+  for row in rows:
+    row['speedup'] = row['samples_per_second'] / rows[0]['samples_per_second']
+    row['efficiency'] = row['samples_per_second'] / (row['devices'] * base)
+  backend = jax.default_backend()
+  return {'rows': rows, 'batch_size': config.training.batch_size, 'backend': backend,
+          'note': SIMULATED_NOTE if backend == 'cpu' else None}
+
+
+def _timed_epochs(config: Config, dataset: Dataset, repeats: int) -> dict[str, Any]:
+  """One compiling epoch, then `repeats` timed ones, on `config`'s mesh."""
+  mesh = parallel.mesh_from_config(config.training.mesh)
+  parallel.check_batch(config.training.batch_size, mesh)
+  steps = dataset.train.labels.shape[0] // config.training.batch_size
+  state, train, run_epoch = on_mesh(
+      config, mesh, create_train_state(config, dataset.num_features, steps), dataset.train)
+  start = time.perf_counter()
+  state, metrics = run_epoch(state, train)
+  jax.block_until_ready(metrics)
+  compile_seconds = time.perf_counter() - start
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = run_epoch(state, train)
+    jax.block_until_ready(metrics)
+    seconds.append(time.perf_counter() - start)
+  return {'state': state, 'seconds': seconds, 'compile_seconds': compile_seconds,
+          'samples': steps * config.training.batch_size}
 
 
 def run_suite(
@@ -145,6 +188,7 @@ def run_suite(
     accuracy: bool = False,
     training: bool = True,
     seconds: float = 2.0,
+    device_counts: Sequence[int] = (),
 ) -> dict[str, Any]:
   """The `dnnr benchmark` suite: one JSON-ready record of everything measured.
 
@@ -158,6 +202,8 @@ def run_suite(
     accuracy: also train `config` from scratch (see `accuracy_run`).
     training: time training at all.
     seconds: about how long each inference figure is timed.
+    device_counts: also time training on meshes of these many devices
+      (`device_scaling`), at the config's batch size.
   """
   from dnnr_jax.config import RoutingConfig
   from dnnr_jax.io.checkpoint import load_model
@@ -169,6 +215,8 @@ def run_suite(
     for mode in routing_modes or [config.routing.mode]:
       routed = config.replace(routing=RoutingConfig(mode=mode))
       results['training'] += training_throughput(routed, dataset, batch_sizes, repeats)
+  if device_counts:
+    results['scaling'] = device_scaling(config, dataset, device_counts, repeats)
   inputs = np.asarray(dataset.test.images[:THROUGHPUT_BATCH])
   runners, engines = {}, {}
   for path in models:

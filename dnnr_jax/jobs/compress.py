@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import optax
 
+from dnnr_jax import parallel
 from dnnr_jax.compress import gradual, prune, qat, quantize, structured
 from dnnr_jax.config import Config, PruneConfig, QuantizeConfig, ThresholdsConfig, ThresholdValues
 from dnnr_jax.errors import DnnrError
@@ -273,7 +274,8 @@ def _finetune_config(source, epochs: int, learning_rate: float | None = None,
       training=dataclasses.replace(
           config.training, epochs=max(epochs, 1), checkpoint_every=0,
           learning_rate=learning_rate or config.training.learning_rate,
-          seed=config.training.seed if seed is None else seed))
+          seed=config.training.seed if seed is None else seed,
+          mesh=parallel.within_reach(config.training.mesh)))
 
 
 def _finish(result_type, source, out_path, version, config, variables, dataset, recorded, *,

@@ -1,27 +1,29 @@
 """The training driver: epochs, evaluation, periodic checkpoints, resume.
 
-`fit` runs the compiled epoch once per epoch and evaluates after each one.
+`fit` runs the compiled epoch once per epoch and evaluates after each one,
+over the mesh `training.mesh` chooses (`dnnr_jax.parallel`): every device
+by default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 import statistics
 import time
 from typing import Any, Callable
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
-from dnnr_jax.config import Config, config_from_dict
-from dnnr_jax.errors import CheckpointError, DnnrError
+from dnnr_jax import parallel
+from dnnr_jax.config import Config
+from dnnr_jax.errors import DnnrError
+from dnnr_jax.io import periodic
 from dnnr_jax.io.data import Dataset
 from dnnr_jax.model import model_from_config
 from dnnr_jax.thresholds import thresholds_to_floats
-from dnnr_jax.train import TrainState, create_train_state, evaluate, jit_train_epoch
+from dnnr_jax.train import Split, TrainState, create_train_state, evaluate, jit_train_epoch
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -85,25 +87,30 @@ def fit(
     raise DnnrError(
         f'training.batch_size = {training.batch_size} is larger than the '
         f'{dataset.train.labels.shape[0]} training examples; lower it.')
+  mesh = parallel.mesh_from_config(training.mesh)
+  parallel.check_batch(training.batch_size, mesh)
   state = create_train_state(
       config, dataset.num_features, steps_per_epoch, **state_options)
+  state, train, run_epoch = on_mesh(config, mesh, state, dataset.train)
+  splits = {name: parallel.shard_rows(split, mesh, pad=False)[0]
+            for name, split in (('test', dataset.test), ('validation', dataset.validation))
+            if split is not None}
   history: list[dict[str, Any]] = []
   manager = None
   if checkpoint_dir is not None and training.checkpoint_every > 0:
-    manager = _checkpoint_manager(checkpoint_dir, training.keep_checkpoints)
+    manager = periodic.manager(checkpoint_dir, training.keep_checkpoints)
     if resume and manager.latest_step() is not None:
-      state, history = _restore(manager, state, config)
+      state, history = periodic.restore(manager, state, config)
   model = model_from_config(config)
   # Evaluate what the training step runs (e.g. the fake-quantized model in QAT).
   apply_fn = state_options.get('apply_fn')
   evaluated = _AppliedModel(apply_fn) if apply_fn else model
-  run_epoch = jit_train_epoch(config)
   epoch_seconds = []
   start = time.perf_counter()
   try:
     for epoch in range(int(state.epoch), training.epochs):
       epoch_start = time.perf_counter()
-      state, train_metrics = run_epoch(state, dataset.train)
+      state, train_metrics = run_epoch(state, train)
       train_metrics = {name: float(value) for name, value in train_metrics.items()}
       epoch_seconds.append(time.perf_counter() - epoch_start)
       if not np.isfinite(train_metrics['loss']):
@@ -114,15 +121,13 @@ def fit(
           'epoch': epoch + 1,
           'thresholds': thresholds_to_floats(state.thresholds),
           'train': train_metrics,
-          'test': evaluate(evaluated, state.variables, dataset.test, training.eval_batch_size),
           'seconds': epoch_seconds[-1],
       }
-      if dataset.validation is not None:
-        record['validation'] = evaluate(
-            evaluated, state.variables, dataset.validation, training.eval_batch_size)
+      for name, split in splits.items():
+        record[name] = evaluate(evaluated, state.variables, split, training.eval_batch_size)
       history.append(record)
       if manager is not None:
-        _save_periodic(manager, state, history, config)
+        periodic.save(manager, state, history, config, dataset.num_features)
       if on_epoch is not None:
         on_epoch(record)
   finally:
@@ -137,53 +142,24 @@ def fit(
   return FitResult(state, history, time.perf_counter() - start, throughput)
 
 
+def on_mesh(
+    config: Config, mesh: Mesh, state: TrainState, train: Split,
+) -> tuple[TrainState, Split, Callable]:
+  """The state and the training split placed on `mesh`, and the epoch compiled for them.
+
+  Returns:
+    (state: replicated, or FSDP-sharded with `training.mesh.shard_params`;
+    the split sharded by rows; `run_epoch(state, split) -> (state, metrics)`).
+  """
+  sharding = parallel.state_shardings(state, mesh, config.training.mesh.shard_params)
+  train, num_examples = parallel.shard_rows(train, mesh, pad=True)
+  run_epoch = jit_train_epoch(
+      config, num_examples=num_examples, state_sharding=sharding,
+      batch_sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None)
+  return parallel.put(state, sharding), train, run_epoch
+
+
 @dataclasses.dataclass(frozen=True)
 class _AppliedModel:
   """Stands in for a module in `evaluate`: only `.apply` is used."""
   apply: Callable
-
-
-def _checkpoint_manager(directory, keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      pathlib.Path(directory).absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-      item_names=('state', 'history', 'config'),
-  )
-
-
-def _save_periodic(manager, state: TrainState, history, config: Config) -> None:
-  epoch = int(state.epoch)
-  if epoch % config.training.checkpoint_every and epoch != config.training.epochs:
-    return
-  manager.save(epoch, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      history=ocp.args.JsonSave(history),
-      config=ocp.args.JsonSave(config.to_dict()),
-  ))
-
-
-def _restore(manager, state: TrainState, config: Config):
-  step = manager.latest_step()
-  where = manager.directory / str(step)
-  try:
-    saved_config = manager.restore(
-        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-  except Exception as error:  # Orbax raises many types for a bad directory.
-    raise CheckpointError(
-        f'the periodic checkpoint {where} cannot be read ({error}); delete it '
-        'to start afresh.') from None
-  if config_from_dict(saved_config) != config:
-    raise CheckpointError(
-        f'the periodic checkpoint {where} was written with another config; '
-        'resume with the same config, or delete it to start afresh.')
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        history=ocp.args.JsonRestore(),
-    ))
-  except Exception as error:  # A truncated file surfaces from TensorStore.
-    raise CheckpointError(
-        f'the periodic checkpoint {where} is damaged ({error}); delete it to '
-        'start afresh.') from None
-  return restored['state'], list(restored['history'])

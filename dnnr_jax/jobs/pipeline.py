@@ -37,6 +37,7 @@ from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import model_card
 from dnnr_jax.jobs.report import ARTIFACTS, build_report, write_json, write_report
+from dnnr_jax.io import distributed
 
 TRAINING_SECTIONS = ('data', 'model', 'thresholds', 'routing', 'training')
 ADDED_PRUNE_SETTINGS = ('gradual_end', 'mask_updates')
@@ -154,7 +155,7 @@ def run_pipeline(
            if rebuild[kind] or not _onnx_matches(onnx_paths[kind], hashes[kind])]
 
   def export_all():
-    for kind in stale:
+    for kind in stale if distributed.is_primary() else ():  # One copy of each file.
       export.export_onnx(paths[kind], check_inputs=check_inputs, overwrite=True,
                          extra_metadata={'dnnr_jax.pipeline_hash': hashes[kind]})
 
@@ -164,11 +165,14 @@ def run_pipeline(
 
   def sweep():
     results = _sweep(config, paths['final'], report_dir, data_dir, epochs('sweep'))
-    report_dir.mkdir(parents=True, exist_ok=True)
-    write_json(sweep_file, {'hash': hashes['sweep'], 'results': results})
+    if distributed.is_primary():
+      report_dir.mkdir(parents=True, exist_ok=True)
+      write_json(sweep_file, {'hash': hashes['sweep'], 'results': results})
 
   stage('sweep', not rebuild['final'] and _json_hash(sweep_file) == hashes['sweep'], sweep)
 
+  if not distributed.is_primary():  # Process 0 writes the report.
+    return PipelineResult(report_dir, {'rows': []}, stage.ran, stage.skipped)
   stage.on_stage('report', 'start')
   report = build_report(config, paths, onnx_paths, dataset, report_dir, hashes)
   report['stage_seconds'] = stage.seconds

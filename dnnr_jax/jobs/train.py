@@ -86,7 +86,8 @@ def train_and_save(
   metadata.update(extra_metadata or {})
   saved = checkpoint_lib.save_checkpoint(
       path, result.state.variables, metadata, overwrite=overwrite)
-  shutil.rmtree(periodic_dir, ignore_errors=True)
+  if jax.process_index() == 0:  # The others wrote their shards; one removes them.
+    shutil.rmtree(periodic_dir, ignore_errors=True)
   return saved, result
 
 

@@ -1,0 +1,98 @@
+"""Joining a multi-process run: `jax.distributed.initialize`, with clear errors.
+
+Every process runs the same command; process 0 hosts the coordinator. After
+`initialize`, `jax.devices()` lists every process's devices, so the mesh of
+`dnnr_jax.parallel` spans them all: each process feeds its own rows of the
+data, every process writes its own Orbax shards, and process 0 alone writes
+reports and ONNX files (`is_primary`). On CPU the processes reduce through
+gloo collectives.
+
+Example (two processes on one machine):
+  $ dnnr train --coordinator localhost:12355 --num-processes 2 --process-id 0 &
+  $ dnnr train --coordinator localhost:12355 --num-processes 2 --process-id 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+
+import jax
+
+from dnnr_jax.errors import DnnrError
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessGroup:
+  """Where this process sits in a multi-process run.
+
+  Attributes:
+    coordinator: 'HOST:PORT' of process 0's coordinator; None detects the
+      cluster (SLURM, Open MPI, TPU, GKE) from the environment.
+    num_processes: processes in the run (None: detected).
+    process_id: this process's rank, 0 .. num_processes - 1 (None: detected).
+    timeout_s: how long to wait for every process to join.
+  """
+  coordinator: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  timeout_s: int = 120
+
+
+def initialize(group: ProcessGroup) -> None:
+  """Joins the run; call before anything else touches JAX.
+
+  Raises:
+    DnnrError: the settings are inconsistent, or the coordinator was not
+      reached within `group.timeout_s`.
+  """
+  if group.coordinator is not None:
+    if group.num_processes is None or group.process_id is None:
+      raise DnnrError('a coordinator needs num_processes and process_id too; give all three.')
+    if not 0 <= group.process_id < group.num_processes:
+      raise DnnrError(
+          f'process_id {group.process_id} is not in 0..{group.num_processes - 1}; give each '
+          'process its own rank below num_processes.')
+    host, _, port = group.coordinator.rpartition(':')
+    if not host or not port.isdigit():
+      raise DnnrError(
+          f'coordinator {group.coordinator!r} is not HOST:PORT; pass e.g. localhost:12355.')
+    if group.process_id != 0:
+      _wait_for_coordinator(host, int(port), group.timeout_s)
+  # CPU devices of several processes reduce through gloo; GPUs and TPUs ignore this.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(
+        coordinator_address=group.coordinator, num_processes=group.num_processes,
+        process_id=group.process_id, initialization_timeout=group.timeout_s)
+  except (RuntimeError, ValueError) as error:  # XLA reports a timeout as RuntimeError.
+    where = group.coordinator or 'the coordinator detected from the environment'
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ''
+    raise DnnrError(
+        f'could not join the run at {where} within {group.timeout_s} s ({first}); start '
+        'process 0 first and check the address, or raise the timeout.') from None
+
+
+def _wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
+  """Polls the coordinator's port until it accepts a connection.
+
+  XLA's client aborts the whole process (no Python exception) when it cannot
+  register in time, so an unreachable coordinator is found here first.
+  """
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=min(5.0, timeout_s)):
+        return
+    except OSError as error:
+      if time.monotonic() >= deadline:
+        raise DnnrError(
+            f'could not reach the coordinator {host}:{port} within {timeout_s} s ({error}); '
+            'start process 0 first and check the address, or raise the timeout.') from None
+      time.sleep(0.5)
+
+
+def is_primary() -> bool:
+  """Whether this process writes the files one copy of suffices for (reports, ONNX)."""
+  return jax.process_index() == 0
