@@ -163,7 +163,8 @@ def test_plain_orbax_restore_shows_the_model(tmp_path, trained, bits):
   variables = _host(trained.result.state.variables)
   params = variables['params']
   if bits:  # A pruned, quantized model: every kind of encoding.
-    params = quantize_params(apply_masks(params, magnitude_masks(params, 0.9)), QuantSpec(bits=bits))
+    pruned = apply_masks(params, magnitude_masks(params, 0.9))
+    params = quantize_params(pruned, QuantSpec(bits=bits))
   path = checkpoint.save_checkpoint(tmp_path / 'model', {**variables, 'params': params},
                                     checkpoint.read_metadata(trained.path))
 

@@ -35,9 +35,8 @@ import numpy as np
 from dnnr_jax.config import Config
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
-from dnnr_jax.io import model_card
+from dnnr_jax.io import distributed, model_card
 from dnnr_jax.jobs.report import ARTIFACTS, build_report, write_json, write_report
-from dnnr_jax.io import distributed
 
 TRAINING_SECTIONS = ('data', 'model', 'thresholds', 'routing', 'training')
 ADDED_PRUNE_SETTINGS = ('gradual_end', 'mask_updates')
