@@ -3,9 +3,10 @@
 jax2onnx lowers the int8 dot `jnp.dot(x8, w8, preferred_element_type=int32)`
 to `Cast(int32)`, `Cast(int32)`, `MatMul`: a 32-bit integer matmul that
 onnxruntime runs several times slower than float. `optimize` rewrites it to
-`MatMulInteger(x8, w8)`, which onnxruntime runs on its int8 GEMM kernels
-(VNNI where the CPU has it) with the int8 weights kept as int8 initializers.
-The int32 result is the same, so outputs do not change.
+a uint8 x int8 `MatMulInteger` (`IntegerMatMulPass`), which onnxruntime runs
+on its fast int8 GEMM kernels (VNNI or AMX where the CPU has them) with the
+int8 weights kept as int8 initializers. The int32 result is the same on
+every CPU, so outputs do not change.
 
 It also removes work: a `ReduceLogSumExp` that recomputes exponentials the
 graph already sums, a slow `ReduceSumSquare` (now a `Mul` and a
@@ -18,11 +19,8 @@ function: bit for bit, or (the log-sum-exp, sum-of-squares and Gemm bias
 rewrites) up to float rounding; `dnnr_jax.io.export` proves the result in
 onnxruntime against JAX before it writes anything.
 
-`sparse_initializers` then stores a pruned kernel as an ONNX sparse
-initializer (its non-zeros and their int64 positions) where that is
-smaller, so a pruned model's file shrinks with its weights. onnxruntime
-densifies sparse initializers when it loads the model, so the graph and its
-speed are those of the dense file.
+Storing pruned and 4-bit weights compactly is `dnnr_jax.io.onnx_storage`'s
+work.
 """
 
 from __future__ import annotations
@@ -57,10 +55,23 @@ class _NodeRewritePass(ir.passes.InPlacePass):
 
 
 class IntegerMatMulPass(_NodeRewritePass):
-  """`MatMul(Cast<int32>(a8), Cast<int32>(b8))` -> `MatMulInteger(a8, b8)`.
+  """`MatMul(Cast<int32>(a8), Cast<int32>(b8))` -> `MatMulInteger` on uint8 x int8 (u8s8).
 
-  Activations are shifted to uint8 (u8s8, onnxruntime's fast kernel) only
-  where that is exact on every CPU (see `_u8s8_exact`).
+  u8s8 is the form onnxruntime runs on its fast int8 kernels (VNNI, AMX);
+  its s8s8 kernel is a portable loop several times slower than float on x86.
+  Every form below gives the exact int32 products on every CPU, AVX2 alone
+  included (see `_pairs_fit`):
+
+  * activation codes that cannot be negative (a ReLU's, [0, 127]) are cast
+    to uint8 as they are, whatever the weights;
+  * signed codes are shifted to uint8 (+128, zero point 128) when every
+    |weight| <= 64 (4-bit codes always);
+  * signed codes with wider weights are shifted too and multiply each
+    weight in two halves of |w| <= 64: activations [a, a] times [w1; w2]
+    with w1 + w2 = w. The halves are constant expressions that onnxruntime
+    folds when the session is created, so the file keeps one int8 kernel.
+
+  Without constant weights the s8s8 `MatMulInteger` stays.
   """
   op_type = 'MatMul'
 
@@ -69,20 +80,91 @@ class IntegerMatMulPass(_NodeRewritePass):
     if None in sources:
       return False
     activations, weights = sources
-    if activations.dtype == ir.DataType.UINT8 and not _u8s8_exact(weights):
-      return False  # The int32 MatMul stays: slow, but exact.
-    new_nodes = []
-    if activations.dtype == ir.DataType.INT8 and _u8s8_exact(weights):
-      # onnxruntime's fast int8 GEMM wants uint8 activations (u8s8):
-      # a + 128 with zero point 128 gives the same int32 products.
-      activations, zero_point = _shift_to_uint8(node, activations, new_nodes)
+    widest = _max_abs(weights)
+    new_nodes, zero_point = [], None
+    if activations.dtype == ir.DataType.UINT8:
+      if widest is None or not _pairs_fit(255, widest):
+        return False  # The int32 MatMul stays: slow, but exact.
+    elif widest is None:
+      pass  # s8s8: exact on every CPU.
+    elif _non_negative(activations):
+      activations = _cast(node, _float_codes(activations) or activations, ir.DataType.UINT8,
+                          'to_uint8', new_nodes)
     else:
-      zero_point = None
+      activations, zero_point = _shift_to_uint8(node, activations, new_nodes)
+      if not _pairs_fit(255, widest):
+        activations, weights = _in_halves(node, activations, weights, new_nodes)
     integer = ir.node(
         'MatMulInteger', [activations, weights] + ([zero_point] if zero_point else []),
         name=f'{node.name}_integer')
     _substitute(node, [*new_nodes, integer], integer.outputs[0])
     integer.outputs[0].dtype = ir.DataType.INT32
+    return True
+
+
+class RowQuantizeLinearPass(_NodeRewritePass):
+  """`Cast<uint8>(Clip(Round(x * (1 / s))) [+ 128])` -> `QuantizeLinear(x, s [, 128])`.
+
+  The per-row activation quantization (`quantize_rows`: s [B, 1]) as one
+  blocked `QuantizeLinear` (a block per row) instead of five or six nodes;
+  onnxruntime's per-node cost dominates a small model's batch-1 call. The
+  codes may differ only where x * (1 / s) and x / s, its division, round a
+  tie apart: one activation code, within the export's integer tolerance.
+  `QuantizeLinear` saturates to [0, 255], which the clipped codes (or
+  codes + 128) never leave.
+  """
+  op_type = 'Cast'
+
+  def rewrite(self, node: ir.Node) -> bool:
+    if node.attributes.get_int('to') != ir.DataType.UINT8:
+      return False
+    codes, shifted = node.inputs[0], False
+    producer = codes.producer()
+    if producer is not None and producer.op_type == 'Add' and not producer.domain:
+      offsets = [_constant_value(value) for value in producer.inputs]
+      if offsets[1] is not None and offsets[1].size == 1 and float(offsets[1]) == 128:
+        codes, shifted = producer.inputs[0], True
+    matched = _row_quantized(codes)
+    if matched is None or (not shifted and not _non_negative(codes)):
+      return False
+    rows, scale = matched
+    inputs, new_nodes = [rows, scale], []
+    if shifted:  # a zero point of 128 for every row: the scale's shape, as blocks need
+      shape = ir.node('Shape', [scale], name=f'{node.name}_scale_shape')
+      offset = _constant(node.graph, f'{node.name}_zero_point', np.full((1, 1), 128, np.uint8))
+      expand = ir.node('Expand', [offset, shape.outputs[0]], name=f'{node.name}_zero_points')
+      expand.outputs[0].dtype, expand.outputs[0].shape = ir.DataType.UINT8, scale.shape
+      new_nodes += [shape, expand]
+      inputs.append(expand.outputs[0])
+    quantize = ir.node('QuantizeLinear', inputs,
+                       {'axis': 1, 'block_size': int(rows.shape[1])},
+                       name=f'{node.name}_quantize_rows')
+    _substitute(node, [*new_nodes, quantize], quantize.outputs[0])
+    return True
+
+
+class ScaleFloorPass(_NodeRewritePass):
+  """`Where(s >= tiny, s, 1)` -> `Max(s, tiny)` for a non-negative scale s.
+
+  `quantize_rows` gives a row whose scale would be zero or subnormal the
+  scale 1. With `Max` such a row gets the smallest normal float32 instead:
+  an all-zero row still has zero codes and a zero product, and a row below
+  127 * 1.2e-38 in magnitude gives products below 1e-36 instead of zero.
+  One node instead of two, per quantized layer.
+  """
+  op_type = 'Where'
+
+  def rewrite(self, node: ir.Node) -> bool:
+    condition, scale, fallback = node.inputs
+    test = condition.producer() if condition is not None else None
+    if (test is None or test.op_type != 'GreaterOrEqual' or test.domain
+        or test.inputs[0] is not scale or not _is_one(fallback) or not _non_negative(scale)):
+      return False
+    floor = _constant_value(test.inputs[1])
+    if floor is None or floor.size != 1 or float(floor) != float(np.finfo(np.float32).tiny):
+      return False
+    maximum = ir.node('Max', [scale, test.inputs[1]], name=f'{node.name}_floor')
+    _substitute(node, [maximum], maximum.outputs[0])
     return True
 
 
@@ -202,6 +284,8 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
   ir_model = ir.from_proto(model)
   ir.passes.Sequential(
       IntegerMatMulPass(),
+      RowQuantizeLinearPass(),
+      ScaleFloorPass(),
       LogOfSummedExpPass(),
       SumOfSquaresPass(),
       GemmBiasPass(),
@@ -218,33 +302,6 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
       common.NameFixPass(),  # unique names for the new values, subgraphs included
   )(ir_model)
   return ir.to_proto(ir_model)
-
-
-def sparse_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-  """The model with every mostly-zero initializer of its main graph stored sparse.
-
-  An initializer becomes a `SparseTensorProto` (values, and int64 linear
-  indices as the ONNX checker requires) when that takes fewer bytes than the
-  dense tensor: below a third non-zero for float32, a ninth for int8. Values
-  and positions are exact, so the function does not change.
-  """
-  graph = model.graph
-  kept, sparse = [], []
-  for tensor in graph.initializer:
-    array = onnx.numpy_helper.to_array(tensor)
-    positions = np.flatnonzero(array)
-    if array.ndim < 1 or positions.size * (8 + array.itemsize) >= array.nbytes:
-      kept.append(tensor)
-      continue
-    values = onnx.numpy_helper.from_array(array.reshape(-1)[positions], tensor.name)
-    indices = onnx.numpy_helper.from_array(positions.astype(np.int64), f'{tensor.name}_indices')
-    sparse.append(onnx.helper.make_sparse_tensor(values, indices, array.shape))
-  if sparse:
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    model.graph.sparse_initializer.extend(sparse)
-  return model
 
 
 def _substitute(node: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> None:
@@ -309,17 +366,94 @@ def _int8_source(value: ir.Value | None) -> ir.Value | None:
   return source if source.dtype in _INT8 else None
 
 
-def _u8s8_exact(weights: ir.Value) -> bool:
-  """Whether uint8 activations times these int8 weights are exact on every CPU.
+def _max_abs(weights: ir.Value) -> int | None:
+  """The largest |code| of constant int8 weights, else None."""
+  values = _constant_value(weights)
+  return None if values is None else int(np.max(np.abs(values.astype(np.int32)), initial=0))
+
+
+def _pairs_fit(activation_max: int, weight_max: int) -> bool:
+  """Whether uint8 activations up to `activation_max` times int8 weights up to
+  `weight_max` in magnitude are exact on every CPU.
 
   Without VNNI (AVX2 alone), onnxruntime's u8s8 kernel adds pairs of
-  uint8 x int8 products in int16 (`vpmaddubsw`), which saturates: with
-  activations up to 255 a pair stays within 32767 only while every |weight|
-  <= 64. 4-bit codes (|w| <= 7) always pass; full 8-bit codes keep s8s8,
-  which is exact everywhere.
+  uint8 x int8 products in int16 (`vpmaddubsw`), which saturates beyond
+  32767; VNNI and AMX accumulate in int32 and never do.
   """
-  values = _constant_value(weights)
-  return values is not None and int(np.max(np.abs(values.astype(np.int32)), initial=0)) <= 64
+  return 2 * activation_max * weight_max <= np.iinfo(np.int16).max
+
+
+_NON_NEGATIVE_OPS = frozenset({'Relu', 'Abs', 'Sigmoid', 'Exp', 'Softmax', 'Sqrt'})
+_PRESERVING_OPS = frozenset({'Round', 'Ceil', 'Floor', 'Cast', 'Identity', 'ReduceMax',
+                             'ReduceMin', 'ReduceSum', 'ReduceMean', 'Reshape', 'Unsqueeze',
+                             'Squeeze', 'Expand'})
+
+
+def _non_negative(value: ir.Value | None, depth: int = 12) -> bool:
+  """Whether `value` provably holds no negative number (a conservative check)."""
+  if value is None or depth == 0:
+    return False
+  constant = _constant_value(value)
+  if constant is not None:
+    return constant.dtype != np.bool_ and bool(np.all(constant >= 0))
+  node = value.producer()
+  if node is None or node.domain:
+    return False
+  op, inputs = node.op_type, node.inputs
+  if op in _NON_NEGATIVE_OPS:
+    return True
+  if op in _PRESERVING_OPS:
+    return _non_negative(inputs[0], depth - 1)
+  if op in ('Mul', 'Div', 'Add', 'Min'):
+    return all(_non_negative(item, depth - 1) for item in inputs)
+  if op == 'Max':
+    return any(_non_negative(item, depth - 1) for item in inputs)
+  if op == 'Where':
+    return all(_non_negative(item, depth - 1) for item in inputs[1:])
+  if op == 'Clip':
+    return _non_negative(inputs[0], depth - 1) or (
+        len(inputs) > 1 and _non_negative(inputs[1], depth - 1))
+  return False
+
+
+def _float_codes(codes: ir.Value) -> ir.Value | None:
+  """The whole floats that int8 `codes` were cast from (a Clip of a Round), else None."""
+  producer = codes.producer()
+  if producer is not None and producer.op_type == 'Cast' and _whole_int8_floats(
+      producer.inputs[0]):
+    return producer.inputs[0]
+  return None
+
+
+def _cast(node: ir.Node, value: ir.Value, dtype: ir.DataType, suffix: str,
+          new_nodes: list) -> ir.Value:
+  """`Cast(value, to=dtype)` (appended to `new_nodes`)."""
+  cast = ir.node('Cast', [value], {'to': dtype}, name=f'{node.name}_{suffix}')
+  cast.outputs[0].dtype, cast.outputs[0].shape = dtype, value.shape
+  new_nodes.append(cast)
+  return cast.outputs[0]
+
+
+def _in_halves(node: ir.Node, activations: ir.Value, weights: ir.Value,
+               new_nodes: list) -> tuple[ir.Value, ir.Value]:
+  """[a, a] and [w1; w2], w1 = floor(w / 2), w2 = w - w1: |w1|, |w2| <= 64, same product."""
+  graph = node.graph
+  doubled = ir.node('Concat', [activations, activations], {'axis': -1},
+                    name=f'{node.name}_activations_twice')
+  doubled.outputs[0].dtype = ir.DataType.UINT8
+  as_float = _cast(node, weights, ir.DataType.FLOAT, 'weights_to_float', new_nodes)
+  halved = ir.node('Mul', [as_float, _constant(graph, f'{node.name}_half', np.float32(0.5))],
+                   name=f'{node.name}_weights_halved')
+  floored = ir.node('Floor', [halved.outputs[0]], name=f'{node.name}_weights_floored')
+  new_nodes += [halved, floored]
+  low = _cast(node, floored.outputs[0], ir.DataType.INT8, 'low_half', new_nodes)
+  high = ir.node('Sub', [weights, low], name=f'{node.name}_high_half')
+  stacked = ir.node('Concat', [low, high.outputs[0]], {'axis': 0},
+                    name=f'{node.name}_weight_halves')
+  for value in (high.outputs[0], stacked.outputs[0]):
+    value.dtype = ir.DataType.INT8
+  new_nodes += [doubled, high, stacked]
+  return doubled.outputs[0], stacked.outputs[0]
 
 
 def _shift_to_uint8(node, codes, new_nodes):
@@ -345,6 +479,30 @@ def _shift_to_uint8(node, codes, new_nodes):
   output = unsigned.outputs[0]
   output.dtype, output.shape = ir.DataType.UINT8, codes.shape
   return output, zero_point
+
+
+def _row_quantized(codes: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+  """(x [B, K], s [B, 1]) when `codes` is `Clip(Round(x * Div(1, s)))` within int8, else None."""
+  if not _whole_int8_floats(codes):
+    return None
+  product = codes.producer().inputs[0].producer().inputs[0].producer()
+  if product is None or product.op_type != 'Mul' or product.domain:
+    return None
+  for rows, reciprocal in (product.inputs, reversed(product.inputs)):
+    division = reciprocal.producer()
+    if (division is None or division.op_type != 'Div' or division.domain
+        or not _is_one(division.inputs[0])):
+      continue
+    scale = division.inputs[1]
+    if (rows.shape is not None and scale.shape is not None and len(rows.shape) == 2
+        and isinstance(rows.shape[1], int) and len(scale.shape) == 2 and scale.shape[1] == 1):
+      return rows, scale
+  return None
+
+
+def _is_one(value: ir.Value) -> bool:
+  constant = _constant_value(value)
+  return constant is not None and constant.size == 1 and float(constant) == 1.0
 
 
 def _whole_int8_floats(value: ir.Value) -> bool:
