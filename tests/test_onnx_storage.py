@@ -93,3 +93,38 @@ def test_gaps_visit_every_position_once_within_the_widest_code(widest):
   # Fillers only where a gap is too wide: one per further `widest` steps.
   expected_fillers = sum(max(gap - 1, 0) // widest for gap in np.diff(positions, prepend=0))
   assert len(gaps) == len(positions) + expected_fillers
+
+
+def test_kernels_inside_if_branches_are_compacted_there(tmp_path):
+  """Batch routing exports each path as an `If` branch holding its own kernel."""
+  rng = np.random.default_rng(0)
+  kernels = [_kernel(np.int8, 0.05, 7, rng) for _ in range(2)]
+
+  def branch(name, kernel):
+    nodes = [helper.make_node('Cast', [f'{name}_w'], [f'{name}_wf'], to=TensorProto.FLOAT),
+             helper.make_node('MatMul', ['x', f'{name}_wf'], [f'{name}_y'])]
+    return helper.make_graph(
+        nodes, name, [], [helper.make_tensor_value_info(f'{name}_y', TensorProto.FLOAT, ['B', 40])],
+        [numpy_helper.from_array(kernel, f'{name}_w')])
+
+  graph = helper.make_graph(
+      [helper.make_node('If', ['deep'], ['y'], then_branch=branch('then', kernels[0]),
+                        else_branch=branch('else', kernels[1]))],
+      'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['B', 300]),
+            helper.make_tensor_value_info('deep', TensorProto.BOOL, [])],
+      [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['B', 40])])
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 21)])
+  compact = onnx_storage.compact_initializers(model)
+  onnx.checker.check_model(compact, full_check=True)
+  branches = [attribute.g for attribute in compact.graph.node[0].attribute]
+  assert all('ScatterElements' in {node.op_type for node in branch.node} for branch in branches)
+  assert len(compact.SerializeToString()) < len(model.SerializeToString()) / 3
+  session = onnxruntime.InferenceSession(compact.SerializeToString(),
+                                         providers=['CPUExecutionProvider'])
+  reference = ReferenceEvaluator(compact)
+  x = rng.normal(size=(3, 300)).astype(np.float32)
+  for deep, kernel in ((True, kernels[0]), (False, kernels[1])):
+    feeds = {'x': x, 'deep': np.array(deep)}
+    (actual,) = session.run(None, feeds)
+    np.testing.assert_allclose(actual, x @ kernel.astype(np.float32), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(reference.run(None, feeds)[0], actual, rtol=1e-5, atol=1e-4)

@@ -1,6 +1,7 @@
 """Compact, portable storage of pruned and 4-bit weights inside an ONNX file.
 
-`compact_initializers` rewrites the initializers of a model's main graph so
+`compact_initializers` rewrites the initializers of a model (and of its `If`
+branches) so
 that the file holds only what is not implied:
 
 * a mostly-zero tensor becomes its non-zero values and the gaps between
@@ -34,17 +35,30 @@ _GAP_TYPES = ((TensorProto.UINT4, 15, 0.5), (TensorProto.UINT8, 255, 1.0))
 
 
 def compact_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-  """The model with its main graph's initializers stored compactly where that is smaller.
+  """The model with its initializers stored compactly where that is smaller.
 
   Args:
     model: an ONNX model; left unchanged.
 
   Returns:
     A new model computing the same function: mostly-zero tensors as values
-    and gaps, 4-bit int8 codes as INT4 (see the module docstring).
+    and gaps, 4-bit int8 codes as INT4 (see the module docstring), in the
+    main graph and in subgraphs (the branches of an `If`) alike, each
+    decoded in the graph that holds it.
   """
   model = onnx.ModelProto.FromString(model.SerializeToString())
-  graph = model.graph
+  _compact_graph(model.graph)
+  return model
+
+
+def _compact_graph(graph: onnx.GraphProto) -> None:
+  """Rewrites `graph`'s initializers and those of its subgraphs, in place."""
+  for node in graph.node:
+    for attribute in node.attribute:
+      if attribute.type == onnx.AttributeProto.GRAPH:
+        _compact_graph(attribute.g)
+      for subgraph in attribute.graphs:
+        _compact_graph(subgraph)
   kept, decoders, added = [], [], []
   for tensor in graph.initializer:
     array = numpy_helper.to_array(tensor)
@@ -56,13 +70,12 @@ def compact_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     decoders += nodes
     added += initializers
   if not decoders:
-    return model
+    return
   del graph.initializer[:]
   graph.initializer.extend(kept + added)
   nodes = list(graph.node)
   del graph.node[:]
   graph.node.extend(decoders + nodes)
-  return model
 
 
 def _encode(name: str, array: np.ndarray) -> tuple[list, list] | None:
