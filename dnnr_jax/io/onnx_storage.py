@@ -1,8 +1,7 @@
 """Compact, portable storage of pruned and 4-bit weights inside an ONNX file.
 
 `compact_initializers` rewrites the initializers of a model (and of its `If`
-branches) so
-that the file holds only what is not implied:
+branches) so that the file holds only what is not implied:
 
 * a mostly-zero tensor becomes its non-zero values and the gaps between
   their flat positions (Deep Compression's relative indices), decoded
