@@ -26,6 +26,7 @@ _EXPORTS = {
     'DataError': 'dnnr_jax.errors',
     'DnnrError': 'dnnr_jax.errors',
     'export_onnx': 'dnnr_jax.io.export',
+    'compact_initializers': 'dnnr_jax.io.onnx_storage',
     'FitResult': 'dnnr_jax.jobs.fit',
     'fit': 'dnnr_jax.jobs.fit',
     'evaluate_checkpoint': 'dnnr_jax.jobs.train',

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+from onnx.reference import ReferenceEvaluator
 
 from dnnr_jax.config import PruneConfig, QuantizeConfig, load_config
 from dnnr_jax.errors import DnnrError
@@ -34,6 +35,10 @@ def checkpoints(tmp_path_factory):
   for name, source, mode in (('int8', 'per_sample', 'dynamic'), ('int8_batch', 'batch', 'dynamic'),
                              ('static', 'per_sample', 'static')):
     made[name] = compress_jobs.quantize_checkpoint(made[source], QuantizeConfig(mode=mode)).path
+  pruned = compress_jobs.prune_checkpoint(made['per_sample'], PruneConfig(
+      method='global', sparsity=0.9, schedule='oneshot', finetune_epochs=0)).path
+  made['int4_pruned'] = compress_jobs.quantize_checkpoint(
+      pruned, QuantizeConfig(mode='dynamic', bits=4)).path
   return made
 
 
@@ -46,7 +51,7 @@ def _operators(path):
 
 
 @pytest.mark.parametrize(
-    'name', ['per_sample', 'batch', 'structured', 'int8', 'int8_batch', 'static'])
+    'name', ['per_sample', 'batch', 'structured', 'int8', 'int8_batch', 'static', 'int4_pruned'])
 def test_export_agrees_with_jax(checkpoints, name):
   path = checkpoints[name]
   output, report = export.export_onnx(path, check_inputs=_inputs(path))
@@ -80,12 +85,16 @@ def test_int8_weights_stay_int8(checkpoints):
       'int8'].parent / 'int8.onnx', check_inputs=_inputs(checkpoints['int8']))
   kinds = collections.Counter(tensor.data_type for tensor in onnx.load(int8_file).graph.initializer)
   assert kinds[onnx.TensorProto.INT8] == 5
-  # Every int8 dot runs as MatMulInteger on uint8 activations and int8 weights.
-  graph = onnx.load(int8_file).graph
-  assert _operators(int8_file)['MatMulInteger'] == 5 and _operators(int8_file)['MatMul'] == 0
-  int8_weights = {tensor.name for tensor in graph.initializer
-                  if tensor.data_type == onnx.TensorProto.INT8}
-  assert {node.input[1] for node in graph.node if node.op_type == 'MatMulInteger'} == int8_weights
+  # Every int8 dot runs as MatMulInteger on uint8 activations and int8 weights
+  # (u8s8: onnxruntime's fast kernels; its s8s8 kernel is slower than float).
+  graph = onnx.shape_inference.infer_shapes(onnx.load(int8_file), strict_mode=True).graph
+  types = {value.name: value.type.tensor_type.elem_type
+           for value in [*graph.value_info, *graph.input]}
+  types.update({tensor.name: tensor.data_type for tensor in graph.initializer})
+  integer = [node for node in graph.node if node.op_type == 'MatMulInteger']
+  assert len(integer) == 5 and _operators(int8_file)['MatMul'] == 0
+  assert {types[node.input[0]] for node in integer} == {onnx.TensorProto.UINT8}
+  assert {types[node.input[1]] for node in integer} == {onnx.TensorProto.INT8}
   # The quantized activations are shifted to uint8 before their cast, not widened after it.
   assert not [node for node in graph.node if node.op_type == 'Cast'
               and onnx.helper.get_attribute_value(node.attribute[0]) == onnx.TensorProto.INT16]
@@ -167,3 +176,38 @@ def test_conversion_imports_only_the_jax_and_flax_plugins(checkpoints, tmp_path)
   assert any(name.startswith('jax2onnx.plugins.flax.') for name in loaded)
   assert any(name.startswith('jax2onnx.plugins.jax.') for name in loaded)
   assert not [name for name in loaded if name.startswith('jax2onnx.plugins.equinox')]
+
+
+def test_pruned_4bit_export_is_compact_portable_and_folded_at_load(checkpoints, tmp_path):
+  float_file, _ = export.export_onnx(checkpoints['per_sample'], output=tmp_path / 'float.onnx',
+                                     check_inputs=_inputs(checkpoints['per_sample']))
+  path = checkpoints['int4_pruned']
+  output, report = export.export_onnx(path, output=tmp_path / 'int4.onnx',
+                                      check_inputs=_inputs(path))
+  model = onnx.load(output)
+  onnx.checker.check_model(model, full_check=True)
+  assert not model.graph.sparse_initializer
+  kinds = collections.Counter(tensor.data_type for tensor in model.graph.initializer)
+  assert kinds[onnx.TensorProto.INT4] >= 4  # the four larger kernels: values, two a byte
+  assert set(report['reference_evaluator']['max_abs_logit_difference']) == {1, 7}
+  inputs = _inputs(path)[:16]
+  options = onnxruntime.SessionOptions()
+  options.optimized_model_filepath = str(tmp_path / 'optimized.onnx')
+  session = onnxruntime.InferenceSession(str(output), options,
+                                         providers=['CPUExecutionProvider'])
+  logits, deep_path = session.run(['logits', 'deep_path'], {'input': inputs})
+  reference_logits, reference_path = ReferenceEvaluator(model).run(
+      ['logits', 'deep_path'], {'input': inputs})
+  np.testing.assert_allclose(reference_logits, logits, atol=1e-5)
+  np.testing.assert_array_equal(reference_path, deep_path)
+  # onnxruntime decodes the weights once, when the session is created.
+  folded = collections.Counter(node.op_type for node in onnx.load(
+      tmp_path / 'optimized.onnx').graph.node)
+  assert not {'ScatterElements', 'CumSum', 'ConstantOfShape'} & set(folded)
+
+  def weight_bytes(path):
+    return sum(len(tensor.raw_data) for tensor in onnx.load(path).graph.initializer)
+
+  # A toy model's float biases and scales weigh as much as its kernels; stored as int8
+  # (4 370 bytes) or with int64 positions (about 3 900) the file would miss this.
+  assert weight_bytes(output) < weight_bytes(float_file) / 8

@@ -7,6 +7,7 @@ import onnx
 import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from dnnr_jax.io import onnx_passes
 
@@ -27,12 +28,13 @@ def _operators(model):
   return collections.Counter(node.op_type for node in model.graph.node)
 
 
-def _int8_matmul_model(activation_type, max_weight=127):
+def _int8_matmul_model(activation_type, max_weight=127, relu=False):
   rng = np.random.default_rng(0)
   weights = rng.integers(-max_weight, max_weight + 1, size=(6, 3)).astype(np.int8)
   weights[:2] = max_weight  # 255 * 127 * 2 saturates int16: AVX2's u8s8 pairs would
   nodes = [
-      helper.make_node('Cast', ['x'], ['codes'], to=activation_type),
+      helper.make_node('Relu' if relu else 'Identity', ['x'], ['source']),
+      helper.make_node('Cast', ['source'], ['codes'], to=activation_type),
       helper.make_node('Cast', ['codes'], ['a32'], to=TensorProto.INT32),
       helper.make_node('Cast', ['w'], ['b32'], to=TensorProto.INT32),
       helper.make_node('MatMul', ['a32', 'b32'], ['y']),
@@ -43,16 +45,26 @@ def _int8_matmul_model(activation_type, max_weight=127):
       [numpy_helper.from_array(weights, 'w')])
 
 
-@pytest.mark.parametrize('activation_type, max_weight, expected', [
-    (TensorProto.INT8, 7, 'u8s8'),  # shifted to uint8: 4-bit weights never saturate
-    (TensorProto.INT8, 64, 'u8s8'),
-    (TensorProto.INT8, 127, 's8s8'),  # 8-bit weights: shifting could saturate on AVX2
-    (TensorProto.UINT8, 7, 'u8s8'),
-    (TensorProto.UINT8, 127, 'int32'),  # no exact MatMulInteger: the MatMul stays
+def _integer_operands(model, feeds):
+  """The A and B operands of the model's one MatMulInteger, as the reference evaluator sees them."""
+  integer = next(node for node in model.graph.node if node.op_type == 'MatMulInteger')
+  probe = onnx.ModelProto.FromString(model.SerializeToString())
+  probe.graph.output.extend(helper.make_empty_tensor_value_info(name)
+                            for name in integer.input[:2])
+  return ReferenceEvaluator(probe).run(list(integer.input[:2]), feeds), integer
+
+
+@pytest.mark.parametrize('activation_type, max_weight, relu, expected', [
+    (TensorProto.INT8, 7, False, 'shifted'),  # 4-bit weights never saturate
+    (TensorProto.INT8, 64, False, 'shifted'),
+    (TensorProto.INT8, 127, False, 'halves'),  # 8-bit weights: each multiplied in two halves
+    (TensorProto.INT8, 127, True, 'unsigned'),  # a ReLU's codes lie in [0, 127]
+    (TensorProto.UINT8, 7, False, 'unsigned'),
+    (TensorProto.UINT8, 127, False, 'int32'),  # no exact MatMulInteger: the MatMul stays
 ])
-def test_integer_matmul_becomes_matmul_integer_with_equal_results(
-    activation_type, max_weight, expected):
-  model = _int8_matmul_model(activation_type, max_weight)
+def test_integer_matmul_becomes_u8s8_matmul_integer_exact_on_avx2(
+    activation_type, max_weight, relu, expected):
+  model = _int8_matmul_model(activation_type, max_weight, relu)
   low, high = (-128, 127) if activation_type == TensorProto.INT8 else (0, 255)
   x = np.random.default_rng(1).integers(low, high + 1, size=(9, 6)).astype(np.float32)
   x[0] = low
@@ -61,19 +73,85 @@ def test_integer_matmul_becomes_matmul_integer_with_equal_results(
   optimized = onnx_passes.optimize(model)
   onnx.checker.check_model(optimized, full_check=True)
   operators = _operators(optimized)
+  np.testing.assert_array_equal(_run(optimized, x=x)[0], _run(model, x=x)[0])
+  np.testing.assert_array_equal(ReferenceEvaluator(optimized).run(None, {'x': x})[0],
+                                _run(model, x=x)[0])
   if expected == 'int32':
     assert operators['MatMulInteger'] == 0 and operators['MatMul'] == 1
-  else:
-    assert operators['MatMulInteger'] == 1 and operators['MatMul'] == 0
-    integer = next(node for node in optimized.graph.node if node.op_type == 'MatMulInteger')
-    # int8 activations shifted to uint8 come with the zero point 128; s8s8 and
-    # activations that were uint8 already have none.
-    shifted = activation_type == TensorProto.INT8 and expected == 'u8s8'
-    assert (len(integer.input) == 3) == shifted
-  np.testing.assert_array_equal(_run(optimized, x=x)[0], _run(model, x=x)[0])
+    return
+  assert operators['MatMulInteger'] == 1 and operators['MatMul'] == 0
+  (activations, weights), integer = _integer_operands(optimized, {'x': x})
+  assert activations.dtype == np.uint8 and weights.dtype == np.int8  # u8s8, never s8s8
+  # AVX2's u8s8 kernel adds pairs of products in int16: they must fit.
+  assert 2 * int(activations.max()) * int(np.abs(weights.astype(np.int32)).max()) <= 32767
+  assert (len(integer.input) == 3) == (expected in ('shifted', 'halves'))  # zero point 128
+  assert (weights.shape[0] == 12) == (expected == 'halves')
   # The weights stay the int8 initializer; no int32 copy is kept.
   assert [t.data_type for t in optimized.graph.initializer
           if t.name == 'w'] == [TensorProto.INT8]
+
+
+def test_matmul_integer_on_computed_weights_stays_s8s8():
+  nodes = [helper.make_node('Cast', ['x'], ['a8'], to=TensorProto.INT8),
+           helper.make_node('Cast', ['v'], ['b8'], to=TensorProto.INT8),
+           helper.make_node('Cast', ['a8'], ['a32'], to=TensorProto.INT32),
+           helper.make_node('Cast', ['b8'], ['b32'], to=TensorProto.INT32),
+           helper.make_node('MatMul', ['a32', 'b32'], ['y'])]
+  model = _model(nodes, [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['B', 4]),
+                         helper.make_tensor_value_info('v', TensorProto.FLOAT, [4, 2])],
+                 [helper.make_tensor_value_info('y', TensorProto.INT32, ['B', 2])])
+  optimized = onnx_passes.optimize(model)
+  assert _operators(optimized)['MatMulInteger'] == 1
+  x = np.array([[-128, 127, 5, -3]], np.float32)
+  v = np.array([[127, -127], [127, 1], [0, 2], [-5, 3]], np.float32)
+  np.testing.assert_array_equal(_run(optimized, x=x, v=v)[0], x.astype(np.int32) @ v.astype(
+      np.int32))
+
+
+def _row_quantized_matmul_model(relu: bool):
+  """quantize_rows as jax2onnx writes it, then the int8 dot, scaled back to float."""
+  tiny = np.finfo(np.float32).tiny
+  constants = {'axes': np.array([1], np.int64), 'inverse': np.float32(1 / 127),
+               'tiny': np.float32(tiny), 'one': np.float32(1), 'low': np.float32(-127),
+               'high': np.float32(127),
+               'w': np.random.default_rng(0).integers(-127, 128, (16, 4)).astype(np.int8)}
+  nodes = [
+      helper.make_node('Relu' if relu else 'Identity', ['x'], ['rows']),
+      helper.make_node('Abs', ['rows'], ['magnitudes']),
+      helper.make_node('ReduceMax', ['magnitudes', 'axes'], ['largest'], keepdims=1),
+      helper.make_node('Mul', ['largest', 'inverse'], ['step']),
+      helper.make_node('GreaterOrEqual', ['step', 'tiny'], ['normal']),
+      helper.make_node('Where', ['normal', 'step', 'one'], ['scale']),
+      helper.make_node('Div', ['one', 'scale'], ['reciprocal']),
+      helper.make_node('Mul', ['rows', 'reciprocal'], ['scaled']),
+      helper.make_node('Round', ['scaled'], ['rounded']),
+      helper.make_node('Clip', ['rounded', 'low', 'high'], ['clipped']),
+      helper.make_node('Cast', ['clipped'], ['codes'], to=TensorProto.INT8),
+      helper.make_node('Cast', ['codes'], ['a32'], to=TensorProto.INT32),
+      helper.make_node('Cast', ['w'], ['b32'], to=TensorProto.INT32),
+      helper.make_node('MatMul', ['a32', 'b32'], ['accumulator']),
+      helper.make_node('Cast', ['accumulator'], ['float_accumulator'], to=TensorProto.FLOAT),
+      helper.make_node('Mul', ['float_accumulator', 'scale'], ['y']),
+  ]
+  return _model(nodes, [_float_input('B', 16)],
+                [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['B', 4])],
+                [numpy_helper.from_array(value, name) for name, value in constants.items()])
+
+
+@pytest.mark.parametrize('relu', [False, True])
+def test_row_quantization_becomes_one_quantize_linear(relu):
+  model = _row_quantized_matmul_model(relu)
+  optimized = onnx_passes.optimize(model)
+  onnx.checker.check_model(optimized, full_check=True)
+  operators = _operators(optimized)
+  assert operators['QuantizeLinear'] == 1 and operators['Max'] == 1
+  assert not {'Round', 'Clip', 'Div', 'Where', 'GreaterOrEqual'} & set(operators)
+  x = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
+  x[1] = 0  # an all-zero row: zero codes, zero output, no NaN
+  expected = _run(model, x=x)[0]
+  np.testing.assert_array_equal(_run(optimized, x=x)[0], expected)
+  np.testing.assert_array_equal(ReferenceEvaluator(optimized).run(None, {'x': x})[0], expected)
+  assert not np.any(expected[1])
 
 
 def test_float_matmul_is_left_alone():
@@ -212,40 +290,3 @@ def test_sum_of_squares_becomes_mul_and_reduce_sum(keepdims):
   actual = _run(optimized, x=x)[0]
   assert actual.shape == expected.shape
   np.testing.assert_allclose(actual, expected, rtol=1e-6)
-
-
-@pytest.mark.parametrize('dtype, density, stored_sparse', [
-    (np.float32, 0.05, True),
-    (np.float32, 0.40, False),  # above a third non-zero the dense tensor is smaller
-    (np.int8, 0.05, True),
-    (np.int8, 0.20, False),  # above a ninth for int8
-])
-def test_sparse_initializers_are_exact_and_only_where_smaller(dtype, density, stored_sparse):
-  rng = np.random.default_rng(0)
-  kernel = rng.normal(size=(64, 32)) * 50
-  kernel[rng.random(kernel.shape) >= density] = 0
-  kernel = kernel.astype(dtype)
-  bias = np.arange(32, dtype=np.float32)  # no zeros: always dense
-  cast = [helper.make_node('Cast', ['w'], ['wf'], to=TensorProto.FLOAT)]
-  model = _model(
-      cast + [helper.make_node('MatMul', ['x', 'wf'], ['xw']),
-              helper.make_node('Add', ['xw', 'b'], ['y'])],
-      [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['B', 64])],
-      [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['B', 32])],
-      [numpy_helper.from_array(kernel, 'w'), numpy_helper.from_array(bias, 'b')])
-  converted = onnx_passes.sparse_initializers(model)
-  # Without shape inference: onnx infers a Cast of a sparse initializer wrongly.
-  onnx.checker.check_model(converted)
-  assert [tensor.name for tensor in model.graph.initializer] == ['w', 'b']  # input untouched
-  assert [t.values.name for t in converted.graph.sparse_initializer] == (
-      ['w'] if stored_sparse else [])
-  assert ('w' in {t.name for t in converted.graph.initializer}) != stored_sparse
-  size = len(converted.SerializeToString())
-  assert (size < len(model.SerializeToString())) == stored_sparse
-  if stored_sparse:
-    assert size < 2 * kernel.nbytes * density * (8 + kernel.itemsize) / kernel.itemsize
-  x = rng.normal(size=(5, 64)).astype(np.float32)
-  (expected,) = _run(model, x=x)
-  (actual,) = _run(converted, x=x)
-  np.testing.assert_array_equal(actual, expected)
-  np.testing.assert_allclose(actual, x @ kernel.astype(np.float32) + bias, rtol=1e-5, atol=1e-3)
