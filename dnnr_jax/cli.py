@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 from typing import Any, Sequence
 
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from dnnr_jax.config import ROUTING_MODES
 from dnnr_jax.errors import DnnrError
+from dnnr_jax.io import durable
 
 _stdout = Console(highlight=False)
 _stderr = Console(stderr=True, highlight=False)
@@ -174,14 +176,14 @@ def _benchmark(args: argparse.Namespace) -> int:
   from dnnr_jax.jobs import benchmark
 
   config = load_config(args.config, args.set)
+  output = _checked_output(args.output, args.overwrite)
   dataset = load_dataset(config.data, args.data_dir)
   results = benchmark.run_suite(
       config, dataset, batch_sizes=args.batch_sizes, repeats=args.repeats,
       routing_modes=args.routing, models=args.models, accuracy=args.accuracy,
       training=not args.no_training, seconds=args.seconds)
-  if args.output:
-    with open(args.output, 'w') as output:
-      json.dump(results, output, indent=2)
+  if output:
+    durable.write_bytes(output, json.dumps(results, indent=2).encode())
   if args.json:
     print(json.dumps(results))
     return 0
@@ -218,6 +220,20 @@ def _benchmark(args: argparse.Namespace) -> int:
                   f"{accuracy['epochs']} epochs in {accuracy['wall_seconds']:.1f} s "
                   f"(deep fraction {accuracy['test_deep_fraction']:.1%})")
   return 0
+
+
+def _checked_output(output: str | None, overwrite: bool):
+  """`--output` as a path, refused before any work if it exists or cannot be written."""
+  if not output:
+    return None
+  path = pathlib.Path(output)
+  if path.exists() and not overwrite:
+    raise DnnrError(f'{path} already exists; pass --overwrite or another --output.')
+  if not path.parent.is_dir():
+    raise DnnrError(f'cannot write {path}: {path.parent} is not a directory; create it or '
+                    'choose another --output.')
+  durable.check_writable_dir(path.parent, path.name)
+  return path
 
 
 def _quiet_onnx_ir() -> None:
@@ -441,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument('--accuracy', action='store_true',
                      help='also train the config from scratch and report test accuracy')
   bench.add_argument('--output', help='also write the results as JSON here')
+  bench.add_argument('--overwrite', action='store_true', help='replace an existing --output')
   bench.add_argument('--json', action='store_true', help='print one JSON object')
   bench.set_defaults(handler=_benchmark)
 

@@ -9,9 +9,11 @@ kind and version:
     <models>/pruned/pruned_model_v1.0/
     <models>/quantized/quantized_model_v1.0/
 
-A checkpoint is written under a hidden temporary name and renamed into place,
-so an interrupted save never leaves a half-written version, and an existing
-version is replaced only when asked.
+A checkpoint is written under a hidden temporary name, fsynced and renamed
+into place by one writer at a time, so an interrupted save never leaves a
+half-written version, and an existing version is replaced only when asked and
+never lost (`dnnr_jax.io.durable`). Its metadata records a digest of every
+stored array and of itself, checked on every load (`dnnr_jax.io.integrity`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import dataclasses
 import datetime
 import functools
 import importlib.metadata
+import math
 import os
 import pathlib
 import platform
 import re
-import shutil
 from typing import Any
 
 import jax
@@ -32,22 +34,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dnnr_jax.config import Config, config_from_dict
-from dnnr_jax.errors import CheckpointError, ConfigError
-from dnnr_jax.io import storage
-from dnnr_jax.model import DynamicMLP, model_from_config
+from dnnr_jax.errors import CheckpointError, ConfigError, IntegrityError
+from dnnr_jax.io import durable, integrity, storage
+from dnnr_jax.model import DynamicMLP, init_variables, model_from_config
 
 FORMAT = 'dnnr_jax'
 # 2: arrays packed into one blob per dtype (compress.storage); 3: float32
 # arrays that float16 holds exactly may be stored as float16. Format 2 reads
-# the same way, so both are read.
-FORMAT_VERSION = 4
-READABLE_FORMAT_VERSIONS = (2, 3, 4)
+# the same way, so both are read. 4: compact layout. 5: digests of the arrays
+# and metadata, checked on load.
+FORMAT_VERSION = 5
+READABLE_FORMAT_VERSIONS = (2, 3, 4, 5)
 KINDS = {
     'final': ('final', 'model_v{version}_final'),
     'pruned': ('pruned', 'pruned_model_v{version}'),
     'quantized': ('quantized', 'quantized_model_v{version}'),
 }
-_VERSION = re.compile(r'^(\d+)\.(\d+)$')
+_VERSION = re.compile(r'^([0-9]+)\.([0-9]+)$')  # ASCII digits only.
+# Layout arrays may exceed their leaf's size (sparse fillers), never by this much.
+_LAYOUT_SLACK = 2
+MAX_LINEAGE = 64  # prune/quantize steps from a final checkpoint
 
 
 def checkpoint_path(models_dir: str | os.PathLike, kind: str, version: str) -> pathlib.Path:
@@ -69,7 +75,7 @@ def next_version(models_dir: str | os.PathLike, kind: str) -> str:
   """'1.0' if no `kind` checkpoint exists yet, else the highest minor + 1."""
   folder, pattern = KINDS[kind]
   name = re.compile(
-      '^' + re.escape(pattern).replace(r'\{version\}', r'(\d+)\.(\d+)') + '$')
+      '^' + re.escape(pattern).replace(r'\{version\}', r'([0-9]+)\.([0-9]+)') + '$')
   found = []
   directory = pathlib.Path(models_dir) / folder
   if directory.is_dir():
@@ -114,44 +120,43 @@ def save_checkpoint(
   Every leaf is stored in its smallest encoding (`compress.storage`: sparse
   kernels as relative indices and values, int4 codes packed two per byte),
   described by a 'layout' entry added to the metadata with the format
-  marker, library versions and a timestamp. The checkpoint is written beside
-  `path` under a temporary name and renamed into place; an existing `path` is replaced only with
-  `overwrite`, and only once the new one is complete.
+  marker, library versions, a timestamp and the digests of the arrays and
+  the metadata. The checkpoint is written beside `path` under a temporary
+  name, fsynced and renamed into place, holding `path`'s writer lock; an
+  existing `path` is replaced only with `overwrite`, and only once the new one
+  is complete (see `dnnr_jax.io.durable` for the rule).
 
   Returns:
     The absolute path written.
+
+  Raises:
+    CheckpointError: `path` exists and not `overwrite`.
+    DnnrError: another process is writing `path`, or its folder is not
+      writable.
   """
   path = pathlib.Path(path).absolute()
-  ensure_writable(path, overwrite)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  arrays, layout = storage.encode_variables(variables)
-  metadata = {
-      'format': FORMAT,
-      'format_version': FORMAT_VERSION,
-      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      'library_versions': library_versions(),
-      **metadata,
-      'layout': storage.compact_layout(layout),
-  }
-  staging = path.with_name(f'.{path.name}.partial')
-  retired = path.with_name(f'.{path.name}.old')
-  for leftover in (staging, retired):
-    if leftover.exists():
-      shutil.rmtree(leftover)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(
-        staging,
-        args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(arrays),
-            metadata=ocp.args.JsonSave(metadata),
-        ),
-    )
-  if path.exists():
-    os.rename(path, retired)
-    os.rename(staging, path)
-    shutil.rmtree(retired)
-  else:
-    os.rename(staging, path)
+  with durable.writer_lock(path):
+    durable.recover(path)
+    ensure_writable(path, overwrite)
+    arrays, layout = storage.encode_variables(variables)
+    metadata = integrity.seal({
+        'format': FORMAT,
+        'format_version': FORMAT_VERSION,
+        'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        'library_versions': library_versions(),
+        **metadata,
+        'layout': storage.compact_layout(layout),
+    }, arrays)
+    staging = durable.staging_path(path)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      checkpointer.save(
+          staging,
+          args=ocp.args.Composite(
+              variables=ocp.args.StandardSave(arrays),
+              metadata=ocp.args.JsonSave(metadata),
+          ),
+      )
+    durable.replace_directory(staging, path)
   return path
 
 
@@ -178,6 +183,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         f"{path} has checkpoint format {metadata.get('format_version')}, this dnnr_jax "
         f'reads formats {", ".join(map(str, READABLE_FORMAT_VERSIONS))}; write it again '
         'with this version.')
+  if metadata['format_version'] >= 5 and integrity.KEY not in metadata:
+    raise IntegrityError(
+        f'{path} is damaged or was edited: its metadata lost the digests recorded when it '
+        'was saved; restore it from a copy or write it again with dnnr.')
+  integrity.verify_metadata(path, metadata)
   if metadata['format_version'] >= 4:  # Earlier formats stored the layout expanded.
     try:
       metadata['layout'] = storage.expand_layout(metadata.get('layout'))
@@ -188,8 +198,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   return metadata
 
 
-def restore_variables(path: str | os.PathLike, layout: dict[str, Any]) -> Any:
-  """Restores and decodes the `variables` item that `layout` describes."""
+def restore_variables(path: str | os.PathLike, layout: dict[str, Any],
+                      metadata: dict[str, Any] | None = None) -> Any:
+  """Restores and decodes the `variables` item that `layout` describes.
+
+  With `metadata`, the arrays are checked against its digests first.
+  """
   path = _existing_checkpoint_dir(path)
   try:
     abstract = storage.abstract_arrays(layout)
@@ -197,6 +211,14 @@ def restore_variables(path: str | os.PathLike, layout: dict[str, Any]) -> Any:
       restored = checkpointer.restore(
           path,
           args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract)))
+  except Exception as error:  # A truncated file surfaces from TensorStore.
+    raise CheckpointError(
+        f'{path} is damaged or incomplete (its arrays could not be read: '
+        f'{_short(error)}); restore it from a copy or write it again.'
+    ) from None
+  if metadata is not None:
+    integrity.verify_arrays(path, metadata, restored['variables'])
+  try:
     return storage.decode_variables(restored['variables'], layout)
   except Exception as error:  # A truncated file surfaces from TensorStore.
     raise CheckpointError(
@@ -286,11 +308,81 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         'with dnnr.') from None
   weight_only = metadata.get('quantization', {}).get('mode') == 'weight_only'
   model = model_from_config(config, weight_only=weight_only)
-  variables = restore_variables(path, layout)
+  _check_layout(path, layout, model_from_config(config), int(metadata['num_features']))
+  variables = restore_variables(path, layout, metadata)
   if not {'params', 'thresholds'} <= set(variables):
     raise CheckpointError(
         f'{path} holds no params or thresholds; pass a checkpoint written by dnnr.')
   return LoadedModel(path, model, variables, config, metadata)
+
+
+def lineage(path: str | os.PathLike,
+            metadata: dict[str, Any] | None = None) -> list[tuple[pathlib.Path, dict[str, Any]]]:
+  """A checkpoint and the sources it was made from, newest first.
+
+  Follows each metadata's 'source' path until a final checkpoint, a source
+  that no longer exists, or `MAX_LINEAGE` steps.
+
+  Raises:
+    CheckpointError: the chain returns to a checkpoint already in it, or is
+      longer than `MAX_LINEAGE`.
+  """
+  path = pathlib.Path(path).absolute()
+  metadata = read_metadata(path) if metadata is None else metadata
+  chain = [(path, metadata)]
+  while metadata.get('kind') != 'final' and isinstance(metadata.get('source'), dict):
+    source = pathlib.Path(str(metadata['source'].get('path'))).absolute()
+    if any(source == seen for seen, _ in chain):
+      raise CheckpointError(
+          f'{chain[0][0]} has a lineage that loops back to {source}; its metadata is '
+          'damaged or was edited, write it again from a final checkpoint.')
+    if len(chain) > MAX_LINEAGE:
+      raise CheckpointError(
+          f'{chain[0][0]} has a lineage longer than {MAX_LINEAGE} checkpoints; write it '
+          'again from a final checkpoint.')
+    if not source.is_dir():
+      break
+    metadata = read_metadata(source)
+    chain.append((source, metadata))
+  return chain
+
+
+def lineage_root(path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> pathlib.Path:
+  """The oldest checkpoint of `lineage` (the final model, where it still exists)."""
+  return lineage(path, metadata)[-1][0]
+
+
+def _check_layout(path: pathlib.Path, layout: dict[str, Any], model, num_features: int) -> None:
+  """Refuses, before anything is allocated, a layout whose shapes the config does not give.
+
+  Every leaf the model initialises must have its shape; other leaves (scales,
+  activation ranges) and every stored array may not exceed the largest leaf.
+  """
+  def refuse(reason: str):
+    return CheckpointError(
+        f'{path} does not match its own config: {reason}; it is damaged or was edited, '
+        'write it again with dnnr.')
+
+  if not 0 < num_features <= 2**24:
+    raise refuse(f'num_features = {num_features}')
+  expected = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), num_features))
+  shapes = {'/'.join(str(getattr(key, 'key', key)) for key in key_path): list(leaf.shape)
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  largest = max(math.prod(shape) for shape in shapes.values())
+  try:
+    for name, spec in layout.items():
+      shape = [int(size) for size in spec['shape']]
+      if name in shapes and shape != shapes[name]:
+        raise refuse(f'{name} is stored as {shape}, the config makes it {shapes[name]}')
+      size = math.prod(shape)
+      if min(shape, default=0) < 0 or size > largest:
+        raise refuse(f'{name} is stored as {shape}, larger than any layer of the config')
+      for array_shape, _, _ in spec['arrays'].values():
+        stored = math.prod(int(dim) for dim in array_shape)
+        if min(array_shape, default=0) < 0 or stored > _LAYOUT_SLACK * size + 16:
+          raise refuse(f'{name} stores {list(array_shape)} values for a {shape} array')
+  except (KeyError, TypeError, ValueError, AttributeError) as error:
+    raise refuse(f'its layout is malformed ({_short(error)})') from None
 
 
 def _existing_checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:

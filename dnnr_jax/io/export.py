@@ -13,7 +13,9 @@ nodes go.
 Each export is checked before it is kept: `onnx.checker` (full check), then an
 onnxruntime session on real batches (sizes 1, 7 and 128) against JAX: logits
 within a tolerance, identical argmax and identical routes. A mismatch raises
-`DnnrError` and leaves no file behind.
+`DnnrError` and leaves no file behind. A kept file carries the digest of its
+graph, weights and metadata (`dnnr_jax.digest`, see `dnnr_jax.io.integrity`)
+and is written whole, fsynced, or not at all.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 
 from dnnr_jax.config import PIXEL_MAX
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.io import onnx_passes
+from dnnr_jax.io import durable, integrity, onnx_passes
 from dnnr_jax.io.checkpoint import LoadedModel, load_model
 
 OPSET = 21
@@ -106,9 +108,10 @@ def export_onnx(
     raise DnnrError(f'--output {output} does not end in .onnx; name an .onnx file.')
   if output.exists() and not overwrite:
     raise DnnrError(f'{output} already exists; pass --overwrite or another --output.')
-  if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
-    raise DnnrError(f'cannot write {output}: {output.parent} is not a writable directory; '
+  if not output.parent.is_dir():
+    raise DnnrError(f'cannot write {output}: {output.parent} is not a directory; '
                     'choose another --output.')
+  durable.check_writable_dir(output.parent, f'ONNX file {output.name}')
   function = inference_function(model, raw_uint8_input=raw_uint8_input)
   side = math.isqrt(model.num_features)
   if raw_uint8_input and side * side != model.num_features:
@@ -133,9 +136,8 @@ def export_onnx(
     check_inputs = _random_inputs(model, raw_uint8_input, side)
   report = check_against_jax(onnx_model.SerializeToString(), function, check_inputs,
                              TOLERANCE['integer' if integer else 'float'])
-  temporary = output.with_name(f'.{output.name}.partial')
-  onnx.save(onnx_model, temporary)
-  os.replace(temporary, output)
+  integrity.seal_onnx(onnx_model)
+  durable.write_bytes(output, onnx_model.SerializeToString())
   return output, report
 
 

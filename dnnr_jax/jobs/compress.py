@@ -32,13 +32,14 @@ from dnnr_jax.config import (
 )
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
-from dnnr_jax.io import storage
+from dnnr_jax.io import durable, storage
 from dnnr_jax.io.data import Dataset, load_dataset
 from dnnr_jax.jobs.fit import EpochCallback, fit
 from dnnr_jax.model import Dense, model_from_config
 from dnnr_jax.train import Teacher, evaluate
 
 
+@durable.holding_locks
 def prune_checkpoint(
     path: str | os.PathLike, *, method: str = 'global', sparsity: float = 0.9,
     schedule: str = 'oneshot', finetune_epochs: int = 2, n: int = 2, m: int = 4,
@@ -131,6 +132,7 @@ def prune_checkpoint(
                  settings, overwrite=overwrite, extra_metadata=extra_metadata)
 
 
+@durable.holding_locks
 def quantize_checkpoint(
     path: str | os.PathLike, *, mode: str = 'dynamic', bits: int = 8,
     per_channel: bool = True, calibration_batches: int = 10,
@@ -281,11 +283,17 @@ def quantize_as_configured(path: str | os.PathLike, settings: QuantizeConfig, **
 
 
 def _prepare(path, kind, models_dir, version, overwrite):
-  """The source model, and the output path, checked to be free."""
+  """The source model, and the output path, checked to be free and locked for this job."""
   source = checkpoint_lib.load_model(path)
   models_dir = pathlib.Path(models_dir) if models_dir else source.path.parent.parent
   version = version or checkpoint_lib.next_version(models_dir, kind)
-  out_path = checkpoint_lib.checkpoint_path(models_dir, kind, version)
+  out_path = checkpoint_lib.checkpoint_path(models_dir, kind, version).absolute()
+  checkpoint_lib.ensure_writable(out_path, overwrite)
+  if out_path == source.path:
+    raise DnnrError(f'{out_path} would replace its own source; write the result under '
+                    'another version.')
+  durable.acquire(out_path)  # Released when the job returns or raises.
+  durable.recover(out_path)
   checkpoint_lib.ensure_writable(out_path, overwrite)
   return source, out_path, version
 
@@ -340,12 +348,7 @@ def _finish(source, out_path, kind, version, config, variables, dataset, setting
 
 def _dense_float_bytes(source) -> dict[str, Any]:
   """Bytes of the final (dense float32) checkpoint at the root of `source`'s lineage."""
-  path, metadata = source.path, source.metadata
-  while metadata.get('kind') != 'final' and 'source' in metadata:
-    path = pathlib.Path(metadata['source']['path'])
-    if not path.is_dir():
-      break
-    metadata = checkpoint_lib.read_metadata(path)
+  path = checkpoint_lib.lineage_root(source.path, source.metadata)
   return {'path': str(path), **_bytes(path)}
 
 

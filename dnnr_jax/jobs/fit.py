@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 
 from dnnr_jax.config import Config, config_from_dict
 from dnnr_jax.errors import CheckpointError, DnnrError
+from dnnr_jax.io import integrity
 from dnnr_jax.io.data import Dataset
 from dnnr_jax.model import model_from_config
 from dnnr_jax.thresholds import thresholds_to_floats
@@ -147,7 +148,7 @@ def _checkpoint_manager(directory, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       pathlib.Path(directory).absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-      item_names=('state', 'history', 'config'),
+      item_names=('state', 'history', 'config', 'integrity'),
   )
 
 
@@ -155,10 +156,13 @@ def _save_periodic(manager, state: TrainState, history, config: Config) -> None:
   epoch = int(state.epoch)
   if epoch % config.training.checkpoint_every and epoch != config.training.epochs:
     return
+  # Digests of what is saved, checked on resume (`dnnr_jax.io.integrity`).
+  sealed = integrity.seal({'history': history, 'config': config.to_dict()}, state)
   manager.save(epoch, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       history=ocp.args.JsonSave(history),
       config=ocp.args.JsonSave(config.to_dict()),
+      integrity=ocp.args.JsonSave(sealed[integrity.KEY]),
   ))
 
 
@@ -177,13 +181,21 @@ def _restore(manager, state: TrainState, config: Config):
         f'the periodic checkpoint {where} was written with another config; '
         'resume with the same config, or delete it to start afresh.')
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  sealed = (where / integrity.KEY).exists()  # Absent from checkpoints of earlier versions.
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract),
         history=ocp.args.JsonRestore(),
+        **({integrity.KEY: ocp.args.JsonRestore()} if sealed else {}),
     ))
   except Exception as error:  # A truncated file surfaces from TensorStore.
     raise CheckpointError(
         f'the periodic checkpoint {where} is damaged ({error}); delete it to '
         'start afresh.') from None
+  if sealed:
+    record = {'history': restored['history'], 'config': saved_config,
+              integrity.KEY: restored[integrity.KEY]}
+    fix = 'delete it to start afresh'
+    integrity.verify_metadata(where, record, fix)
+    integrity.verify_arrays(where, record, restored['state'], fix)
   return restored['state'], list(restored['history'])

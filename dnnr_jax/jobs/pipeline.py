@@ -11,6 +11,7 @@ Stages, each a library job:
    for the accuracy-against-sparsity plot (results in the report folder)
 6. report   -> `<models>/reports/v{V}/`: report.md, report.json and PNG plots
 
+A training stage that was killed resumes from its own periodic checkpoints.
 Every artifact records the hash of the settings that made it (its own and its
 inputs'). A rerun skips an artifact whose hash matches and whose inputs were
 reused too (a retrained model rebuilds everything made from it), and
@@ -32,8 +33,9 @@ from typing import Any, Callable
 import numpy as np
 
 from dnnr_jax.config import Config
-from dnnr_jax.errors import DnnrError
+from dnnr_jax.errors import DnnrError, IntegrityError
 from dnnr_jax.io import checkpoint as checkpoint_lib
+from dnnr_jax.io import durable
 
 ARTIFACTS = ('final', 'pruned', 'quantized')
 TRAINING_SECTIONS = ('data', 'model', 'thresholds', 'routing', 'training')
@@ -135,9 +137,11 @@ def run_pipeline(
     return {'pipeline': {'hash': hashes[kind], 'version': version}}
 
   prune, quantize = config.compress.prune, config.compress.quantize
+  # A training stage killed part way resumes from its periodic checkpoints
+  # (which `fit` refuses if they were written with another config).
   stage('train', reuse['final'], lambda: jobs.train_and_save(
       config, data_dir=data_dir, models_dir=models_dir, version=version,
-      overwrite=rebuild['final'],
+      overwrite=rebuild['final'], resume=True,
       on_epoch=epochs('train'), extra_metadata=pipeline_metadata('final')))
   stage('prune', reuse['pruned'], lambda: compress_jobs.prune_as_configured(
       paths['final'], prune, data_dir=data_dir, models_dir=models_dir, version=version,
@@ -181,29 +185,39 @@ def run_pipeline(
 
 def _reusable(path: pathlib.Path, expected: str, force: bool) -> bool:
   """True when `path` holds the artifact of these settings; raises if it holds another."""
-  if force or not path.exists():
+  if force or not (path.exists() or durable.retired_path(path).exists()):
     return False
+  with durable.writer_lock(path):
+    durable.recover(path)  # A replacement a crash interrupted: the old version returns.
   try:
     recorded = checkpoint_lib.read_metadata(path).get('pipeline', {}).get('hash')
+  except IntegrityError:
+    raise
   except DnnrError:
     recorded = None
   if recorded != expected:
     raise DnnrError(
         f'{path} exists but was not made by this pipeline config (different settings or '
         'another command); pass --force to rebuild it, or --version for a new one.')
+  checkpoint_lib.load_model(path)  # Every array checked against its digest before reuse.
   return True
 
 
 def _onnx_matches(path: pathlib.Path, expected: str) -> bool:
+  """True when `path` is this config's export and matches its digest.
+
+  A damaged, edited, truncated or foreign file is rebuilt from its checkpoint
+  (itself checked on load), so nothing is lost by rebuilding it.
+  """
+  from dnnr_jax.io import integrity
+
   if not path.is_file():
     return False
-  import onnx
-
   try:
-    props = {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False)
-             .metadata_props}
-  except Exception:  # A truncated or foreign file is simply rebuilt.
+    onnx_model, _ = integrity.load_verified_onnx(path)
+  except DnnrError:
     return False
+  props = {prop.key: prop.value for prop in onnx_model.metadata_props}
   return props.get('dnnr_jax.pipeline_hash') == expected
 
 
@@ -245,9 +259,8 @@ def _sweep(config: Config, final_path, report_dir, data_dir, on_epoch) -> list[d
 
 def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes) -> dict[str, Any]:
   """One row per artifact (three checkpoints, three ONNX files), measured now."""
-  import onnxruntime
-
   from dnnr_jax.io import storage
+  from dnnr_jax.io.serve import load_onnx
   from dnnr_jax.jobs import benchmark
   from dnnr_jax.train import evaluate
 
@@ -277,8 +290,7 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
         **_prefix('jax', speeds[kind]),
     })
   for kind in ARTIFACTS:
-    session = onnxruntime.InferenceSession(str(onnx_paths[kind]),
-                                           providers=['CPUExecutionProvider'])
+    session = load_onnx(onnx_paths[kind]).session
     logits, routes = [], []
     for first in range(0, images.shape[0], 1000):
       batch_logits, batch_routes = session.run(['logits', 'deep_path'],
