@@ -148,7 +148,8 @@ def save_checkpoint(
         'layout': storage.compact_layout(layout),
     }, arrays)
     staging = durable.staging_path(path)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    with durable.deferred_interrupt(), ocp.Checkpointer(
+        ocp.CompositeCheckpointHandler()) as checkpointer:
       checkpointer.save(
           staging,
           args=ocp.args.Composite(

@@ -19,7 +19,8 @@ writer of `NAME` calls `recover(NAME)` before any work: a `.NAME.old` without a
 `NAME` (a crash between 2 and 3) is renamed back to `NAME`, so the old version
 returns; a `.NAME.old` beside a `NAME` (a crash between 3 and 4) is the version
 the finished replacement superseded and goes to the trash. `.NAME.partial` and
-`.NAME.trash` are never a version anyone asked to keep and are deleted.
+`.NAME.trash` (and Orbax's temporary folders beside them) are never a version
+anyone asked to keep and are deleted.
 
 Durability: every file and folder of a saved artifact is fsynced before it is
 renamed into place, and the parent folder after, so a finished save survives a
@@ -34,7 +35,9 @@ import functools
 import os
 import pathlib
 import shutil
+import signal
 import tempfile
+import threading
 from typing import Callable, TypeVar
 
 from dnnr_jax.errors import DnnrError
@@ -137,8 +140,9 @@ def recover(target: str | os.PathLike) -> None:
     else:
       os.rename(retired, target)
       fsync_dir(target.parent)
-  for leftover in (staging_path(target), target.with_name(f'.{target.name}.trash')):
-    if leftover.exists():
+  # The staging folder, Orbax's temporary folder inside it, a trash folder.
+  for pattern in (f'.{target.name}.partial*', f'.{target.name}.trash'):
+    for leftover in target.parent.glob(pattern):
       shutil.rmtree(leftover)
 
 
@@ -187,6 +191,27 @@ def fsync_dir(folder: str | os.PathLike) -> None:
     os.fsync(descriptor)
   finally:
     os.close(descriptor)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+  """Holds back Ctrl-C (SIGINT) until the block ends, then raises KeyboardInterrupt.
+
+  Around a save: an interrupt neither cuts it short nor lands inside Orbax's
+  waits (which log it as an error with a traceback). Outside the main thread,
+  where Python delivers no signals, it does nothing.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if received and callable(previous):
+    previous(signal.SIGINT, None)
 
 
 def _discard(retired: pathlib.Path) -> None:

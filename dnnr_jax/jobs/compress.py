@@ -288,7 +288,6 @@ def _prepare(path, kind, models_dir, version, overwrite):
   models_dir = pathlib.Path(models_dir) if models_dir else source.path.parent.parent
   version = version or checkpoint_lib.next_version(models_dir, kind)
   out_path = checkpoint_lib.checkpoint_path(models_dir, kind, version).absolute()
-  checkpoint_lib.ensure_writable(out_path, overwrite)
   if out_path == source.path:
     raise DnnrError(f'{out_path} would replace its own source; write the result under '
                     'another version.')

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from dnnr_jax.config import Config, config_from_dict
 from dnnr_jax.errors import CheckpointError, DnnrError
-from dnnr_jax.io import integrity
+from dnnr_jax.io import durable, integrity
 from dnnr_jax.io.data import Dataset
 from dnnr_jax.model import model_from_config
 from dnnr_jax.thresholds import thresholds_to_floats
@@ -123,15 +123,17 @@ def fit(
             evaluated, state.variables, dataset.validation, training.eval_batch_size)
       history.append(record)
       if manager is not None:
-        _save_periodic(manager, state, history, config)
+        with durable.deferred_interrupt():
+          _save_periodic(manager, state, history, config)
       if on_epoch is not None:
         on_epoch(record)
   finally:
     # Also on an interrupt or error: commit the last periodic checkpoint,
     # so that resume finds every finished epoch.
     if manager is not None:
-      manager.wait_until_finished()
-      manager.close()
+      with durable.deferred_interrupt():
+        manager.wait_until_finished()
+        manager.close()
   samples = steps_per_epoch * training.batch_size
   throughput = (samples / statistics.median(epoch_seconds[1:])
                 if len(epoch_seconds) > 1 else None)

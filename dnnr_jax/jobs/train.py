@@ -51,7 +51,6 @@ def train_and_save(
   """
   version = version or checkpoint_lib.next_version(models_dir, 'final')
   path = checkpoint_lib.checkpoint_path(models_dir, 'final', version).absolute()
-  checkpoint_lib.ensure_writable(path, overwrite)
   with durable.writer_lock(path):
     durable.recover(path)
     checkpoint_lib.ensure_writable(path, overwrite)
