@@ -229,10 +229,7 @@ def _checked_output(output: str | None, overwrite: bool):
   path = pathlib.Path(output)
   if path.exists() and not overwrite:
     raise DnnrError(f'{path} already exists; pass --overwrite or another --output.')
-  if not path.parent.is_dir():
-    raise DnnrError(f'cannot write {path}: {path.parent} is not a directory; create it or '
-                    'choose another --output.')
-  durable.check_writable_dir(path.parent, path.name)
+  durable.check_writable_dir(path.parent, path.name, create=False)
   return path
 
 

@@ -160,6 +160,20 @@ def test_an_unwritable_models_dir_fails_before_work(tmp_path, monkeypatch, train
     compress.prune_checkpoint(trained[0], models_dir=models_dir)
 
 
+def test_an_interrupted_runs_checkpoints_are_not_overwritten_without_resume(tmp_path):
+  config = load_config(SMOKE_CONFIG, ['training.epochs=2'])
+
+  def stop(record):
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    jobs.train_and_save(config, models_dir=tmp_path, on_epoch=stop)
+  periodic = tmp_path / 'checkpoints' / 'model_v1.0_final'
+  with pytest.raises(CheckpointError, match='--resume'):
+    jobs.train_and_save(config, models_dir=tmp_path, on_epoch=stop)
+  assert sorted(entry.name for entry in periodic.iterdir()) == ['1']
+
+
 # Bounded and correct parsing.
 
 
@@ -334,7 +348,7 @@ def cli_cases(tmp_path_factory, trained):
     ('arabic_version', ['MAJOR.MINOR']),
     ('export_to_proc', ['/proc', 'not a writable directory']),
     ('models_dir_dev_null', ['/dev/null', 'not a writable directory']),
-    ('benchmark_missing_dir', ['missing', 'not a directory']),
+    ('benchmark_missing_dir', ['missing', 'not a writable directory']),
     ('benchmark_existing', ['existing.json', '--overwrite']),
 ])
 def test_bad_input_is_one_sentence(cli_cases, case, words):

@@ -55,15 +55,18 @@ def retired_path(target: pathlib.Path) -> pathlib.Path:
   return target.with_name(f'.{target.name}.old')
 
 
-def check_writable_dir(directory: str | os.PathLike, what: str = 'output') -> pathlib.Path:
-  """Creates `directory` if needed and proves a file can be written in it.
+def check_writable_dir(directory: str | os.PathLike, what: str = 'output', *,
+                       create: bool = True) -> pathlib.Path:
+  """Proves a file can be written in `directory`, creating it first if `create`.
 
   Raises:
-    DnnrError: it is a file, a device, read-only or otherwise unwritable.
+    DnnrError: it is missing (without `create`), a file, a device, read-only
+      or otherwise unwritable.
   """
   directory = pathlib.Path(directory).absolute()
   try:
-    directory.mkdir(parents=True, exist_ok=True)
+    if create:
+      directory.mkdir(parents=True, exist_ok=True)
     handle, probe = tempfile.mkstemp(dir=directory, prefix='.dnnr-probe-')
     os.close(handle)
     os.unlink(probe)

@@ -108,10 +108,7 @@ def export_onnx(
     raise DnnrError(f'--output {output} does not end in .onnx; name an .onnx file.')
   if output.exists() and not overwrite:
     raise DnnrError(f'{output} already exists; pass --overwrite or another --output.')
-  if not output.parent.is_dir():
-    raise DnnrError(f'cannot write {output}: {output.parent} is not a directory; '
-                    'choose another --output.')
-  durable.check_writable_dir(output.parent, f'ONNX file {output.name}')
+  durable.check_writable_dir(output.parent, f'ONNX file {output.name}', create=False)
   function = inference_function(model, raw_uint8_input=raw_uint8_input)
   side = math.isqrt(model.num_features)
   if raw_uint8_input and side * side != model.num_features:

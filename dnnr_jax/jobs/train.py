@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from dnnr_jax.config import Config
-from dnnr_jax.errors import DnnrError
+from dnnr_jax.errors import CheckpointError, DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import durable
 from dnnr_jax.io.data import load_dataset
@@ -42,9 +42,10 @@ def train_and_save(
   (the next free version when None); periodic checkpoints to
   `<models_dir>/checkpoints/model_v{version}` and are removed once the final
   one is written. Before any work: an existing final version fails unless
-  `overwrite`, another run writing the same version fails, and both folders
-  are proven writable. `extra_metadata` entries are added to the checkpoint's
-  metadata.
+  `overwrite`, another run writing the same version fails, periodic
+  checkpoints of an interrupted run fail unless `resume` (never silently
+  overwritten), and both folders are proven writable. `extra_metadata`
+  entries are added to the checkpoint's metadata.
 
   Returns:
     The checkpoint path and the training result.
@@ -57,6 +58,10 @@ def train_and_save(
     periodic_dir = pathlib.Path(models_dir).absolute() / 'checkpoints' / path.name
     if config.training.checkpoint_every > 0:
       durable.check_writable_dir(periodic_dir.parent, 'periodic checkpoints')
+    if not resume and periodic_dir.is_dir() and any(periodic_dir.iterdir()):
+      raise CheckpointError(
+          f'{periodic_dir} holds the periodic checkpoints of an interrupted run; pass '
+          '--resume to continue it, or delete that folder to start afresh.')
     return _train_and_save(config, path, version, periodic_dir, data_dir=data_dir,
                            overwrite=overwrite, resume=resume, on_epoch=on_epoch,
                            extra_metadata=extra_metadata)
