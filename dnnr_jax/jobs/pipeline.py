@@ -410,6 +410,4 @@ def _write_json(path: pathlib.Path, value: Any) -> None:
 
 
 def _write_text(path: pathlib.Path, text: str) -> None:
-  temporary = path.with_name(f'.{path.name}.partial')
-  temporary.write_text(text)
-  os.replace(temporary, path)
+  durable.write_bytes(path, text.encode())
