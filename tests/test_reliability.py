@@ -134,6 +134,8 @@ def test_a_crash_in_the_overwrite_swap_loses_nothing(tmp_path, trained, monkeypa
       checkpoint.save_checkpoint(path, new, metadata, overwrite=True)
   if crash_before == '.model_v1.0_final.partial':
     assert not path.exists() and durable.retired_path(path).is_dir()
+    with pytest.raises(CheckpointError, match='previous version is safe'):
+      checkpoint.load_model(path)
 
   # The next run, without --overwrite: the old version is restored, never deleted.
   with pytest.raises(CheckpointError, match='already exists'):

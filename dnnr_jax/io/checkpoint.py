@@ -388,6 +388,11 @@ def _check_layout(path: pathlib.Path, layout: dict[str, Any], model, num_feature
 
 def _existing_checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
   path = pathlib.Path(path).absolute()
+  if not path.is_dir() and durable.retired_path(path).is_dir():
+    raise CheckpointError(
+        f'{path} was being replaced when a run stopped; its previous version is safe in '
+        f'{durable.retired_path(path).name}: rerun the command that was writing it, which '
+        'restores it first.')
   if not path.is_dir():
     raise CheckpointError(
         f'{path} is not a directory; pass a checkpoint directory such as '
