@@ -43,7 +43,7 @@ from typing import Callable, TypeVar
 from dnnr_jax.errors import DnnrError
 
 _Job = TypeVar('_Job', bound=Callable)
-_HELD: dict[pathlib.Path, list[int]] = {}  # target -> [fd, depth]
+_HELD: dict[pathlib.Path, list] = {}  # target -> [fd, depth, top folder the lock created]
 _SCOPES: list[list[pathlib.Path]] = []
 
 
@@ -56,16 +56,25 @@ def retired_path(target: pathlib.Path) -> pathlib.Path:
 
 
 def check_writable_dir(directory: str | os.PathLike, what: str = 'output', *,
-                       create: bool = True) -> pathlib.Path:
+                       create: bool = True, keep: bool = False) -> pathlib.Path | None:
   """Proves a file can be written in `directory`, creating it first if `create`.
+
+  Folders it creates are removed again unless `keep`, so a run that fails
+  later leaves nothing behind.
+
+  Returns:
+    With `keep`, the top-most folder it created (None if all existed).
 
   Raises:
     DnnrError: it is missing (without `create`), a file, a device, read-only
       or otherwise unwritable.
   """
   directory = pathlib.Path(directory).absolute()
+  created = None
   try:
     if create:
+      created = next((folder for folder in reversed([directory, *directory.parents])
+                      if not folder.exists()), None)
       directory.mkdir(parents=True, exist_ok=True)
     handle, probe = tempfile.mkstemp(dir=directory, prefix='.dnnr-probe-')
     os.close(handle)
@@ -74,7 +83,23 @@ def check_writable_dir(directory: str | os.PathLike, what: str = 'output', *,
     raise DnnrError(
         f'cannot write the {what} in {directory}: it is not a writable directory '
         f'({error.strerror or type(error).__name__}); choose another folder.') from None
-  return directory
+  if keep:
+    return created
+  remove_empty_folders(directory, created)
+  return None
+
+
+def remove_empty_folders(directory: pathlib.Path, top: pathlib.Path | None) -> None:
+  """Removes `directory` and its parents up to `top` while they are empty."""
+  if top is None:
+    return
+  for folder in [directory, *directory.parents]:
+    try:
+      os.rmdir(folder)
+    except OSError:
+      return
+    if folder == top:
+      return
 
 
 def acquire(target: str | os.PathLike) -> None:
@@ -91,8 +116,12 @@ def acquire(target: str | os.PathLike) -> None:
   if target in _HELD:
     _HELD[target][1] += 1
   else:
-    check_writable_dir(target.parent)
-    _HELD[target] = [_lock(target), 1]
+    created = check_writable_dir(target.parent, keep=True)
+    try:
+      _HELD[target] = [_lock(target), 1, created]
+    except DnnrError:
+      remove_empty_folders(target.parent, created)
+      raise
   if _SCOPES:
     _SCOPES[-1].append(target)
 
@@ -108,6 +137,7 @@ def release(target: str | os.PathLike) -> None:
     with contextlib.suppress(OSError):
       os.unlink(_lock_path(target))  # While still locked: no one else holds this file.
     os.close(held[0])
+    remove_empty_folders(target.parent, held[2])  # Only folders this lock created.
 
 
 @contextlib.contextmanager
