@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import re
 import sys
 from typing import Any, Sequence
@@ -26,6 +27,7 @@ from dnnr_jax.config import (
   QuantizeConfig,
 )
 from dnnr_jax.errors import DnnrError
+from dnnr_jax.io import durable
 
 # The library names its own arguments (`version = 'one'`, `overwrite=True`) and the
 # config keys its settings come from; the CLI says them as the flags that set them.
@@ -203,14 +205,14 @@ def _benchmark(args: argparse.Namespace) -> int:
   from dnnr_jax.jobs import benchmark
 
   config = load_config(args.config, args.set)
+  output = _checked_output(args.output, args.overwrite)
   dataset = load_dataset(config.data, args.data_dir)
   results = benchmark.run_suite(
       config, dataset, batch_sizes=args.batch_sizes, repeats=args.repeats,
       routing_modes=args.routing, models=args.models, accuracy=args.accuracy,
       training=not args.no_training, seconds=args.seconds, device_counts=args.devices or ())
-  if args.output:
-    with open(args.output, 'w') as output:
-      json.dump(results, output, indent=2)
+  if output:
+    durable.write_bytes(output, json.dumps(results, indent=2).encode())
   if args.json:
     print(json.dumps(results))
     return 0
@@ -285,6 +287,17 @@ def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
                            '(SLURM, Open MPI, TPU, GKE)')
   parser.add_argument('--distributed-timeout', type=int, default=120, metavar='S',
                       help='seconds to wait for every process to join (default: %(default)s)')
+
+
+def _checked_output(output: str | None, overwrite: bool):
+  """`--output` as a path, refused before any work if it exists or cannot be written."""
+  if not output:
+    return None
+  path = pathlib.Path(output)
+  if path.exists() and not overwrite:
+    raise DnnrError(f'{path} already exists; pass --overwrite or another --output.')
+  durable.check_writable_dir(path.parent, path.name, create=False)
+  return path
 
 
 def _quiet_onnx_ir() -> None:
@@ -543,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument('--accuracy', action='store_true',
                      help='also train the config from scratch and report test accuracy')
   bench.add_argument('--output', help='also write the results as JSON here')
+  bench.add_argument('--overwrite', action='store_true', help='replace an existing --output')
   bench.add_argument('--json', action='store_true', help='print one JSON object')
   bench.set_defaults(handler=_benchmark)
 

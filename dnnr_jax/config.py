@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import re
 import types
 import typing
 from typing import Any, Mapping, Sequence
@@ -33,6 +34,11 @@ PRUNE_SCHEDULES = ('oneshot', 'gradual')
 QUANTIZE_MODES = ('weight_only', 'dynamic', 'static', 'qat')
 CALIBRATION_METHODS = ('minmax', 'percentile')
 QUANTIZE_SOURCES = ('final', 'pruned')
+# Bounds that keep a typo from overflowing int64 or float32 deep inside JAX.
+MAX_EPOCHS = 1_000_000
+MAX_SEED = 2**63 - 1
+MAX_NORMALISED = 1e6  # largest |normalised pixel| data.mean and data.std may produce
+YAML_MAX_NODES = 100_000  # values a config may expand to, aliases included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +61,12 @@ class DataConfig:
     _check_choice('data.dataset', self.dataset, DATASETS)
     _check_finite('data.mean', self.mean)
     _check_positive('data.std', self.std)
+    largest = (abs(self.mean) + 1) / self.std
+    if largest > MAX_NORMALISED:
+      raise ConfigError(
+          f'data.std = {self.std!r} with data.mean = {self.mean!r} would normalise pixels to '
+          f'{largest:.3g}, beyond {MAX_NORMALISED:g}; use the data\'s own mean and standard '
+          'deviation of pixels scaled to [0, 1], e.g. 0.1307 and 0.3081.')
     _check_at_least('data.validation_size', self.validation_size, 0)
 
 
@@ -186,10 +198,12 @@ class TrainingConfig:
 
   def validate(self) -> None:
     _check_at_least('training.epochs', self.epochs, 1)
+    _check_at_most('training.epochs', self.epochs, MAX_EPOCHS)
     _check_at_least('training.batch_size', self.batch_size, 1)
     _check_positive('training.learning_rate', self.learning_rate)
     _check_choice('training.lr_schedule', self.lr_schedule, LR_SCHEDULES)
     _check_at_least('training.seed', self.seed, 0)
+    _check_at_most('training.seed', self.seed, MAX_SEED)
     _check_at_least('training.eval_batch_size', self.eval_batch_size, 1)
     _check_at_least('training.checkpoint_every', self.checkpoint_every, 0)
     _check_at_least('training.keep_checkpoints', self.keep_checkpoints, 1)
@@ -419,7 +433,7 @@ def load_config(
           f'config file {source} does not exist; pass an existing YAML file, '
           'e.g. configs/default.yaml.')
     try:
-      loaded = yaml.safe_load(path.read_text())
+      loaded = _load_yaml(path.read_text(), f'config file {source}')
     except yaml.YAMLError as error:
       raise ConfigError(
           f'config file {source} is not valid YAML ({error}); fix the '
@@ -441,7 +455,7 @@ def _apply_override(values: dict[str, Any], assignment: str) -> None:
         f'override {assignment!r} is not of the form key=value, e.g. '
         'training.epochs=1.')
   try:
-    value = yaml.safe_load(text)
+    value = _load_yaml(text, f'override {assignment!r}')
   except yaml.YAMLError:
     value = text
   *parents, leaf = key.strip().split('.')
@@ -453,6 +467,47 @@ def _apply_override(values: dict[str, Any], assignment: str) -> None:
           f'override {assignment!r}: {part} is a value, not a section.')
     node = child
   node[leaf] = value
+
+
+class _Loader(yaml.SafeLoader):
+  """PyYAML's safe loader, reading floats as YAML 1.2 does: `1e-3` is a number."""
+
+
+_Loader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'''^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$''', re.X),
+    list('-+0123456789.'))
+
+
+def _load_yaml(text: str, source: str) -> Any:
+  """Safe YAML with YAML 1.2 floats; refuses documents that expand past `YAML_MAX_NODES`.
+
+  Aliases are shared, not copied, when loaded; counting what they expand to
+  stops an alias bomb before anything walks it.
+  """
+  value = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+  budget = [YAML_MAX_NODES]
+
+  def count(node: Any) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+      raise ConfigError(
+          f'{source} expands to more than {YAML_MAX_NODES:,} values (YAML aliases); write '
+          'the values out.')
+    if isinstance(node, dict):
+      for key, item in node.items():
+        count(key)
+        count(item)
+    elif isinstance(node, list):
+      for item in node:
+        count(item)
+
+  count(value)
+  return value
 
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
@@ -539,6 +594,11 @@ def _check_fraction(key: str, value: float) -> None:
 def _check_positive(key: str, value: float) -> None:
   if not (math.isfinite(value) and value > 0):
     raise ConfigError(f'{key} = {value!r} must be a positive number.')
+
+
+def _check_at_most(key: str, value: int, maximum: int) -> None:
+  if value > maximum:
+    raise ConfigError(f'{key} = {value!r} must be at most {maximum}.')
 
 
 def _check_at_least(key: str, value: int, minimum: int) -> None:

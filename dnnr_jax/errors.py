@@ -19,3 +19,7 @@ class DataError(DnnrError):
 
 class CheckpointError(DnnrError):
   """A checkpoint is missing, truncated, not ours, or would be overwritten."""
+
+
+class IntegrityError(CheckpointError):
+  """An artifact no longer matches the digest recorded when it was written."""

@@ -127,10 +127,12 @@ def _write_blob_format(path: pathlib.Path, variables, metadata, format_version: 
     blobs, layout = storage.encode_blobs(variables)
   # 2 and 3 stored the layout expanded, 4 compact.
   stored_layout = storage.compact_layout(layout) if format_version == 4 else layout
+  # Formats before 5 recorded no digests.
+  without_digests = {key: value for key, value in metadata.items() if key != 'integrity'}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(path, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(blobs),
-        metadata=ocp.args.JsonSave({**metadata, 'format_version': format_version,
+        metadata=ocp.args.JsonSave({**without_digests, 'format_version': format_version,
                                     'layout': stored_layout})))
 
 
@@ -141,7 +143,8 @@ def test_an_earlier_format_still_loads(tmp_path, trained, format_version, bits):
 
   variables = checkpoint.load_model(trained.path).variables
   if bits:
-    variables = {**variables, 'params': quantize_params(variables['params'], QuantSpec(bits=bits))}
+    quantized = quantize_params(variables['params'], QuantSpec(bits=bits))
+    variables = {**variables, 'params': quantized}
   path = tmp_path / f'format{format_version}'
   _write_blob_format(path, variables, checkpoint.read_metadata(trained.path), format_version)
   stored = json.loads((path / 'metadata' / 'metadata').read_text())
@@ -320,10 +323,16 @@ def _older_format(path: pathlib.Path, good: pathlib.Path) -> None:
 
 
 def _damaged_layout(path: pathlib.Path, good: pathlib.Path) -> None:
+  from dnnr_jax.io import integrity
+
   shutil.copytree(good, path)
   target = path / 'metadata' / 'metadata'
   metadata = json.loads(target.read_text())
-  target.write_text(json.dumps({**metadata, 'layout': metadata['layout'][0][:3]}))
+  metadata['layout'] = metadata['layout'][0][:3]
+  # Re-digested, as a writer that knows the format would: the layout itself is refused.
+  sealed = {key: value for key, value in metadata.items() if key != 'integrity'}
+  metadata['integrity']['metadata'] = integrity.json_digest(sealed)
+  target.write_text(json.dumps(metadata))
 
 
 def _incomplete_metadata(path: pathlib.Path, good: pathlib.Path) -> None:

@@ -14,22 +14,25 @@ Periodic checkpoints (`--resume`) are the same, with a third item
     <models>/pruned/pruned_model_v1.0/
     <models>/quantized/quantized_model_v1.0/
 
-A checkpoint is written under a hidden temporary name and renamed into place,
-so an interrupted save never leaves a half-written version, and an existing
-version is replaced only when asked.
+A checkpoint is written under a hidden temporary name, fsynced and renamed
+into place by one writer at a time, so an interrupted save never leaves a
+half-written version, and an existing version is replaced only when asked and
+never lost (`dnnr_jax.io.durable`). Its metadata records a digest of every
+stored array and of itself, checked on every load (`dnnr_jax.io.integrity`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
 import importlib.metadata
+import math
 import os
 import pathlib
 import platform
 import re
-import shutil
 from typing import Any
 
 import jax
@@ -38,15 +41,16 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from dnnr_jax.config import Config, config_from_dict
-from dnnr_jax.errors import CheckpointError, ConfigError
-from dnnr_jax.io import storage
-from dnnr_jax.model import DynamicMLP, model_from_config
+from dnnr_jax.errors import CheckpointError, ConfigError, IntegrityError
+from dnnr_jax.io import durable, integrity, storage
+from dnnr_jax.model import DynamicMLP, init_variables, model_from_config
 
 FORMAT = 'dnnr_jax'
 # 2: arrays packed into one blob per dtype (io.storage); 3: float32 arrays
 # that float16 holds exactly may be stored as float16; 4: the layout stored
 # compact; 5: the variables saved as the model's own tree, encodings as
-# named leaves under each layer. 2 to 4 are read as blobs.
+# named leaves under each layer, with digests of the arrays and of the
+# metadata checked on load. 2 to 4 are read as blobs, unchecked.
 FORMAT_VERSION = 5
 READABLE_FORMAT_VERSIONS = (2, 3, 4, 5)
 BLOB_FORMAT_VERSIONS = (2, 3, 4)
@@ -55,7 +59,10 @@ KINDS = {
     'pruned': ('pruned', 'pruned_model_v{version}'),
     'quantized': ('quantized', 'quantized_model_v{version}'),
 }
-_VERSION = re.compile(r'^(\d+)\.(\d+)$')
+_VERSION = re.compile(r'^([0-9]+)\.([0-9]+)$')  # ASCII digits only.
+# Layout arrays may exceed their leaf's size (sparse fillers), never by this much.
+_LAYOUT_SLACK = 2
+MAX_LINEAGE = 64  # prune/quantize steps from a final checkpoint
 
 
 def checkpoint_path(models_dir: str | os.PathLike, kind: str, version: str) -> pathlib.Path:
@@ -77,7 +84,7 @@ def next_version(models_dir: str | os.PathLike, kind: str) -> str:
   """'1.0' if no `kind` checkpoint exists yet, else the highest minor + 1."""
   folder, pattern = KINDS[kind]
   name = re.compile(
-      '^' + re.escape(pattern).replace(r'\{version\}', r'(\d+)\.(\d+)') + '$')
+      '^' + re.escape(pattern).replace(r'\{version\}', r'([0-9]+)\.([0-9]+)') + '$')
   found = []
   directory = pathlib.Path(models_dir) / folder
   if directory.is_dir():
@@ -112,21 +119,23 @@ def library_versions() -> dict[str, str]:
 
 def checkpoint_items(
     variables: dict[str, Any], metadata: dict[str, Any], *, compact: bool = True,
-    **extra_items: ocp.args.CheckpointArgs,
+    train_state: Any = None,
 ) -> ocp.args.Composite:
   """What a checkpoint directory holds, as Orbax save arguments.
 
   `variables` become the model's own tree of arrays
   (`storage.encode_variables`); `metadata` gains the format marker, library
-  versions, a timestamp and the layout. Final, pruned, quantized and
-  periodic checkpoints all go through here.
+  versions, a timestamp, the layout and the digests of the metadata and of
+  every array (`integrity.seal`). Final, pruned, quantized and periodic
+  checkpoints all go through here.
 
   Args:
     variables: params and thresholds.
     metadata: JSON-ready facts (kind, version, config, ...).
     compact: store each leaf in its smallest encoding; False keeps every
       leaf as it is (periodic checkpoints, restored into sharded states).
-    **extra_items: further items, e.g. a periodic checkpoint's train state.
+    train_state: a periodic checkpoint's further state (step, optimizer
+      state, ...), saved as the item 'train_state' and digested with the rest.
   """
   arrays, layout = storage.encode_variables(variables, compact=compact)
   metadata = {
@@ -137,10 +146,14 @@ def checkpoint_items(
       **metadata,
       'layout': storage.compact_layout(layout),
   }
-  return ocp.args.Composite(
-      variables=ocp.args.StandardSave(arrays),
-      metadata=ocp.args.JsonSave(metadata),
-      **extra_items)
+  digested = arrays if train_state is None else {**arrays, 'train_state': train_state}
+  # Arrays sharded over several processes cannot be read whole here: a
+  # multi-process run's periodic checkpoints digest their metadata only.
+  metadata = integrity.seal(metadata, digested if integrity.readable(digested) else None)
+  items = {'variables': ocp.args.StandardSave(arrays), 'metadata': ocp.args.JsonSave(metadata)}
+  if train_state is not None:
+    items['train_state'] = ocp.args.StandardSave(train_state)
+  return ocp.args.Composite(**items)
 
 
 def save_checkpoint(
@@ -155,35 +168,38 @@ def save_checkpoint(
   Every leaf is stored in its smallest encoding (`io.storage`: sparse
   kernels as relative indices and values, int4 codes packed two per byte)
   under its own path, described by a 'layout' entry added to the metadata
-  with the format marker, library versions and a timestamp
-  (`checkpoint_items`). The checkpoint is written beside
-  `path` under a temporary name and renamed into place; an existing `path` is replaced only with
-  `overwrite`, and only once the new one is complete.
+  with the format marker, library versions, a timestamp and the digests of
+  the arrays and the metadata (`checkpoint_items`). The checkpoint is
+  written beside `path` under a temporary name, fsynced and renamed into
+  place, holding `path`'s writer lock; an existing `path` is replaced only
+  with `overwrite`, and only once the new one is complete (see
+  `dnnr_jax.io.durable` for the rule).
 
   Returns:
     The absolute path written.
+
+  Raises:
+    CheckpointError: `path` exists and not `overwrite`.
+    DnnrError: another process is writing `path`, or its folder is not
+      writable.
   """
   path = pathlib.Path(path).absolute()
-  ensure_writable(path, overwrite)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  items = checkpoint_items(variables, metadata)
-  staging = path.with_name(f'.{path.name}.partial')
-  retired = path.with_name(f'.{path.name}.old')
-  # Every process writes its own shards; process 0 alone moves directories.
+  # Every process writes its own shards; process 0 alone locks and moves directories.
   primary = jax.process_index() == 0
-  for leftover in (staging, retired):
-    if primary and leftover.exists():
-      shutil.rmtree(leftover)
-  _sync(f'dnnr_save_start:{path}')
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(staging, args=items)
-  if primary and path.exists():
-    os.rename(path, retired)
-    os.rename(staging, path)
-    shutil.rmtree(retired)
-  elif primary:
-    os.rename(staging, path)
-  _sync(f'dnnr_save_done:{path}')
+  with durable.writer_lock(path) if primary else contextlib.nullcontext():
+    if primary:
+      durable.recover(path)
+    ensure_writable(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    items = checkpoint_items(variables, metadata)
+    staging = durable.staging_path(path)
+    _sync(f'dnnr_save_start:{path}')
+    with durable.deferred_interrupt(), ocp.Checkpointer(
+        ocp.CompositeCheckpointHandler()) as checkpointer:
+      checkpointer.save(staging, args=items)
+    if primary:
+      durable.replace_directory(staging, path)
+    _sync(f'dnnr_save_done:{path}')
   return path
 
 
@@ -216,6 +232,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         f"{path} has checkpoint format {metadata.get('format_version')}, this dnnr_jax "
         f'reads formats {", ".join(map(str, READABLE_FORMAT_VERSIONS))}; write it again '
         'with this version.')
+  if metadata['format_version'] >= 5 and integrity.KEY not in metadata:
+    raise IntegrityError(
+        f'{path} is damaged or was edited: its metadata lost the digests recorded when it '
+        'was saved; restore it from a copy or write it again with dnnr.')
+  integrity.verify_metadata(path, metadata)
   if metadata['format_version'] >= 4:  # Earlier formats stored the layout expanded.
     try:
       metadata['layout'] = storage.expand_layout(metadata.get('layout'))
@@ -226,11 +247,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   return metadata
 
 
-def restore_variables(
-    path: str | os.PathLike, layout: dict[str, Any], format_version: int = FORMAT_VERSION,
-) -> Any:
-  """Restores and decodes the `variables` item that `layout` describes, on the host."""
+def restore_variables(path: str | os.PathLike, layout: dict[str, Any],
+                      metadata: dict[str, Any] | None = None) -> Any:
+  """Restores and decodes the `variables` item that `layout` describes, on the host.
+
+  With `metadata`, the arrays are checked against its digests first.
+  """
   path = _existing_checkpoint_dir(path)
+  format_version = FORMAT_VERSION if metadata is None else metadata['format_version']
   blobs = format_version in BLOB_FORMAT_VERSIONS
   abstract = (storage.abstract_blobs if blobs else storage.abstract_variables)(layout)
   try:
@@ -240,7 +264,15 @@ def restore_variables(
         f'{path} is damaged or incomplete (its arrays could not be read: '
         f'{_short(error)}); restore it from a copy or write it again.'
     ) from None
-  return (storage.decode_blobs if blobs else storage.decode_variables)(restored, layout)
+  if metadata is not None:
+    integrity.verify_arrays(path, metadata, restored)
+  try:
+    return (storage.decode_blobs if blobs else storage.decode_variables)(restored, layout)
+  except Exception as error:  # A truncated file surfaces from TensorStore.
+    raise CheckpointError(
+        f'{path} is damaged or incomplete (its arrays could not be read: '
+        f'{_short(error)}); restore it from a copy or write it again.'
+    ) from None
 
 
 def restore_sharded(path: str | os.PathLike, target: Any) -> Any:
@@ -380,15 +412,90 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         'with dnnr.') from None
   weight_only = metadata.get('quantization', {}).get('mode') == 'weight_only'
   model = model_from_config(config, weight_only=weight_only)
-  variables = restore_variables(path, layout, metadata['format_version'])
+  _check_layout(path, layout, model_from_config(config), int(metadata['num_features']))
+  variables = restore_variables(path, layout, metadata)
   if not {'params', 'thresholds'} <= set(variables):
     raise CheckpointError(
         f'{path} holds no params or thresholds; pass a checkpoint written by dnnr.')
   return LoadedModel(path, model, variables, config, metadata)
 
 
+def lineage(path: str | os.PathLike,
+            metadata: dict[str, Any] | None = None) -> list[tuple[pathlib.Path, dict[str, Any]]]:
+  """A checkpoint and the sources it was made from, newest first.
+
+  Follows each metadata's 'source' path until a final checkpoint, a source
+  that no longer exists, or `MAX_LINEAGE` steps.
+
+  Raises:
+    CheckpointError: the chain returns to a checkpoint already in it, or is
+      longer than `MAX_LINEAGE`.
+  """
+  path = pathlib.Path(path).absolute()
+  metadata = read_metadata(path) if metadata is None else metadata
+  chain = [(path, metadata)]
+  while metadata.get('kind') != 'final' and isinstance(metadata.get('source'), dict):
+    source = pathlib.Path(str(metadata['source'].get('path'))).absolute()
+    if any(source == seen for seen, _ in chain):
+      raise CheckpointError(
+          f'{chain[0][0]} has a lineage that loops back to {source}; its metadata is '
+          'damaged or was edited, write it again from a final checkpoint.')
+    if len(chain) > MAX_LINEAGE:
+      raise CheckpointError(
+          f'{chain[0][0]} has a lineage longer than {MAX_LINEAGE} checkpoints; write it '
+          'again from a final checkpoint.')
+    if not source.is_dir():
+      break
+    metadata = read_metadata(source)
+    chain.append((source, metadata))
+  return chain
+
+
+def lineage_root(path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> pathlib.Path:
+  """The oldest checkpoint of `lineage` (the final model, where it still exists)."""
+  return lineage(path, metadata)[-1][0]
+
+
+def _check_layout(path: pathlib.Path, layout: dict[str, Any], model, num_features: int) -> None:
+  """Refuses, before anything is allocated, a layout whose shapes the config does not give.
+
+  Every leaf the model initialises must have its shape; other leaves (scales,
+  activation ranges) and every stored array may not exceed the largest leaf.
+  """
+  def refuse(reason: str):
+    return CheckpointError(
+        f'{path} does not match its own config: {reason}; it is damaged or was edited, '
+        'write it again with dnnr.')
+
+  if not 0 < num_features <= 2**24:
+    raise refuse(f'num_features = {num_features}')
+  expected = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), num_features))
+  shapes = {'/'.join(str(getattr(key, 'key', key)) for key in key_path): list(leaf.shape)
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  largest = max(math.prod(shape) for shape in shapes.values())
+  try:
+    for name, spec in layout.items():
+      shape = [int(size) for size in spec['shape']]
+      if name in shapes and shape != shapes[name]:
+        raise refuse(f'{name} is stored as {shape}, the config makes it {shapes[name]}')
+      size = math.prod(shape)
+      if min(shape, default=0) < 0 or size > largest:
+        raise refuse(f'{name} is stored as {shape}, larger than any layer of the config')
+      for array_shape, _, _ in spec['arrays'].values():
+        stored = math.prod(int(dim) for dim in array_shape)
+        if min(array_shape, default=0) < 0 or stored > _LAYOUT_SLACK * size + 16:
+          raise refuse(f'{name} stores {list(array_shape)} values for a {shape} array')
+  except (KeyError, TypeError, ValueError, AttributeError) as error:
+    raise refuse(f'its layout is malformed ({_short(error)})') from None
+
+
 def _existing_checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
   path = pathlib.Path(path).absolute()
+  if not path.is_dir() and durable.retired_path(path).is_dir():
+    raise CheckpointError(
+        f'{path} was being replaced when a run stopped; its previous version is safe in '
+        f'{durable.retired_path(path).name}: rerun the command that was writing it, which '
+        'restores it first.')
   if not path.is_dir():
     raise CheckpointError(
         f'{path} is not a directory; pass a checkpoint directory such as '

@@ -113,6 +113,11 @@ def load_dataset(
     raise DataError(
         f'data.dataset = {config.dataset!r} is not one of: mnist, digits.')
 
+  for name, (_, labels) in (('training', train), ('test', test)):
+    if len(labels) == 0:
+      raise DataError(
+          f'the {name} split of {config.dataset} in {source} holds no examples; '
+          're-download it or replace it with a good copy.')
   pixel_max = PIXEL_MAX[config.dataset]
 
   def split(images: np.ndarray, labels: np.ndarray) -> Split:

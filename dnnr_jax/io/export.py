@@ -16,6 +16,9 @@ onnxruntime session on real batches (sizes 1, 7 and 128) against JAX: logits
 within a tolerance, identical argmax and identical routes; then ONNX's own
 reference evaluator against onnxruntime on the first rows, so the file is
 portable ONNX. A mismatch raises `DnnrError` and leaves no file behind.
+and a kept file carries the digest of its graph, weights and metadata
+(`dnnr_jax.digest`, see `dnnr_jax.io.integrity`), written whole, fsynced,
+or not at all.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 
 from dnnr_jax.config import PIXEL_MAX
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.io import onnx_passes, onnx_storage
+from dnnr_jax.io import durable, integrity, onnx_passes, onnx_storage
 from dnnr_jax.io.checkpoint import LoadedModel, load_model
 from dnnr_jax.io.pixels import normalise_pixels
 
@@ -107,9 +110,7 @@ def export_onnx(
     raise DnnrError(f'output = {output} does not end in .onnx; name an .onnx file.')
   if output.exists() and not overwrite:
     raise DnnrError(f'{output} already exists; pass overwrite=True or another output=FILE.onnx.')
-  if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
-    raise DnnrError(f'cannot write {output}: {output.parent} is not a writable directory; '
-                    'choose another output=FILE.onnx.')
+  durable.check_writable_dir(output.parent, f'ONNX file {output.name}', create=False)
   function = inference_function(model, raw_uint8_input=raw_uint8_input)
   side = math.isqrt(model.num_features)
   if raw_uint8_input and side * side != model.num_features:
@@ -131,9 +132,8 @@ def export_onnx(
   tolerance = TOLERANCE['integer' if integer else 'float']
   report = check_against_jax(onnx_model.SerializeToString(), function, check_inputs, tolerance)
   report['reference_evaluator'] = check_against_reference(onnx_model, check_inputs, tolerance)
-  temporary = output.with_name(f'.{output.name}.partial')
-  onnx.save(onnx_model, temporary)
-  os.replace(temporary, output)
+  integrity.seal_onnx(onnx_model)
+  durable.write_bytes(output, onnx_model.SerializeToString())
   return output, report
 
 

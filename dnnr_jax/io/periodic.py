@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from dnnr_jax.config import Config, MeshConfig, config_from_dict
 from dnnr_jax.errors import CheckpointError
-from dnnr_jax.io import checkpoint
+from dnnr_jax.io import checkpoint, integrity
 from dnnr_jax.train import TrainState
 
 ITEMS = ('variables', 'metadata', 'train_state')
@@ -45,8 +45,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, history: list[dict[s
   metadata = {'kind': 'periodic', 'epoch': epoch, 'config': config.to_dict(),
               'num_features': num_features, 'history': history}
   manager.save(epoch, args=checkpoint.checkpoint_items(
-      state.variables, metadata, compact=False,
-      train_state=ocp.args.StandardSave(_train_state(state))))
+      state.variables, metadata, compact=False, train_state=_train_state(state)))
 
 
 def restore(manager: ocp.CheckpointManager, state: TrainState,
@@ -67,6 +66,8 @@ def restore(manager: ocp.CheckpointManager, state: TrainState,
     raise CheckpointError(
         f'the periodic checkpoint {where} cannot be read ({error}); delete it '
         'to start afresh.') from None
+  fix = 'delete it to start afresh'
+  integrity.verify_metadata(where, metadata, fix)
   if _without_mesh(saved_config) != _without_mesh(config):
     raise CheckpointError(
         f'the periodic checkpoint {where} was written with another config; '
@@ -83,6 +84,7 @@ def restore(manager: ocp.CheckpointManager, state: TrainState,
         f'the periodic checkpoint {where} is damaged ({error}); delete it to '
         'start afresh.') from None
   variables, rest = restored['variables'], restored['train_state']
+  integrity.verify_arrays(where, metadata, {**variables, 'train_state': rest}, fix)
   state = state.replace(params=variables['params'], thresholds=variables['thresholds'],
                         **rest)
   return state, list(metadata['history'])

@@ -1,12 +1,16 @@
 """Serving an exported model with onnxruntime alone (no JAX import).
 
-`predict_onnx` reads IDX images (and optionally labels), feeds them to the
-ONNX file in batches, normalising them first unless the export takes raw
+`load_onnx` opens a file written by `dnnr export`: its digest is checked
+(`dnnr_jax.io.integrity`) and its normalisation metadata validated before a
+session is made. `predict_onnx` reads IDX images (and optionally labels),
+feeds them in batches, normalising them first unless the export takes raw
 uint8 images, and reports accuracy, the deep-path fraction and throughput.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import time
 from typing import Any
@@ -15,8 +19,76 @@ import numpy as np
 
 from dnnr_jax.config import PIXEL_MAX
 from dnnr_jax.errors import DnnrError
+from dnnr_jax.io import integrity
 from dnnr_jax.io.idx import read_idx
 from dnnr_jax.io.pixels import normalise_pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxModel:
+  """An exported model in an onnxruntime session, checked on load.
+
+  Attributes:
+    path: the .onnx file.
+    session: its `onnxruntime.InferenceSession` (CPU).
+    metadata: its `dnnr_jax.*` metadata entries.
+    mean, std: the normalisation the model was trained with.
+    num_classes: width of its logits, None where the graph leaves it open.
+  """
+  path: str
+  session: Any
+  metadata: dict[str, str]
+  mean: float
+  std: float
+  num_classes: int | None
+
+  @property
+  def raw_uint8_input(self) -> bool:
+    return self.metadata.get('dnnr_jax.input') == 'uint8 images'
+
+  def normalise(self, images: np.ndarray) -> np.ndarray:
+    """Pixels [N, ...] to the normalised float32 features [N, F], as in training."""
+    pixel_max = PIXEL_MAX.get(self.metadata.get('dnnr_jax.dataset', 'mnist'), 255.0)
+    return normalise_pixels(images.reshape(images.shape[0], -1), pixel_max, self.mean, self.std)
+
+  def predict_with_routes(self, inputs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [B, classes] and routes bool [B] of inputs in the export's format."""
+    inputs = np.asarray(inputs, np.uint8 if self.raw_uint8_input else np.float32)
+    if not self.raw_uint8_input and not np.all(np.isfinite(inputs)):
+      raise DnnrError(f'inputs to {self.path} contain NaN or infinite values; clean them '
+                      'before predict.')
+    logits, deep_path = self.session.run(['logits', 'deep_path'], {'input': inputs})
+    return logits, deep_path
+
+  def predict(self, inputs: Any) -> np.ndarray:
+    return self.predict_with_routes(inputs)[0]
+
+
+def load_onnx(path: str | os.PathLike) -> OnnxModel:
+  """Opens a .onnx file written by `dnnr export`, checked against its digest.
+
+  Raises:
+    DnnrError: a missing, damaged, edited or non-dnnr file, or normalisation
+      metadata that is not two finite numbers with a positive std.
+  """
+  import onnxruntime
+
+  if not os.path.isfile(path):
+    raise DnnrError(f'{path} is not a file; pass an .onnx file written by dnnr export.')
+  onnx_model, data = integrity.load_verified_onnx(path)
+  try:
+    session = onnxruntime.InferenceSession(data, providers=['CPUExecutionProvider'])
+  except Exception as error:  # onnxruntime raises its own types for a bad file.
+    raise DnnrError(f'{path} is not a valid ONNX model ({error}); '
+                    'pass a file written by dnnr export.') from None
+  props = dict(session.get_modelmeta().custom_metadata_map)
+  if 'dnnr_jax.normalisation' not in props:
+    raise DnnrError(f'{path} was not written by dnnr export (no dnnr_jax metadata); '
+                    'export the checkpoint with dnnr export.')
+  mean, std = _normalisation(path, props['dnnr_jax.normalisation'])
+  classes = session.get_outputs()[0].shape[-1]
+  return OnnxModel(str(path), session, props, mean, std,
+                   classes if isinstance(classes, int) else None)
 
 
 def predict_onnx(
@@ -39,28 +111,21 @@ def predict_onnx(
     'predictions' (argmax per image)}.
 
   Raises:
-    DnnrError: a missing or non-dnnr ONNX file, images of the wrong shape,
-      labels that do not match the images, a batch size below 1.
+    DnnrError: a missing, damaged or non-dnnr ONNX file, no images or images
+      of the wrong shape, labels that do not match the images or the classes,
+      a batch size below 1.
   """
-  import onnxruntime
-
   if batch_size < 1:
     raise DnnrError(f'batch_size = {batch_size} must be at least 1.')
-  if not os.path.isfile(model_path):
-    raise DnnrError(f'{model_path} is not a file; pass an .onnx file written by dnnr export.')
-  try:
-    session = onnxruntime.InferenceSession(str(model_path), providers=['CPUExecutionProvider'])
-  except Exception as error:  # onnxruntime raises its own types for a bad file.
-    raise DnnrError(f'{model_path} is not a valid ONNX model ({error}); '
-                    'pass a file written by dnnr export.') from None
-  props = session.get_modelmeta().custom_metadata_map
-  if 'dnnr_jax.normalisation' not in props:
-    raise DnnrError(f'{model_path} was not written by dnnr export (no dnnr_jax metadata); '
-                    'export the checkpoint with dnnr export.')
+  model = load_onnx(model_path)
   images = read_idx(images_path, kind='images')
-  expected = session.get_inputs()[0].shape
-  raw = props.get('dnnr_jax.input') == 'uint8 images'
-  inputs = images if raw else _normalise(images, props)
+  if images.shape[0] == 0:
+    raise DnnrError(f'{images_path} holds no images; pass an IDX file with at least one.')
+  expected = model.session.get_inputs()[0].shape
+  inputs = images if model.raw_uint8_input else model.normalise(images)
+  if not np.all(np.isfinite(inputs)):
+    raise DnnrError(f'{model_path} normalises {images_path} to NaN or infinite values (mean '
+                    f'{model.mean}, std {model.std}); export the checkpoint again.')
   if list(inputs.shape[1:]) != list(expected[1:]):
     raise DnnrError(
         f'{images_path} holds images of shape {list(images.shape[1:])}, but {model_path} '
@@ -71,8 +136,12 @@ def predict_onnx(
     if labels.shape[0] != images.shape[0]:
       raise DnnrError(f'{labels_path} has {labels.shape[0]} labels for {images.shape[0]} '
                       f'images in {images_path}; pass the matching labels file.')
+    if model.num_classes is not None and labels.max() >= model.num_classes:
+      raise DnnrError(f'{labels_path} holds label {int(labels.max())}, but {model_path} has '
+                      f'{model.num_classes} classes (0 to {model.num_classes - 1}); pass the '
+                      'labels of the data set it was trained on.')
   start = time.perf_counter()
-  logits, routes = run_batches(session, inputs, batch_size)
+  logits, routes = run_batches(model.session, inputs, batch_size)
   seconds = time.perf_counter() - start
   predictions = np.argmax(logits, -1)
   result = {
@@ -100,8 +169,15 @@ def run_batches(session: Any, inputs: np.ndarray,
   return np.concatenate(logits), np.concatenate(routes)
 
 
-def _normalise(images: np.ndarray, props: dict[str, str]) -> np.ndarray:
-  """Pixels to the normalised float32 features the export takes, as in training."""
-  constants = dict(item.split('=') for item in props['dnnr_jax.normalisation'].split(','))
-  pixel_max = PIXEL_MAX.get(props.get('dnnr_jax.dataset', 'mnist'), 255.0)
-  return normalise_pixels(images, pixel_max, float(constants['mean']), float(constants['std']))
+def _normalisation(path, text: str) -> tuple[float, float]:
+  """(mean, std) of a `dnnr_jax.normalisation` entry, 'mean=M,std=S'."""
+  try:
+    constants = dict(item.split('=', 1) for item in text.split(','))
+    mean, std = float(constants['mean']), float(constants['std'])
+  except (ValueError, KeyError):
+    mean = std = math.nan
+  if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+    raise DnnrError(
+        f"{path} has damaged normalisation metadata ({text!r}; expected 'mean=M,std=S' "
+        'with finite numbers and S > 0); export the checkpoint again with dnnr export.')
+  return mean, std

@@ -269,10 +269,13 @@ def jax_runner(model: LoadedModel) -> Runner:
 
 
 def onnx_runner(path: str | os.PathLike) -> Runner:
-  """One default onnxruntime CPU session (all cores), as `dnnr predict` uses."""
-  import onnxruntime
+  """One default onnxruntime CPU session (all cores), as `dnnr predict` uses.
 
-  session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+  The file is checked against its digest first (`dnnr_jax.io.serve.load_onnx`).
+  """
+  from dnnr_jax.io.serve import load_onnx
+
+  session = load_onnx(path).session
   name = session.get_inputs()[0].name
   return lambda batch: session.run(None, {name: batch})
 

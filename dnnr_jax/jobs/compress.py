@@ -28,7 +28,7 @@ from dnnr_jax.compress import gradual, prune, qat, quantize, structured
 from dnnr_jax.config import Config, PruneConfig, QuantizeConfig, ThresholdsConfig, ThresholdValues
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
-from dnnr_jax.io import storage
+from dnnr_jax.io import durable, storage
 from dnnr_jax.io.data import Dataset, load_dataset
 from dnnr_jax.jobs.fit import EpochCallback, fit
 from dnnr_jax.jobs.results import CompressResult as CompressResult  # Re-exported.
@@ -40,6 +40,7 @@ DEFAULT_PRUNE = PruneConfig()
 DEFAULT_QUANTIZE = QuantizeConfig()
 
 
+@durable.holding_locks
 def prune_checkpoint(
     path: str | os.PathLike, settings: PruneConfig = DEFAULT_PRUNE, *,
     seed: int | None = None, data_dir=None, models_dir=None, version: str | None = None,
@@ -123,6 +124,7 @@ def _pruning_plan(
           lambda tx: gradual.keep_masked(tx, masks), plan)
 
 
+@durable.holding_locks
 def quantize_checkpoint(
     path: str | os.PathLike, settings: QuantizeConfig = DEFAULT_QUANTIZE, *,
     seed: int | None = None, data_dir=None, models_dir=None, version: str | None = None,
@@ -251,11 +253,16 @@ def _is_quantized(source) -> bool:
 
 
 def _prepare(path, kind, models_dir, version, overwrite):
-  """The source model, and the output path, checked to be free."""
+  """The source model, and the output path, checked to be free and locked for this job."""
   source = checkpoint_lib.load_model(path)
   models_dir = pathlib.Path(models_dir) if models_dir else source.path.parent.parent
   version = version or checkpoint_lib.next_version(models_dir, kind)
-  out_path = checkpoint_lib.checkpoint_path(models_dir, kind, version)
+  out_path = checkpoint_lib.checkpoint_path(models_dir, kind, version).absolute()
+  if out_path == source.path:
+    raise DnnrError(f'{out_path} would replace its own source; write the result under '
+                    'another version.')
+  durable.acquire(out_path)  # Released when the job returns or raises.
+  durable.recover(out_path)
   checkpoint_lib.ensure_writable(out_path, overwrite)
   return source, out_path, version
 
@@ -311,10 +318,5 @@ def _finish(result_type, source, out_path, version, config, variables, dataset, 
 
 def _dense_float_path(source) -> pathlib.Path:
   """The final (dense float32) checkpoint at the root of `source`'s lineage."""
-  path, metadata = source.path, source.metadata
-  while metadata.get('kind') != 'final' and 'source' in metadata:
-    path = pathlib.Path(metadata['source']['path'])
-    if not path.is_dir():
-      break
-    metadata = checkpoint_lib.read_metadata(path)
-  return path
+  return checkpoint_lib.lineage_root(source.path, source.metadata)
+

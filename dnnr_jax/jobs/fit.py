@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from dnnr_jax import parallel
 from dnnr_jax.config import Config
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.io import periodic
+from dnnr_jax.io import durable, periodic
 from dnnr_jax.io.data import Dataset
 from dnnr_jax.model import model_from_config
 from dnnr_jax.thresholds import thresholds_to_floats
@@ -127,15 +127,17 @@ def fit(
         record[name] = evaluate(evaluated, state.variables, split, training.eval_batch_size)
       history.append(record)
       if manager is not None:
-        periodic.save(manager, state, history, config, dataset.num_features)
+        with durable.deferred_interrupt():
+          periodic.save(manager, state, history, config, dataset.num_features)
       if on_epoch is not None:
         on_epoch(record)
   finally:
     # Also on an interrupt or error: commit the last periodic checkpoint,
     # so that resume finds every finished epoch.
     if manager is not None:
-      manager.wait_until_finished()
-      manager.close()
+      with durable.deferred_interrupt():
+        manager.wait_until_finished()
+        manager.close()
   samples = steps_per_epoch * training.batch_size
   throughput = (samples / statistics.median(epoch_seconds[1:])
                 if len(epoch_seconds) > 1 else None)

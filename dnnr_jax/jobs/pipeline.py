@@ -13,6 +13,7 @@ Stages, each a library job:
    (`dnnr_jax.jobs.report`); and a model card beside each checkpoint
    (`dnnr_jax.io.model_card`)
 
+A training stage that was killed resumes from its own periodic checkpoints.
 Every artifact records the hash of the settings that made it (its own and its
 inputs'). A rerun skips an artifact whose hash matches and whose inputs were
 reused too (a retrained model rebuilds everything made from it), and
@@ -33,9 +34,9 @@ from typing import Any, Callable
 import numpy as np
 
 from dnnr_jax.config import Config
-from dnnr_jax.errors import DnnrError
+from dnnr_jax.errors import DnnrError, IntegrityError
 from dnnr_jax.io import checkpoint as checkpoint_lib
-from dnnr_jax.io import distributed, model_card
+from dnnr_jax.io import distributed, durable, model_card
 from dnnr_jax.jobs.report import ARTIFACTS, build_report, write_json, write_report
 
 TRAINING_SECTIONS = ('data', 'model', 'thresholds', 'routing', 'training')
@@ -134,9 +135,11 @@ def run_pipeline(
     return {'pipeline': {'hash': hashes[kind], 'version': version}}
 
   prune, quantize = config.compress.prune, config.compress.quantize
+  # A training stage killed part way resumes from its periodic checkpoints
+  # (which `fit` refuses if they were written with another config).
   stage('train', reuse['final'], lambda: jobs.train_and_save(
       config, data_dir=data_dir, models_dir=models_dir, version=version,
-      overwrite=rebuild['final'],
+      overwrite=rebuild['final'], resume=True,
       on_epoch=epochs('train'), extra_metadata=pipeline_metadata('final')))
   stage('prune', reuse['pruned'], lambda: compress_jobs.prune_checkpoint(
       paths['final'], prune, data_dir=data_dir, models_dir=models_dir, version=version,
@@ -206,10 +209,14 @@ class _Stages:
 
 def _reusable(path: pathlib.Path, expected: str, force: bool) -> bool:
   """True when `path` holds the artifact of these settings; raises if it holds another."""
-  if force or not path.exists():
+  if force or not (path.exists() or durable.retired_path(path).exists()):
     return False
+  with durable.writer_lock(path):
+    durable.recover(path)  # A replacement a crash interrupted: the old version returns.
   try:
     recorded = checkpoint_lib.read_metadata(path).get('pipeline', {}).get('hash')
+  except IntegrityError:
+    raise
   except DnnrError:
     recorded = None
   if recorded != expected:
@@ -217,19 +224,25 @@ def _reusable(path: pathlib.Path, expected: str, force: bool) -> bool:
         f'{path} exists but was not made by this pipeline config (different settings or '
         'another command); pass force=True to rebuild it, or another version=MAJOR.MINOR '
         'for a new one.')
+  checkpoint_lib.load_model(path)  # Every array checked against its digest before reuse.
   return True
 
 
 def _onnx_matches(path: pathlib.Path, expected: str) -> bool:
+  """True when `path` is this config's export and matches its digest.
+
+  A damaged, edited, truncated or foreign file is rebuilt from its checkpoint
+  (itself checked on load), so nothing is lost by rebuilding it.
+  """
+  from dnnr_jax.io import integrity
+
   if not path.is_file():
     return False
-  import onnx
-
   try:
-    props = {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False)
-             .metadata_props}
-  except Exception:  # A truncated or foreign file is simply rebuilt.
+    onnx_model, _ = integrity.load_verified_onnx(path)
+  except DnnrError:
     return False
+  props = {prop.key: prop.value for prop in onnx_model.metadata_props}
   return props.get('dnnr_jax.pipeline_hash') == expected
 
 

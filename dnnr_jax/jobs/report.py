@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import pathlib
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from dnnr_jax.config import Config
 from dnnr_jax.io import checkpoint as checkpoint_lib
+from dnnr_jax.io import durable
 
 ARTIFACTS = ('final', 'pruned', 'quantized')
 
@@ -79,12 +79,10 @@ def _onnx_row(path: pathlib.Path, kind: str, test: tuple[np.ndarray, np.ndarray]
               final_routes: np.ndarray, final_bytes: int, source_row: dict[str, Any],
               speed: dict[str, float]) -> dict[str, Any]:
   """The report row of one ONNX file, run in onnxruntime on the test split."""
-  import onnxruntime
-
-  from dnnr_jax.io.serve import run_batches
+  from dnnr_jax.io.serve import load_onnx, run_batches
 
   images, labels = test
-  session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+  session = load_onnx(path).session  # Checked against its digest.
   logits, routes = run_batches(session, images, 1000)
   data = path.read_bytes()
   return {
@@ -176,6 +174,4 @@ def write_json(path: pathlib.Path, value: Any) -> None:
 
 
 def _write_text(path: pathlib.Path, text: str) -> None:
-  temporary = path.with_name(f'.{path.name}.partial')
-  temporary.write_text(text)
-  os.replace(temporary, path)
+  durable.write_bytes(path, text.encode())

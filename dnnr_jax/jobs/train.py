@@ -14,8 +14,9 @@ from typing import Any
 import jax
 
 from dnnr_jax.config import Config
-from dnnr_jax.errors import DnnrError
+from dnnr_jax.errors import CheckpointError, DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
+from dnnr_jax.io import durable
 from dnnr_jax.io.data import load_dataset
 from dnnr_jax.jobs.fit import EpochCallback, FitResult, fit
 from dnnr_jax.thresholds import thresholds_to_floats
@@ -40,21 +41,39 @@ def train_and_save(
   The final checkpoint goes to `<models_dir>/final/model_v{version}_final`
   (the next free version when None); periodic checkpoints to
   `<models_dir>/checkpoints/model_v{version}` and are removed once the final
-  one is written. An existing final version fails before any work unless
-  `overwrite`. `extra_metadata` entries are added to the checkpoint's metadata.
+  one is written. Before any work: an existing final version fails unless
+  `overwrite`, another run writing the same version fails, periodic
+  checkpoints of an interrupted run fail unless `resume` (never silently
+  overwritten), and both folders are proven writable. `extra_metadata`
+  entries are added to the checkpoint's metadata.
 
   Returns:
     The checkpoint path and the training result.
   """
   version = version or checkpoint_lib.next_version(models_dir, 'final')
-  path = checkpoint_lib.checkpoint_path(models_dir, 'final', version)
-  checkpoint_lib.ensure_writable(path, overwrite)
+  path = checkpoint_lib.checkpoint_path(models_dir, 'final', version).absolute()
+  with durable.writer_lock(path):
+    durable.recover(path)
+    checkpoint_lib.ensure_writable(path, overwrite)
+    periodic_dir = pathlib.Path(models_dir).absolute() / 'checkpoints' / path.name
+    if config.training.checkpoint_every > 0:
+      durable.check_writable_dir(periodic_dir.parent, 'periodic checkpoints')
+    if not resume and periodic_dir.is_dir() and any(periodic_dir.iterdir()):
+      raise CheckpointError(
+          f'{periodic_dir} holds the periodic checkpoints of an interrupted run; pass '
+          '--resume to continue it, or delete that folder to start afresh.')
+    return _train_and_save(config, path, version, periodic_dir, data_dir=data_dir,
+                           overwrite=overwrite, resume=resume, on_epoch=on_epoch,
+                           extra_metadata=extra_metadata)
+
+
+def _train_and_save(config, path, version, periodic_dir, *, data_dir, overwrite, resume,
+                    on_epoch, extra_metadata):
   dataset = load_dataset(config.data, data_dir)
   if dataset.num_classes > config.model.num_classes:
     raise DnnrError(
         f'model.num_classes = {config.model.num_classes} is fewer than the '
         f'{dataset.num_classes} classes of {dataset.name}; raise it.')
-  periodic_dir = pathlib.Path(models_dir).absolute() / 'checkpoints' / path.name
   result = fit(config, dataset, checkpoint_dir=periodic_dir, resume=resume,
                on_epoch=on_epoch)
   final = result.final_metrics
