@@ -13,7 +13,7 @@ import onnxruntime
 import orbax.checkpoint as ocp
 import pytest
 
-from dnnr_jax.config import load_config
+from dnnr_jax.config import PruneConfig, QuantizeConfig, load_config
 from dnnr_jax.errors import CheckpointError, DnnrError, IntegrityError
 from dnnr_jax.io import checkpoint, export, integrity, serve
 from dnnr_jax.jobs import compress
@@ -43,8 +43,9 @@ def models(tmp_path_factory):
   final, _ = jobs.train_and_save(config, models_dir=root / 'models')
   other, _ = jobs.train_and_save(config.replace(training=dataclasses.replace(
       config.training, seed=1)), models_dir=root / 'other')
-  pruned, _ = compress.prune_checkpoint(final, sparsity=0.8, finetune_epochs=0)
-  quantized, _ = compress.quantize_checkpoint(pruned, finetune_epochs=0)
+  pruned = compress.prune_checkpoint(final, PruneConfig(
+      sparsity=0.8, schedule='oneshot', finetune_epochs=0)).path
+  quantized = compress.quantize_checkpoint(pruned, QuantizeConfig(finetune_epochs=0)).path
   onnx_file, _ = export.export_onnx(final)
   return Models(root, final, pruned, quantized, other, onnx_file)
 
@@ -171,7 +172,8 @@ def test_a_lineage_that_names_itself_is_refused(models, tmp_path):
   with pytest.raises(CheckpointError, match='loops back'):
     checkpoint.lineage(path)
   with pytest.raises(CheckpointError, match='loops back'):
-    compress.quantize_checkpoint(path, finetune_epochs=0, models_dir=tmp_path / 'out')
+    compress.quantize_checkpoint(path, QuantizeConfig(finetune_epochs=0),
+                                 models_dir=tmp_path / 'out')
 
 
 def test_lineage_reaches_the_final_model(models):
@@ -181,7 +183,8 @@ def test_lineage_reaches_the_final_model(models):
 
 def test_a_job_may_not_replace_its_own_source(models):
   with pytest.raises(DnnrError, match='its own source'):
-    compress.prune_checkpoint(models.pruned, finetune_epochs=0, version='1.0', overwrite=True)
+    compress.prune_checkpoint(models.pruned, PruneConfig(schedule='oneshot', finetune_epochs=0),
+                              version='1.0', overwrite=True)
   checkpoint.load_model(models.pruned)
 
 
