@@ -8,6 +8,7 @@ kind and version:
     <models>/final/model_v1.0_final/
     <models>/pruned/pruned_model_v1.0/
     <models>/quantized/quantized_model_v1.0/
+    <models>/calibrated/calibrated_model_v1.0/   (thresholds for a budget)
 
 A checkpoint is written under a hidden temporary name and renamed into place,
 so an interrupted save never leaves a half-written version, and an existing
@@ -46,6 +47,7 @@ KINDS = {
     'final': ('final', 'model_v{version}_final'),
     'pruned': ('pruned', 'pruned_model_v{version}'),
     'quantized': ('quantized', 'quantized_model_v{version}'),
+    'calibrated': ('calibrated', 'calibrated_model_v{version}'),
 }
 _VERSION = re.compile(r'^(\d+)\.(\d+)$')
 
