@@ -108,12 +108,13 @@ def test_the_per_sample_graph_gathers_and_scatters_routed_rows(routed_onnx):
   _, output, _ = routed_onnx
   graph = onnx.load(output).graph
   operators = collections.Counter(node.op_type for node in graph.node)
-  assert operators['NonZero'] == 1 and operators['If'] == 1
-  assert 'Where' not in operators
+  assert operators['If'] == 1
+  assert 'Where' not in operators and 'Gemm' in operators  # the exit
   (branch,) = [node for node in graph.node if node.op_type == 'If']
-  then = {node.op_type for node in branch.attribute[0].g.node} | {
-      node.op_type for node in branch.attribute[1].g.node}
-  assert {'Gather', 'ScatterND', 'Gemm'} <= then
+  branches = {attribute.name: {node.op_type for node in attribute.g.node}
+              for attribute in branch.attribute}
+  assert {'NonZero', 'Gather', 'Gemm', 'ScatterND'} <= branches['then_branch']
+  assert branches['else_branch'] == {'Identity'}  # no routed row: the exit's logits
   # The expensive stage's weights are only in the branch that runs on routed rows.
   assert not any(tensor.name.startswith('deep/') for tensor in graph.initializer)
 
@@ -177,3 +178,50 @@ def test_calibrating_without_a_validation_split_is_refused(trained, tmp_path):
   assert_one_line_error(run(sys.executable, '-m', 'dnnr_jax', 'calibrate', unvalidated,
                             '--budget', '0.5'), ['validation'])
   assert snapshot(tmp_path) == before
+
+
+def test_prune_quantize_and_export_keep_working(routed_onnx, tmp_path):
+  from dnnr_jax.jobs import compress as compress_jobs
+
+  path = routed_onnx[0].path  # calibrated: half the examples take each route
+  pruned, summary = compress_jobs.prune_checkpoint(
+      path, sparsity=0.5, finetune_epochs=1, models_dir=tmp_path)
+  # The route report compares routes with the source and scores each route.
+  assert summary['routes']['route_agreement'] > 0.6
+  assert summary['routes']['deep_accuracy'] is not None
+  assert summary['routes']['shallow_accuracy'] is not None
+  quantized, summary = compress_jobs.quantize_checkpoint(pruned, mode='static',
+                                                         models_dir=tmp_path)
+  assert summary['metrics']['test']['accuracy'] > 0.8
+  output, report = export.export_onnx(quantized, check_inputs=export.real_check_inputs(path))
+  graph = onnx.load(output).graph
+  (branch,) = [node for node in graph.node if node.op_type == 'If']
+  (then,) = [attribute.g for attribute in branch.attribute if attribute.name == 'then_branch']
+  operators = {node.op_type for node in graph.node} | {node.op_type for node in then.node}
+  assert {'NonZero', 'ScatterND', 'MatMulInteger'} <= operators
+  assert report['tolerance'] == export.TOLERANCE['integer']
+
+
+def test_accuracy_against_compute(trained, tmp_path):
+  from dnnr_jax.io import plots
+  from dnnr_jax.jobs import dynamic
+
+  path, _ = trained
+  curve = dynamic.accuracy_against_compute(path, budgets=(0.01, 0.5, 1.0))
+  # 0.01 is below the exit's own cost: no row. The others, once per router.
+  assert [(row['router'], row['budget']) for row in curve['rows']] == [
+      ('complexity', 0.5), ('complexity', 1.0), ('confidence', 0.5), ('confidence', 1.0)]
+  adds = curve['multiply_adds']
+  for row in curve['rows']:
+    test = row['test']
+    assert test['multiply_adds_per_sample'] == pytest.approx(
+        adds['exit'] + test['deep_fraction'] * adds['expensive'])
+    assert test['compute_fraction'] == pytest.approx(
+        test['multiply_adds_per_sample'] / adds['always_deep'])
+  check = curve['xla_check']
+  for stage in ('cheap_stage', 'expensive_stage'):
+    counted = check[f'{stage}_2x_multiply_adds']
+    assert counted <= check[f'{stage}_flops'] <= 1.2 * counted  # + biases, ReLUs, router
+  assert 'confidence | 0.50' in dynamic.markdown(curve, None)
+  plots.accuracy_against_compute(curve, tmp_path / 'curve.png')
+  assert (tmp_path / 'curve.png').read_bytes()[:4] == b'\x89PNG'

@@ -59,14 +59,15 @@ def _assert_same_result(logits, reference):
 
 
 def test_bucket_sizes():
-  assert routing.bucket_sizes(256) == (32, 64, 128, 256)
-  assert routing.bucket_sizes(7) == (1, 2, 4, 7)
+  assert routing.bucket_sizes(256) == (16, 32, 48, 64, 96, 128, 256)
+  assert routing.bucket_sizes(64) == (4, 8, 12, 16, 24, 32, 64)
+  assert routing.bucket_sizes(7) == (1, 2, 3, 4, 7)
   assert routing.bucket_sizes(1) == (1,)
 
 
-# 0 and 64: none and all deep; 8 fills the smallest bucket; 9 overflows it into
+# 0 and 64: none and all deep; 4 fills the smallest bucket; 5 overflows it into
 # the next; 33 overflows B/2 into the whole batch.
-@pytest.mark.parametrize('count', [0, 1, 8, 9, 16, 17, 33, 64])
+@pytest.mark.parametrize('count', [0, 1, 4, 5, 16, 17, 33, 64])
 def test_per_sample_equals_the_run_everything_reference(setup, count):
   variables, inputs = setup
   model = _model()
@@ -78,7 +79,7 @@ def test_per_sample_equals_the_run_everything_reference(setup, count):
   _assert_same_result(logits, reference)
 
 
-@pytest.mark.parametrize('count, bucket', [(0, None), (3, 8), (8, 8), (9, 16), (40, 64)])
+@pytest.mark.parametrize('count, bucket', [(0, None), (3, 4), (8, 8), (9, 12), (40, 64)])
 def test_the_expensive_stage_runs_on_one_bucket_of_routed_rows(count, bucket):
   rows_seen = []
   weights = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)), jnp.float32)
@@ -138,7 +139,8 @@ def test_batch_mode_is_one_conditional_and_per_sample_a_ladder(setup):
     return str(jaxpr).count('cond[')
 
   assert conds('batch') == 1
-  assert conds('per_sample') == len(routing.bucket_sizes(BATCH))  # none, then 3 choices
+  # The first cond skips when none is routed; then one per bucket below B.
+  assert conds('per_sample') == len(routing.bucket_sizes(BATCH))
   assert conds('deep') == conds('shallow') == 0
 
 

@@ -6,9 +6,9 @@ separately (each a plain jax2onnx graph over a symbolic batch) and composed
 here with the `onnx` helpers:
 
     input -> cheap stage -> exit_logits [B, C], deep_path bool [B] (, hidden)
-    routed = Transpose(NonZero(deep_path))            # [K, 1], K routed rows
     logits = If(ReduceSum(Cast(deep_path)) > 0,
-                then: ScatterND(exit_logits, routed,
+                then: routed = Transpose(NonZero(deep_path))   # [K, 1], K routed rows
+                      ScatterND(exit_logits, routed,
                                 expensive(Gather(hidden, routed rows))),
                 else: exit_logits)
 
@@ -46,6 +46,9 @@ def compose_routed(cheap: onnx.ModelProto, expensive: onnx.ModelProto, *,
   stage_input = stage.graph.input[0].name
   stage_output = stage.graph.output[0].name
   then_nodes = [
+      helper.make_node('NonZero', ['deep_path'], ['routed_positions'], name='routed_positions'),
+      helper.make_node('Transpose', ['routed_positions'], ['routed_rows'], perm=[1, 0],
+                       name='routed_rows'),
       helper.make_node('Squeeze', ['routed_rows', 'routed_axis'], ['routed_index'],
                        name='routed_index'),
       helper.make_node('Gather', [hidden, 'routed_index'], [stage_input], axis=0,
@@ -66,9 +69,6 @@ def compose_routed(cheap: onnx.ModelProto, expensive: onnx.ModelProto, *,
   graph = cheap.graph
   kept_outputs = [output for output in graph.output if output.name != hidden]
   routing_nodes = [
-      helper.make_node('NonZero', ['deep_path'], ['routed_positions'], name='routed_positions'),
-      helper.make_node('Transpose', ['routed_positions'], ['routed_rows'], perm=[1, 0],
-                       name='routed_rows'),
       helper.make_node('Cast', ['deep_path'], ['deep_path_int'], to=TensorProto.INT64,
                        name='deep_path_int'),
       helper.make_node('ReduceSum', ['deep_path_int'], ['routed_count'], keepdims=0,

@@ -97,8 +97,12 @@ def choose_thresholds(router: str, thresholds: dict[str, float], scores: RouterS
   count = int(round(np.clip(deep_fraction, 0.0, 1.0) * scores.confidence.shape[0]))
   if router == 'confidence':
     ordered = np.sort(scores.confidence)
-    thresholds['confidence'] = (ALL_DEEP_CONFIDENCE if count >= ordered.size
-                                else float(ordered[count]))
+    if count == 0:
+      thresholds['confidence'] = 0.0  # A probability is never below 0.
+    elif count >= ordered.size:
+      thresholds['confidence'] = ALL_DEEP_CONFIDENCE
+    else:
+      thresholds['confidence'] = _between(ordered, count)
     return thresholds
   metrics = scores.complexity
   eligible = ((metrics['entropy'] > np.float32(thresholds['entropy']))
@@ -109,8 +113,17 @@ def choose_thresholds(router: str, thresholds: dict[str, float], scores: RouterS
   elif count == 0:
     thresholds['variance'] = float(np.max(metrics['variance'])) + 1.0
   else:
-    thresholds['variance'] = float(variance[count])
+    thresholds['variance'] = _between(variance, count)
   return thresholds
+
+
+def _between(ordered: np.ndarray, count: int) -> float:
+  """Halfway between `ordered[count - 1]` and `ordered[count]` (count >= 1).
+
+  No example then sits on the threshold, where float rounding in another
+  engine (onnxruntime) could route it the other way.
+  """
+  return float((np.float64(ordered[count - 1]) + np.float64(ordered[count])) / 2)
 
 
 def summarise(router: str, thresholds: dict[str, float], scores: RouterScores,
