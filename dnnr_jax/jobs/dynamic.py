@@ -107,8 +107,14 @@ def xla_flops(model: checkpoint_lib.LoadedModel) -> dict[str, float]:
   }
 
 
-def wall_time(path, *, data_dir=None, onnx_dir=None, latency_rows: int = 2000) -> dict[str, Any]:
-  """The checkpoint (per sample) against itself always-deep, in JAX and onnxruntime."""
+def wall_time(path, *, data_dir=None, onnx_dir=None,
+              latency_rows: int | None = None) -> dict[str, Any]:
+  """The checkpoint (per sample) against itself always-deep, in JAX and onnxruntime.
+
+  Batch-1 latency is the median over the first `latency_rows` test inputs
+  (None: all), split into those the router sends to the exit (easy) and deep
+  (hard).
+  """
   model = checkpoint_lib.load_model(path)
   dataset = load_dataset(model.config.data, data_dir)
   images = np.asarray(dataset.test.images)
@@ -126,8 +132,8 @@ def wall_time(path, *, data_dir=None, onnx_dir=None, latency_rows: int = 2000) -
     batches = [images[start:start + THROUGHPUT_BATCH]
                for start in range(0, len(images) - THROUGHPUT_BATCH + 1, THROUGHPUT_BATCH)]
     throughput = _interleaved(runners, [batches])
-    rows = images[:latency_rows, None]
-    easy, hard = rows[~routes[:latency_rows]], rows[routes[:latency_rows]]
+    rows, taken = images[:latency_rows, None], routes[:latency_rows]
+    easy, hard = rows[~taken], rows[taken]
     latency = _interleaved(runners, [list(easy), list(hard), list(rows)], per_call=True)
   figures = {}
   for name in runners:
