@@ -114,12 +114,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
   calibration = summary['calibration']
   validation = calibration['validation']
+  compute = ('' if validation['compute_fraction'] is None
+             else f"{validation['compute_fraction']:.1%} of always-deep multiply-adds, ")
   _stdout.print(
       f"wrote {summary['path']}: router {calibration['router']}, budget {args.budget} "
       f"({'of always-deep compute' if args.target == 'compute' else 'deep fraction'}); on "
-      f"validation: {validation['compute_fraction']:.1%} of always-deep multiply-adds, "
-      f"{validation['deep_fraction']:.1%} deep, accuracy {validation['accuracy']:.2%} "
-      f"(always deep {validation['always_deep_accuracy']:.2%})")
+      f"validation: {compute}{validation['deep_fraction']:.1%} deep, accuracy "
+      f"{validation['accuracy']:.2%} (always deep {validation['always_deep_accuracy']:.2%})")
   return 0
 
 

@@ -127,16 +127,20 @@ def _between(ordered: np.ndarray, count: int) -> float:
 
 
 def summarise(router: str, thresholds: dict[str, float], scores: RouterScores,
-              cost: RouteCost) -> dict[str, Any]:
-  """Deep fraction, compute fraction, accuracy overall and on each route."""
+              cost: RouteCost | None) -> dict[str, Any]:
+  """Deep fraction, compute fraction, accuracy overall and on each route.
+
+  Without a `cost` (an 'original' model, whose routes cost the same) the
+  compute entries are None.
+  """
   deep = routes(router, thresholds, scores)
   correct = np.where(deep, scores.deep_correct, scores.exit_correct)
   deep_fraction = float(np.mean(deep))
   return {
       'accuracy': float(np.mean(correct)),
       'deep_fraction': deep_fraction,
-      'compute_fraction': cost.mean(deep_fraction) / cost.always_deep,
-      'multiply_adds_per_sample': cost.mean(deep_fraction),
+      'compute_fraction': cost.mean(deep_fraction) / cost.always_deep if cost else None,
+      'multiply_adds_per_sample': cost.mean(deep_fraction) if cost else None,
       'deep_accuracy': float(np.mean(correct[deep])) if deep.any() else None,
       'exit_accuracy': float(np.mean(correct[~deep])) if (~deep).any() else None,
       'always_deep_accuracy': float(np.mean(scores.deep_correct)),
@@ -185,10 +189,8 @@ def calibrate_checkpoint(
   model = model_from_config(config)
   dataset = load_dataset(config.data, data_dir)
   validation = dataset.validation
-  if isinstance(model, EarlyExitMLP):
-    cost = route_cost(model, source.num_features)
-  else:  # Both routes of the original cost the same: compute is flat.
-    cost = RouteCost(stem=0, exit_head=0, expensive=1)
+  # Both routes of the original cost the same: it has no compute to budget.
+  cost = route_cost(model, source.num_features) if isinstance(model, EarlyExitMLP) else None
   deep_fraction = budget if target == 'deep_fraction' else cost.deep_fraction_for(budget)
   if deep_fraction < 0:
     raise DnnrError(
@@ -212,7 +214,8 @@ def calibrate_checkpoint(
       'budget': budget, 'target': target, 'router': router,
       'target_deep_fraction': min(max(deep_fraction, 0.0), 1.0),
       'thresholds': chosen,
-      'multiply_adds': dataclasses.asdict(cost) | {'always_deep': cost.always_deep},
+      'multiply_adds': (dataclasses.asdict(cost) | {'always_deep': cost.always_deep}
+                        if cost else None),
       'validation': summarise(router, chosen, scores, cost),
   }
   metadata = {key: value for key, value in source.metadata.items()
