@@ -9,8 +9,9 @@ import pytest
 
 from dnnr_jax import routing
 from dnnr_jax.config import load_config
+from dnnr_jax.cost import RouteCost, route_cost
 from dnnr_jax.errors import ConfigError
-from dnnr_jax.model import EarlyExitMLP, RouteCost, init_variables, model_from_config, route_cost
+from dnnr_jax.model import EarlyExitMLP, init_variables, model_from_config
 from dnnr_jax.train import create_train_state, evaluate, jit_train_epoch
 from tests.conftest import SMOKE_CONFIG
 

@@ -27,10 +27,11 @@ import numpy as np
 
 from dnnr_jax.complexity import batch_complexity
 from dnnr_jax.config import ROUTERS, Config
+from dnnr_jax.cost import RouteCost, route_cost
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io.data import load_dataset
-from dnnr_jax.model import EarlyExitMLP, RouteCost, model_from_config, route_cost
+from dnnr_jax.model import EarlyExitMLP, model_from_config
 from dnnr_jax.routing import confidence
 from dnnr_jax.train import evaluate
 

@@ -31,13 +31,14 @@ import jax
 import numpy as np
 
 from dnnr_jax.config import ROUTERS
+from dnnr_jax.cost import route_cost
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import export
 from dnnr_jax.io.data import load_dataset
 from dnnr_jax.jobs import calibrate
 from dnnr_jax.jobs.benchmark import machine, onnx_runner
-from dnnr_jax.model import EarlyExitMLP, route_cost
+from dnnr_jax.model import EarlyExitMLP
 
 BUDGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 1.0)
 ROUNDS = 5
