@@ -12,13 +12,14 @@ import onnxruntime
 import pytest
 
 from dnnr_jax.config import load_config
+from dnnr_jax.cost import route_cost
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import export
 from dnnr_jax.io.data import load_dataset
 from dnnr_jax.jobs import calibrate
 from dnnr_jax.jobs import train as jobs
-from dnnr_jax.model import EarlyExitMLP, route_cost
+from dnnr_jax.model import EarlyExitMLP
 from dnnr_jax.train import evaluate
 from tests.cli_helpers import assert_one_line_error, one_json, run, run_all, snapshot
 from tests.conftest import SMOKE_CONFIG
