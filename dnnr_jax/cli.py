@@ -133,6 +133,28 @@ def _output_options(args: argparse.Namespace) -> dict[str, Any]:
           'version': args.version, 'overwrite': args.overwrite}
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+  from dnnr_jax.jobs import calibrate as jobs
+
+  _, summary = jobs.calibrate_checkpoint(
+      args.model_path, budget=args.budget, router=args.router, target=args.target,
+      data_dir=args.data_dir, models_dir=args.models_dir, version=args.version,
+      overwrite=args.overwrite)
+  if args.json:
+    print(json.dumps(summary))
+    return 0
+  calibration = summary['calibration']
+  validation = calibration['validation']
+  compute = ('' if validation['compute_fraction'] is None
+             else f"{validation['compute_fraction']:.1%} of always-deep multiply-adds, ")
+  _stdout.print(
+      f"wrote {summary['path']}: router {calibration['router']}, budget {args.budget} "
+      f"({'of always-deep compute' if args.target == 'compute' else 'deep fraction'}); on "
+      f"validation: {compute}{validation['deep_fraction']:.1%} deep, accuracy "
+      f"{validation['accuracy']:.2%} (always deep {validation['always_deep_accuracy']:.2%})")
+  return 0
+
+
 def _export(args: argparse.Namespace) -> int:
   from dnnr_jax.io import export
 
@@ -142,7 +164,7 @@ def _export(args: argparse.Namespace) -> int:
     check_inputs = export.real_check_inputs(args.model_path, data_dir=args.data_dir)
   output, report = export.export_onnx(
       args.model_path, output=args.output, raw_uint8_input=args.raw_uint8_input,
-      check_inputs=check_inputs, overwrite=args.overwrite)
+      check_inputs=check_inputs, overwrite=args.overwrite, routing=args.routing)
   if args.json:
     print(json.dumps({'path': str(output), **report}))
     return 0
@@ -507,12 +529,32 @@ def build_parser() -> argparse.ArgumentParser:
   _add_output_arguments(quantize)
   quantize.set_defaults(handler=_quantize)
 
+  calibrate = commands.add_parser(
+      'calibrate', help='choose routing thresholds for a compute budget on the validation split')
+  calibrate.add_argument('model_path', metavar='MODEL_PATH')
+  calibrate.add_argument('--budget', type=float, required=True,
+                         help='in (0, 1]: mean multiply-adds per sample as a fraction of '
+                              'the same model run always-deep (or, with --target '
+                              'deep_fraction, the fraction of samples routed deep)')
+  calibrate.add_argument('--router', help="complexity or confidence (default: the model's)")
+  calibrate.add_argument('--target', default='compute',
+                         help='compute (default) or deep_fraction: what --budget bounds')
+  calibrate.add_argument('--data-dir', help='directory with the MNIST IDX files')
+  calibrate.add_argument('--models-dir', help="default: the source checkpoint's models folder")
+  calibrate.add_argument('--version', help='MAJOR.MINOR (default: the next free one)')
+  calibrate.add_argument('--overwrite', action='store_true', help='replace an existing version')
+  calibrate.add_argument('--json', action='store_true', help='print one JSON object')
+  calibrate.set_defaults(handler=_calibrate)
+
   export = commands.add_parser('export', help='export a checkpoint to ONNX, checked in onnxruntime')
   export.add_argument('model_path', metavar='MODEL_PATH')
   export.add_argument('--output', help='the .onnx file (default: beside the checkpoint)')
   export.add_argument('--raw-uint8-input', action='store_true',
                       help='take uint8 images [B, side, side]; normalise inside the graph')
   export.add_argument('--data-dir', help='directory with the MNIST IDX files (for the check)')
+  export.add_argument('--routing', metavar='MODE',
+                      help="per_sample, batch, deep or shallow: export the model routed so "
+                           "(default: the checkpoint's mode)")
   export.add_argument('--overwrite', action='store_true', help='replace an existing file')
   export.add_argument('--json', action='store_true', help='print one JSON object')
   export.set_defaults(handler=_export)

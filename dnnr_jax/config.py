@@ -28,6 +28,8 @@ DATASETS = ('mnist', 'digits')
 # The largest raw pixel value of each data set: MNIST bytes, digits' 0..16 counts.
 PIXEL_MAX = {'mnist': 255.0, 'digits': 16.0}
 ROUTING_MODES = ('per_sample', 'batch', 'deep', 'shallow')
+MODEL_FAMILIES = ('original', 'early_exit')
+ROUTERS = ('complexity', 'confidence')
 LR_SCHEDULES = ('constant', 'cosine')
 PRUNE_METHODS = ('global', 'layer', 'structured', 'nm')
 PRUNE_SCHEDULES = ('oneshot', 'gradual')
@@ -75,15 +77,29 @@ class ModelConfig:
   """Layer widths; the input width comes from the data.
 
   Attributes:
+    family: 'original' (the paper's trunk, deep block or shortcut, head: both
+      routes cost the same, so routing saves no compute) or 'early_exit' (a
+      cheap exit; a sample routed to it skips the later, expensive layers).
     hidden_sizes: widths of the trunk's Dense+ReLU layers.
-    deep_size: width of the deep block and of the shortcut.
+    deep_size: width of the deep block and of the shortcut ('original' only).
     num_classes: width of the head.
+    exit_after: 'early_exit': the cheap exit leaves after this many trunk
+      layers (0: straight from the input).
+    exit_width: 'early_exit': hidden width of the exit head (Dense+ReLU
+      before its classifier); 0 makes the exit one linear layer.
+    exit_loss_weight: 'early_exit': weight of the exit's cross-entropy in the
+      training loss (the final head's has weight 1); both exits train jointly.
   """
+  family: str = 'original'
   hidden_sizes: tuple[int, ...] = (256, 256)
   deep_size: int = 128
   num_classes: int = 10
+  exit_after: int = 0
+  exit_width: int = 0
+  exit_loss_weight: float = 1.0
 
   def validate(self) -> None:
+    _check_choice('model.family', self.family, MODEL_FAMILIES)
     if not self.hidden_sizes:
       raise ConfigError(
           'model.hidden_sizes is empty; give at least one layer width, '
@@ -92,6 +108,16 @@ class ModelConfig:
       _check_at_least(f'model.hidden_sizes[{index}]', size, 1)
     _check_at_least('model.deep_size', self.deep_size, 1)
     _check_at_least('model.num_classes', self.num_classes, 2)
+    _check_at_least('model.exit_after', self.exit_after, 0)
+    if self.exit_after >= len(self.hidden_sizes):
+      raise ConfigError(
+          f'model.exit_after = {self.exit_after} leaves no trunk layer for the deep '
+          f'route ({len(self.hidden_sizes)} hidden_sizes); choose at most '
+          f'{len(self.hidden_sizes) - 1}.')
+    _check_at_least('model.exit_width', self.exit_width, 0)
+    if not (math.isfinite(self.exit_loss_weight) and self.exit_loss_weight >= 0):
+      raise ConfigError(
+          f'model.exit_loss_weight = {self.exit_loss_weight!r} must be a finite number >= 0.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +146,22 @@ class ThresholdsConfig:
     annealing_start_epoch: first epoch of annealing.
     total_epochs: epoch at which `final` is reached; None means
       `training.epochs`.
+    confidence: the confidence router's threshold (model.family
+      'early_exit'): a sample goes deep iff the exit's largest softmax
+      probability is below it (above 1: every sample). Held fixed while
+      training; `dnnr calibrate` chooses it for a compute budget.
   """
   initial: ThresholdValues = ThresholdValues()
   final: ThresholdValues = ThresholdValues(0.0, 0.0, 0.0)
   annealing_start_epoch: int = 5
   total_epochs: int | None = None
+  confidence: float = 0.9
 
   def validate(self) -> None:
+    if not (math.isfinite(self.confidence) and self.confidence >= 0):
+      raise ConfigError(
+          f'thresholds.confidence = {self.confidence!r} must be a finite number >= 0 '
+          '(above 1 every sample goes deep).')
     self.initial.validate('thresholds.initial')
     self.final.validate('thresholds.final')
     _check_at_least(
@@ -143,11 +178,18 @@ class RoutingConfig:
     mode: 'per_sample' (each example by its own metrics), 'batch' (the
       original: one decision per batch from batch means), 'deep' or
       'shallow' (always one path).
+    router: what decides, for model.family 'early_exit': 'complexity' (the
+      original hybrid thresholds on the input's variance, entropy and
+      sparsity, known before any layer) or 'confidence' (the cheap exit's
+      largest softmax probability, as BranchyNet). The 'original' family
+      routes by complexity only.
   """
   mode: str = 'per_sample'
+  router: str = 'complexity'
 
   def validate(self) -> None:
     _check_choice('routing.mode', self.mode, ROUTING_MODES)
+    _check_choice('routing.router', self.router, ROUTERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +410,10 @@ class Config:
     """Checks every value; returns self so calls chain."""
     for field in dataclasses.fields(self):
       getattr(self, field.name).validate()
+    if self.routing.router == 'confidence' and self.model.family != 'early_exit':
+      raise ConfigError(
+          "routing.router = 'confidence' needs the cheap exit of model.family = "
+          "'early_exit'; set the family or use router 'complexity'.")
     if self.thresholds.annealing_start_epoch > self.annealing_total_epochs:
       raise ConfigError(
           'thresholds.annealing_start_epoch = '

@@ -1,11 +1,20 @@
-"""The dynamic MLP: a trunk, then the deep block or the shortcut, then a head.
+"""The two model families: the original dynamic MLP and the early-exit MLP.
 
-`model.apply(variables, x)` is the pure-functional form every later transform
-and jax2onnx work with. `variables` holds two collections:
+`DynamicMLP` (model.family 'original') is the paper's: a trunk, then the deep
+block or the shortcut, then a head. Both routes cost the same, so routing it
+saves no compute; it is the reference whose behaviour the parity tests pin.
+`EarlyExitMLP` (model.family 'early_exit') has a cheap exit after
+`exit_after` trunk layers; a sample routed to it skips the rest of the trunk
+and the head.
 
-* 'params': `trunk_{i}`, `deep`, `shortcut` and `head`, each a Dense
-  `{'kernel': [in, out], 'bias': [out]}`;
-* 'thresholds': the hybrid thresholds, float32 scalars keyed by metric.
+`model.apply(variables, x) -> (logits, deep_path)` is the pure-functional
+form every later transform and jax2onnx work with. `variables` holds two
+collections:
+
+* 'params': Dense layers `{'kernel': [in, out], 'bias': [out]}`: `trunk_{i}`,
+  `deep`, `shortcut` and `head` ('original'); `trunk_{i}`, `exit_hidden`
+  (when `exit_width` > 0), `exit` and `head` ('early_exit');
+* 'thresholds': float32 scalars keyed by metric (and 'confidence').
 
 A kernel may also be a `QArray` (see `dnnr_jax.compress.quantize`): the layer
 then multiplies in integers (activations quantized per row, or at the
@@ -60,7 +69,11 @@ class Dense(nn.Module):
 
 
 class DynamicMLP(nn.Module):
-  """Routes each input through the deep block or the shortcut.
+  """Routes each input through the deep block or the shortcut (saves no compute).
+
+  The deep block (Dense+ReLU) and the shortcut (Dense) cost the same, and
+  'per_sample' runs both, so this model never costs less than a static one.
+  Use `EarlyExitMLP` for inference that spends less on easy inputs.
 
   Attributes:
     hidden_sizes: widths of the trunk's Dense+ReLU layers.
@@ -130,8 +143,133 @@ def _shortcut(module: DynamicMLP, hidden: jax.Array) -> jax.Array:
   return module.shortcut(hidden)
 
 
-def model_from_config(config, *, weight_only: bool = False) -> DynamicMLP:
-  """The module a `Config` describes (widths and routing mode)."""
+class EarlyExitMLP(nn.Module):
+  """A trunk with a cheap exit: samples routed to the exit skip the rest.
+
+  The cheap stage is the first `exit_after` trunk layers (the stem) and the
+  exit head; the expensive stage is the remaining trunk layers and the head.
+  The router decides per sample (or per batch) whether the expensive stage
+  runs: 'complexity' from the input alone, 'confidence' from the exit's own
+  prediction. Both exits are trained on every sample (`joint`).
+
+  Attributes:
+    hidden_sizes: widths of the trunk's Dense+ReLU layers.
+    num_classes: width of both heads.
+    exit_after: trunk layers before the exit (0: the exit reads the input).
+    exit_width: hidden width of the exit head; 0 makes it linear.
+    router: 'complexity' or 'confidence'.
+    routing: 'per_sample' (the expensive stage runs on the routed rows only,
+      `routing.run_on_routed`), 'batch' (one `cond` per batch), 'deep'
+      (the stem, trunk and head only: the static model) or 'shallow' (the
+      cheap stage only).
+    weight_only: quantized kernels compute with dequantized weights.
+  """
+  hidden_sizes: Sequence[int] = (256, 256)
+  num_classes: int = 10
+  exit_after: int = 0
+  exit_width: int = 0
+  router: str = 'complexity'
+  routing: str = 'per_sample'
+  weight_only: bool = False
+
+  def setup(self):
+    def dense(features):
+      return Dense(features, weight_only=self.weight_only)
+
+    self.trunk = [dense(size) for size in self.hidden_sizes]
+    self.exit_hidden = dense(self.exit_width) if self.exit_width else None
+    self.exit = dense(self.num_classes)
+    self.head = dense(self.num_classes)
+    self.threshold_variables = {
+        name: self.variable('thresholds', name, lambda: jnp.zeros((), jnp.float32))
+        for name in (*complexity_lib.METRICS, 'confidence')
+    }
+
+  def stem(self, inputs: jax.Array) -> jax.Array:
+    """The trunk layers before the exit: inputs [B, F] -> hidden [B, H]."""
+    hidden = inputs
+    for layer in self.trunk[:self.exit_after]:
+      hidden = nn.relu(layer(hidden))
+    return hidden
+
+  def exit_logits(self, hidden: jax.Array) -> jax.Array:
+    """The cheap exit's logits [B, num_classes] from the stem's output."""
+    if self.exit_hidden is not None:
+      hidden = nn.relu(self.exit_hidden(hidden))
+    return self.exit(hidden)
+
+  def expensive(self, hidden: jax.Array) -> jax.Array:
+    """The expensive stage: the stem's output [N, H] -> logits [N, num_classes]."""
+    for layer in self.trunk[self.exit_after:]:
+      hidden = nn.relu(layer(hidden))
+    return self.head(hidden)
+
+  def cheap(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The cheap stage: (exit logits [B, C], routes bool [B], hidden [B, H])."""
+    hidden = self.stem(inputs)
+    exit_logits = self.exit_logits(hidden)
+    thresholds = {name: variable.value for name, variable in self.threshold_variables.items()}
+    if self.router == 'confidence':
+      deep_path = routing_lib.confidence_route(
+          exit_logits, thresholds['confidence'], self.routing)
+    else:
+      deep_path = routing_lib.route(
+          complexity_lib.batch_complexity(inputs), thresholds, self.routing)
+    return exit_logits, deep_path, hidden
+
+  def joint(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Every layer on every row: (head logits, routes, exit logits).
+
+    What training fits (both exits on every sample) and the run-everything
+    reference the skipping execution must equal.
+    """
+    exit_logits, deep_path, hidden = self.cheap(inputs)
+    return self.expensive(hidden), deep_path, exit_logits
+
+  def __call__(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Logits [B, num_classes] and routes bool [B] of normalised inputs [B, F]."""
+    if self.is_initializing():
+      logits, deep_path, _ = self.joint(inputs)
+      return logits, deep_path
+    if self.routing == 'deep':
+      return self.expensive(self.stem(inputs)), jnp.ones(inputs.shape[:1], bool)
+    exit_logits, deep_path, hidden = self.cheap(inputs)
+    if self.routing == 'shallow':
+      return exit_logits, deep_path
+    if self.routing == 'batch':
+      logits = nn.cond(deep_path[0], _expensive_rows, _keep_exit, self, hidden, exit_logits)
+      return logits, deep_path
+    logits = routing_lib.run_on_routed(
+        _expensive_only, deep_path, hidden, exit_logits, cond=nn.cond, context=(self,))
+    return logits, deep_path
+
+
+def _expensive_rows(module: EarlyExitMLP, hidden: jax.Array, exit_logits: jax.Array):
+  del exit_logits
+  return module.expensive(hidden)
+
+
+def _keep_exit(module: EarlyExitMLP, hidden: jax.Array, exit_logits: jax.Array):
+  del module, hidden
+  return exit_logits
+
+
+def _expensive_only(module: EarlyExitMLP, hidden: jax.Array) -> jax.Array:
+  return module.expensive(hidden)
+
+
+def model_from_config(config, *, weight_only: bool = False) -> nn.Module:
+  """The module a `Config` describes (family, widths, router and routing mode)."""
+  if config.model.family == 'early_exit':
+    return EarlyExitMLP(
+        hidden_sizes=tuple(config.model.hidden_sizes),
+        num_classes=config.model.num_classes,
+        exit_after=config.model.exit_after,
+        exit_width=config.model.exit_width,
+        router=config.routing.router,
+        routing=config.routing.mode,
+        weight_only=weight_only,
+    )
   return DynamicMLP(
       hidden_sizes=tuple(config.model.hidden_sizes),
       deep_size=config.model.deep_size,
@@ -142,7 +280,7 @@ def model_from_config(config, *, weight_only: bool = False) -> DynamicMLP:
 
 
 def init_variables(
-    model: DynamicMLP, rng: jax.Array, num_features: int,
+    model: nn.Module, rng: jax.Array, num_features: int,
     thresholds: dict[str, jax.Array] | None = None,
 ) -> dict:
   """Fresh variables for inputs of width `num_features`.
@@ -163,6 +301,6 @@ def init_variables(
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'num_features'))
-def _init(model: DynamicMLP, rng: jax.Array, num_features: int) -> dict:
+def _init(model: nn.Module, rng: jax.Array, num_features: int) -> dict:
   # One compiled program: run eagerly, every initialiser compiles per shape.
   return model.init(rng, jnp.zeros((1, num_features), jnp.float32))

@@ -1,11 +1,17 @@
-"""The routing decision: which inputs take the deep block.
+"""The routing decision, and execution that runs the deep stage on routed rows only.
 
-An input is routed deep iff variance > t_variance, entropy > t_entropy and
-sparsity < t_sparsity. The decision is a small pure function of the metrics
-and the thresholds, separate from the model, so new modes slot in here.
+The complexity router sends an input deep iff variance > t_variance, entropy >
+t_entropy and sparsity < t_sparsity; the confidence router iff the cheap
+exit's largest softmax probability is below t_confidence. Decisions are small
+pure functions of the scores and the thresholds, separate from the model.
+
+`run_on_routed` is the per-sample execution of the early-exit model: the
+expensive stage runs on a static-size bucket of the routed rows only.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,3 +55,105 @@ def route(
   if mode == 'shallow':
     return jnp.zeros((batch_size,), bool)
   raise ValueError(f'routing mode {mode!r} is not one of {ROUTING_MODES}')
+
+
+def confidence(logits: jax.Array) -> jax.Array:
+  """Largest softmax probability of each row of logits [B, C] -> [B].
+
+  Written as `softmax` then `max`: one `Softmax` and one `ReduceMax` node in
+  ONNX, where the graph's per-node cost dominates on the cheap route.
+  """
+  return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+
+
+def confidence_route(exit_logits: jax.Array, threshold: jax.Array, mode: str) -> jax.Array:
+  """Per-example routes of the confidence router, bool [B] (True = deep).
+
+  An example goes deep iff the cheap exit's largest softmax probability is
+  below `threshold` (BranchyNet's rule, on max softmax rather than entropy);
+  in 'batch' mode iff the batch's mean confidence is.
+  """
+  batch_size = exit_logits.shape[0]
+  scores = confidence(exit_logits)
+  if mode == 'per_sample':
+    return scores < threshold
+  if mode == 'batch':
+    return jnp.broadcast_to(jnp.mean(scores) < threshold, (batch_size,))
+  if mode == 'deep':
+    return jnp.ones((batch_size,), bool)
+  if mode == 'shallow':
+    return jnp.zeros((batch_size,), bool)
+  raise ValueError(f'routing mode {mode!r} is not one of {ROUTING_MODES}')
+
+
+# Bucket capacities in sixteenths of the batch: fine where deep fractions of
+# 5-40 % fall, so a batch rarely runs many more rows than it routes.
+BUCKET_SIXTEENTHS = (1, 2, 3, 4, 6, 8, 16)
+
+
+def bucket_sizes(batch_size: int) -> tuple[int, ...]:
+  """The static capacities tried for the routed rows: B/16, B/8, 3B/16, B/4, 3B/8, B/2, B.
+
+  Rounded up, duplicates dropped; the last is always B.
+  """
+  return tuple(sorted({-(-batch_size * sixteenths // 16) for sixteenths in BUCKET_SIXTEENTHS}))
+
+
+def run_on_routed(
+    stage: Callable[..., jax.Array],
+    deep_path: jax.Array,
+    hidden: jax.Array,
+    shallow: jax.Array,
+    *,
+    cond: Callable[..., jax.Array] = jax.lax.cond,
+    context: tuple[Any, ...] = (),
+) -> jax.Array:
+  """Runs `stage` only on the routed rows, under static shapes.
+
+  The routed rows are moved to the front (a stable sort of the routes),
+  gathered into the smallest capacity of `bucket_sizes(B)` that holds them
+  all, passed through `stage`, and scattered back over `shallow`. The
+  capacity is picked by nested conditionals, so only one bucket runs and no
+  bucket ever overflows: a batch with more routed rows than B/16 takes the
+  B/8 bucket, and so on up to B. No routed row skips the stage and each row's
+  result is the stage's on that row, so the output equals running the stage
+  on every row and keeping it where routed (up to the matmul's rounding for
+  a different row count). With no routed row the stage does not run at all.
+
+  Args:
+    stage: `stage(*context, rows [N, H]) -> [N, C]`, row-wise.
+    deep_path: bool [B], the rows to run the stage on.
+    hidden: [B, H], the stage's inputs.
+    shallow: [B, C], the result of the other rows.
+    cond: `jax.lax.cond`, or `flax.linen.cond` with the module in `context`.
+    context: leading operands of every branch (the Flax module).
+
+  Returns:
+    [B, C]: `stage`'s rows where `deep_path`, `shallow`'s elsewhere.
+  """
+  sizes = bucket_sizes(deep_path.shape[0])
+  order = jnp.argsort(~deep_path, stable=True)
+  count = jnp.sum(deep_path.astype(jnp.int32))
+
+  def bucket(size: int):
+    def run(*operands):
+      *leading, hidden, order, count, shallow = operands
+      rows = order[:size]
+      outputs = stage(*leading, hidden[rows])
+      routed = (jnp.arange(size) < count)[:, None]
+      return shallow.at[rows].set(jnp.where(routed, outputs, shallow[rows]))
+    return run
+
+  def ladder(level: int):
+    if level == len(sizes) - 1:
+      return bucket(sizes[level])
+
+    def choose(*operands):
+      return cond(operands[-2] <= sizes[level], bucket(sizes[level]), ladder(level + 1),
+                  *operands)
+    return choose
+
+  def skip(*operands):
+    return operands[-1]
+
+  return cond(count == 0, skip, ladder(0), *context, hidden, order, count, shallow)

@@ -1,9 +1,10 @@
 """Hybrid thresholds: explicit state and the traced annealing schedule.
 
 Thresholds are a pytree `{'variance': [], 'entropy': [], 'sparsity': []}` of
-float32 scalars. They live in the model variables (collection 'thresholds')
-and in the train state, so they are saved in every checkpoint and used by
-evaluation and export.
+float32 scalars; an early-exit model adds 'confidence' (the confidence
+router's threshold, held fixed while training). They live in the model
+variables (collection 'thresholds') and in the train state, so they are
+saved in every checkpoint and used by evaluation and export.
 
 The schedule is a function of a traced epoch count (optax style): a new epoch
 changes a value, never a shape, so nothing recompiles.
@@ -66,15 +67,16 @@ def linear_annealing(
 
 
 def schedule_from_config(config) -> ThresholdSchedule:
-  """The schedule a `Config` describes."""
+  """The schedule a `Config` describes (with a fixed 'confidence' for early exits)."""
+  initial = thresholds_from_values(config.thresholds.initial)
+  final = thresholds_from_values(config.thresholds.final)
+  if config.model.family == 'early_exit':
+    confidence = jnp.asarray(config.thresholds.confidence, jnp.float32)
+    initial, final = {**initial, 'confidence': confidence}, {**final, 'confidence': confidence}
   return linear_annealing(
-      thresholds_from_values(config.thresholds.initial),
-      thresholds_from_values(config.thresholds.final),
-      config.thresholds.annealing_start_epoch,
-      config.annealing_total_epochs,
-  )
+      initial, final, config.thresholds.annealing_start_epoch, config.annealing_total_epochs)
 
 
 def thresholds_to_floats(thresholds: Thresholds) -> dict[str, float]:
   """Plain floats, for metadata and reports."""
-  return {name: float(thresholds[name]) for name in METRICS}
+  return {name: float(value) for name, value in thresholds.items()}

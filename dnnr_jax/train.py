@@ -19,7 +19,7 @@ import optax
 from flax.training import train_state
 
 from dnnr_jax.config import Config
-from dnnr_jax.model import init_variables, model_from_config
+from dnnr_jax.model import EarlyExitMLP, init_variables, model_from_config
 from dnnr_jax.thresholds import ThresholdSchedule, schedule_from_config
 
 
@@ -63,11 +63,14 @@ class TrainState(train_state.TrainState):
     epoch: epochs completed.
     rng: base PRNG key; epoch e shuffles with `fold_in(rng, e)`.
     teacher: a model to distil from while training, or None.
+    exit_weight: weight of the cheap exit's cross-entropy when `apply_fn`
+      returns the exit's logits too (an early-exit model trained jointly).
   """
   thresholds: dict[str, jax.Array]
   epoch: jax.Array
   rng: jax.Array
   teacher: Teacher | None = None
+  exit_weight: float = flax.struct.field(pytree_node=False, default=0.0)
 
   @property
   def variables(self) -> dict[str, Any]:
@@ -105,6 +108,8 @@ def create_train_state(
     params: start from these params (fine-tuning) instead of fresh ones.
     wrap_optimizer: wraps the configured Adam, e.g. in a pruning transform.
     apply_fn: replaces `model.apply`, e.g. with fake quantization for QAT.
+      By default an early-exit model trains jointly: its `joint` method,
+      both exits on every sample.
     teacher: distil from this model (e.g. the dense one, while pruning).
   """
   model = model_from_config(config)
@@ -118,8 +123,11 @@ def create_train_state(
     # may still use its params (a source checkpoint, say).
     params = jax.tree.map(jnp.array, params)
   tx = make_optimizer(config, steps_per_epoch)
+  if apply_fn is None and isinstance(model, EarlyExitMLP):
+    apply_fn = functools.partial(model.apply, method=EarlyExitMLP.joint)
   state = TrainState.create(
       apply_fn=apply_fn or model.apply,
+      exit_weight=config.model.exit_loss_weight,
       params=params,
       tx=wrap_optimizer(tx) if wrap_optimizer else tx,
       thresholds=thresholds,
@@ -136,21 +144,31 @@ def create_train_state(
 
 def batch_sums(
     apply_fn: Callable, variables: dict, images: jax.Array, labels: jax.Array,
-    teacher: Teacher | None = None,
+    teacher: Teacher | None = None, exit_weight: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean loss of a batch, and its sums for metrics.
+
+  `apply_fn` returns (logits, routes), or (head logits, routes, exit logits)
+  for an early-exit model trained jointly: the loss then adds `exit_weight`
+  times the exit's cross-entropy, and the metrics count the routed outputs.
 
   Returns:
     (mean training loss: cross-entropy, or with a teacher the distillation
     loss; {'loss': sum of cross-entropies, 'correct': count, 'deep': count}).
   """
-  logits, deep_path = apply_fn(variables, images)
+  logits, deep_path, *exit_logits = apply_fn(variables, images)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  routed = logits
+  if exit_logits:
+    routed = jnp.where(deep_path[:, None], logits, exit_logits[0])
   sums = {
-      'loss': jnp.sum(losses),
-      'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
+      'loss': jnp.sum(optax.softmax_cross_entropy_with_integer_labels(routed, labels)),
+      'correct': jnp.sum(jnp.argmax(routed, -1) == labels),
       'deep': jnp.sum(deep_path),
   }
+  if exit_logits:
+    losses = losses + exit_weight * optax.softmax_cross_entropy_with_integer_labels(
+        exit_logits[0], labels)
   if teacher is None:
     return jnp.mean(losses), sums
   teacher_logits = jax.lax.stop_gradient(teacher.apply_fn(teacher.variables, images)[0])
@@ -173,7 +191,8 @@ def train_step(
 
   def loss_fn(params):
     variables = {'params': params, 'thresholds': state.thresholds}
-    return batch_sums(state.apply_fn, variables, images, labels, state.teacher)
+    return batch_sums(state.apply_fn, variables, images, labels, state.teacher,
+                      state.exit_weight)
 
   grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
   return state.apply_gradients(grads=grads), sums

@@ -1,7 +1,7 @@
 """The package's layers: every import points down (or sideways), never up.
 
 Layers, bottom first: `errors` and `config`; the pure library (`complexity`,
-`thresholds`, `routing`, `model`, `train`, `compress`); I/O (`io`); jobs
+`cost`, `thresholds`, `routing`, `model`, `train`, `compress`); I/O (`io`); jobs
 (`jobs`); the CLI. `compress` imports only itself, `config` and `errors`.
 """
 
@@ -15,8 +15,8 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / 'dnnr_jax'
 LAYERS = {
     'errors': 0, 'config': 0,
-    'complexity': 1, 'thresholds': 1, 'routing': 1, 'model': 1, 'train': 1, 'compress': 1,
-    'parallel': 1,
+    'complexity': 1, 'cost': 1, 'thresholds': 1, 'routing': 1, 'model': 1, 'train': 1,
+    'compress': 1, 'parallel': 1,
     'io': 2,
     'jobs': 3,
     'cli': 4, 'cli_models': 4, '__main__': 4,

@@ -13,6 +13,7 @@ Periodic checkpoints (`--resume`) are the same, with a third item
     <models>/final/model_v1.0_final/
     <models>/pruned/pruned_model_v1.0/
     <models>/quantized/quantized_model_v1.0/
+    <models>/calibrated/calibrated_model_v1.0/   (thresholds for a budget)
 
 A checkpoint is written under a hidden temporary name, fsynced and renamed
 into place by one writer at a time, so an interrupted save never leaves a
@@ -58,6 +59,7 @@ KINDS = {
     'final': ('final', 'model_v{version}_final'),
     'pruned': ('pruned', 'pruned_model_v{version}'),
     'quantized': ('quantized', 'quantized_model_v{version}'),
+    'calibrated': ('calibrated', 'calibrated_model_v{version}'),
 }
 _VERSION = re.compile(r'^([0-9]+)\.([0-9]+)$')  # ASCII digits only.
 # Layout arrays may exceed their leaf's size (sparse fillers), never by this much.

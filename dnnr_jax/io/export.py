@@ -4,7 +4,11 @@ The exported graph is the whole inference function: the complexity metrics,
 the routing with the checkpoint's thresholds (per-sample routing becomes a
 `Where`, batch routing an `If`), both paths and the head; optionally the
 normalisation of raw uint8 images too. Input `input` has a dynamic batch
-dimension; outputs are `logits` [B, classes] and `deep_path` bool [B].
+dimension; outputs are `logits` [B, classes] and `deep_path` bool [B]. An
+early-exit model routed per sample is exported as two traced stages composed
+so that the expensive one runs on the routed rows only (`onnx_routed`).
+`routing` overrides the checkpoint's mode, e.g. to export the same model
+always-deep for comparison.
 
 The graph is then rewritten for onnxruntime (`dnnr_jax.io.onnx_passes`): int8
 dots become u8s8 `MatMulInteger` on the int8 weights, and redundant
@@ -24,6 +28,7 @@ or not at all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import pathlib
@@ -33,11 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dnnr_jax.config import PIXEL_MAX
+from dnnr_jax.config import PIXEL_MAX, ROUTING_MODES
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.io import durable, integrity, onnx_passes, onnx_storage
+from dnnr_jax.io import durable, integrity, onnx_passes, onnx_routed, onnx_storage
 from dnnr_jax.io.checkpoint import LoadedModel, load_model
 from dnnr_jax.io.pixels import normalise_pixels
+from dnnr_jax.model import EarlyExitMLP
 
 OPSET = 21
 CHECK_BATCH_SIZES = (1, 7, 128)
@@ -46,16 +52,17 @@ CHECK_BATCH_SIZES = (1, 7, 128)
 TOLERANCE = {'float': 1e-4, 'integer': 5e-2}
 
 
-def inference_function(model: LoadedModel, *, raw_uint8_input: bool = False):
+def inference_function(model: LoadedModel, *, raw_uint8_input: bool = False, method=None):
   """The pure function the export traces: inputs -> (logits, deep_path).
 
   Args:
     model: a loaded checkpoint.
     raw_uint8_input: take uint8 images [B, side, side] and normalise them in
       the graph, instead of normalised float32 features [B, F].
+    method: the module's method to apply instead of `__call__` (a stage).
   """
   def normalised(inputs):
-    return model.model.apply(model.variables, inputs)
+    return model.model.apply(model.variables, inputs, method=method)
 
   if not raw_uint8_input:
     return normalised
@@ -65,6 +72,45 @@ def inference_function(model: LoadedModel, *, raw_uint8_input: bool = False):
     return normalised(normalise_pixels(images, PIXEL_MAX[data.dataset], data.mean, data.std))
 
   return raw
+
+
+def with_routing(model: LoadedModel, routing: str) -> LoadedModel:
+  """`model` routed by `routing` ('per_sample', 'batch', 'deep' or 'shallow') instead."""
+  if routing not in ROUTING_MODES:
+    raise DnnrError(f"routing {routing!r} is not a mode a dnnr_jax model can run; choose one "
+                    f"of: {', '.join(ROUTING_MODES)}.")
+  config = model.config.replace(
+      routing=dataclasses.replace(model.config.routing, mode=routing))
+  return dataclasses.replace(model, model=model.model.clone(routing=routing), config=config)
+
+
+def skips_rows(model: LoadedModel) -> bool:
+  """Whether the export runs the expensive stage on the routed rows only."""
+  return isinstance(model.model, EarlyExitMLP) and model.model.routing == 'per_sample'
+
+
+def _routed_graph(model: LoadedModel, raw_uint8_input: bool, input_spec):
+  """The per-sample graph of an early-exit model: two traced stages, composed."""
+  from jax2onnx import to_onnx
+
+  early_exit = model.model
+  hidden_is_input = early_exit.exit_after == 0 and not raw_uint8_input
+  cheap_stage = inference_function(model, raw_uint8_input=raw_uint8_input,
+                                   method=EarlyExitMLP.cheap)
+  cheap_outputs = ['exit_logits', 'deep_path'] + ([] if hidden_is_input else ['hidden'])
+  cheap = to_onnx(lambda inputs: cheap_stage(inputs)[:len(cheap_outputs)],
+                  inputs=[input_spec], model_name=model.path.name, opset=OPSET,
+                  input_names=['input'], output_names=cheap_outputs)
+  widths = (model.num_features, *early_exit.hidden_sizes)
+  rows = jax.export.symbolic_shape('N')[0]
+  expensive = to_onnx(
+      lambda hidden: early_exit.apply(model.variables, hidden, method=EarlyExitMLP.expensive),
+      inputs=[jax.ShapeDtypeStruct((rows, widths[early_exit.exit_after]), jnp.float32)],
+      model_name='expensive_stage', opset=OPSET, input_names=['hidden'],
+      output_names=['logits'])
+  return onnx_routed.compose_routed(
+      onnx_passes.optimize(cheap), onnx_passes.optimize(expensive),
+      hidden='input' if hidden_is_input else 'hidden')
 
 
 def default_output(checkpoint: pathlib.Path) -> pathlib.Path:
@@ -80,6 +126,7 @@ def export_onnx(
     check_inputs: np.ndarray | None = None,
     overwrite: bool = False,
     extra_metadata: dict[str, str] | None = None,
+    routing: str | None = None,
 ) -> tuple[pathlib.Path, dict[str, Any]]:
   """Exports a checkpoint to ONNX and proves it in onnxruntime.
 
@@ -92,6 +139,9 @@ def export_onnx(
       features (or random images), which exercise both routes less well.
     overwrite: replace an existing file.
     extra_metadata: further `metadata_props` entries.
+    routing: export the model routed in this mode ('per_sample', 'batch',
+      'deep', 'shallow') instead of the checkpoint's, e.g. 'deep' for the
+      always-deep baseline of the same model.
 
   Returns:
     The written path and the check's report: max abs logit difference per
@@ -104,7 +154,12 @@ def export_onnx(
   import onnx
   from jax2onnx import to_onnx
 
+  if routing is not None and routing not in ROUTING_MODES:
+    raise DnnrError(f"routing {routing!r} is not a mode a dnnr_jax model can run; choose one "
+                    f"of: {', '.join(ROUTING_MODES)}.")
   model = load_model(path)
+  if routing is not None:
+    model = with_routing(model, routing)
   output = pathlib.Path(output) if output else default_output(model.path)
   if output.suffix != '.onnx':
     raise DnnrError(f'output = {output} does not end in .onnx; name an .onnx file.')
@@ -120,10 +175,13 @@ def export_onnx(
   input_spec = (jax.ShapeDtypeStruct((batch, side, side), jnp.uint8) if raw_uint8_input
                 else jax.ShapeDtypeStruct((batch, model.num_features), jnp.float32))
   with _jax_and_flax_plugins_only():
-    onnx_model = to_onnx(function, inputs=[input_spec], model_name=model.path.name,
-                         opset=OPSET, input_names=['input'],
-                         output_names=['logits', 'deep_path'])
-  onnx_model = onnx_storage.compact_initializers(onnx_passes.optimize(onnx_model))
+    if skips_rows(model):
+      onnx_model = _routed_graph(model, raw_uint8_input, input_spec)
+    else:
+      onnx_model = onnx_passes.optimize(to_onnx(
+          function, inputs=[input_spec], model_name=model.path.name, opset=OPSET,
+          input_names=['input'], output_names=['logits', 'deep_path']))
+  onnx_model = onnx_storage.compact_initializers(onnx_model)
   onnx.checker.check_model(onnx_model, full_check=True)
   integer = _compute_kind(model) == 'integer'
   _set_metadata(onnx_model, model, raw_uint8_input, extra_metadata or {})
@@ -235,6 +293,7 @@ def _set_metadata(onnx_model, model: LoadedModel, raw_uint8_input: bool,
       'dnnr_jax.version': model.metadata.get('version', ''),
       'dnnr_jax.source_checkpoint': str(model.path),
       'dnnr_jax.routing': model.config.routing.mode,
+      'dnnr_jax.router': model.config.routing.router,
       'dnnr_jax.thresholds': ','.join(
           f'{name}={float(value):.9g}' for name, value in model.variables['thresholds'].items()),
       'dnnr_jax.normalisation': f'mean={data.mean},std={data.std}',

@@ -157,6 +157,32 @@ class SumOfSquaresPass(NodeRewritePass):
     return True
 
 
+class IdentityPass(_NodeRewritePass):
+  """Removes `Identity` nodes, keeping those that give a (sub)graph an output from outside it.
+
+  onnx_ir's `IdentityEliminationPass` also removes an `Identity` whose input
+  comes from an enclosing graph (an `If` branch that returns a captured
+  value), leaving a branch output no node of the branch produces, which
+  the ONNX checker rejects.
+  """
+  op_type = 'Identity'
+
+  def rewrite(self, node: ir.Node) -> bool:
+    if len(node.inputs) != 1 or len(node.outputs) != 1 or node.inputs[0] is None:
+      return False
+    source, output = node.inputs[0], node.outputs[0]
+    if output.is_graph_output():
+      producer = source.producer()
+      if producer is None or producer.graph is not node.graph:
+        return False
+      ir.convenience.replace_all_uses_with(output, source, replace_graph_outputs=True)
+      source.name = output.name
+    else:
+      ir.convenience.replace_all_uses_with(output, source)
+    node.graph.remove(node, safe=True)
+    return True
+
+
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
   """The rewritten model: integer matmuls on int8 kernels, redundant nodes removed."""
   ir_model = ir.from_proto(model)
@@ -170,7 +196,7 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
       BroadcastExpandPass(),
       UnsqueezeReshapePass(),
       AbsOfReluPass(),
-      common.IdentityEliminationPass(),
+      IdentityPass(),
       # The deep block and the shortcut quantize the same input: compute it once
       # (equal constants first become one, so equal nodes have equal inputs).
       common.DeduplicateInitializersPass(),

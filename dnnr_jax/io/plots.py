@@ -68,6 +68,26 @@ def accuracy_against_sparsity(report: dict[str, Any], path: pathlib.Path) -> Non
   _save(figure, path)
 
 
+def accuracy_against_compute(curve: dict[str, Any], path: pathlib.Path) -> None:
+  """Test accuracy against mean multiply-adds per sample, per router; static baselines too.
+
+  `curve` is `jobs.dynamic.accuracy_against_compute`'s result.
+  """
+  figure, axes = plt.subplots(figsize=(6.5, 4))
+  for router in sorted({row['router'] for row in curve['rows']}):
+    rows = sorted((row['test']['compute_fraction'], row['test']['accuracy'])
+                  for row in curve['rows'] if row['router'] == router)
+    axes.plot([x for x, _ in rows], [y for _, y in rows], marker='o', label=f'{router} router')
+  for name, baseline in curve['baselines'].items():
+    axes.scatter([baseline['compute_fraction']], [baseline['test_accuracy']], marker='s',
+                 zorder=3, label=f"{name.replace('_', ' ')} (static)")
+  axes.set(xlabel='mean multiply-adds per sample (fraction of always-deep)',
+           ylabel='test accuracy', title='Accuracy against compute (thresholds from validation)')
+  axes.legend()
+  axes.grid(alpha=0.3)
+  _save(figure, path)
+
+
 def write_all(report: dict[str, Any], directory: pathlib.Path) -> dict[str, str]:
   """Draws every plot the report has data for; returns {name: file name}."""
   plots = {}

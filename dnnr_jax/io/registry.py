@@ -33,6 +33,7 @@ KINDS = {
     'final': 'model_v{version}_final',
     'pruned': 'pruned_model_v{version}',
     'quantized': 'quantized_model_v{version}',
+    'calibrated': 'calibrated_model_v{version}',
 }
 _REF = re.compile(r'^(?P<kind>[a-z]+):(?P<version>\d+\.\d+)(?P<onnx>\.onnx)?$')
 

@@ -227,7 +227,8 @@ def dense_inputs(model: nn.Module, variables: Any, inputs: jax.Array) -> dict[st
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):
-    model.apply(variables, inputs)
+    # An early-exit model runs every layer on every row in `joint`.
+    model.apply(variables, inputs, method='joint' if hasattr(model, 'joint') else None)
   return captured
 
 
@@ -272,12 +273,14 @@ def _finetune_config(source, epochs: int, learning_rate: float | None = None,
   """The source config, trained for `epochs` with its final thresholds fixed."""
   if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
     raise DnnrError(f'seed = {seed!r} is not a non-negative integer; pass e.g. seed=1.')
-  values = ThresholdValues(**{name: float(value)
-                              for name, value in source.variables['thresholds'].items()})
+  thresholds = {name: float(value) for name, value in source.variables['thresholds'].items()}
   config = source.config
+  # An early-exit model's confidence threshold is held fixed outside the annealed ones.
+  confidence = thresholds.pop('confidence', config.thresholds.confidence)
+  values = ThresholdValues(**thresholds)
   return config.replace(
       thresholds=ThresholdsConfig(initial=values, final=values, annealing_start_epoch=0,
-                                  total_epochs=None),
+                                  total_epochs=None, confidence=confidence),
       training=dataclasses.replace(
           config.training, epochs=max(epochs, 1), checkpoint_every=0,
           learning_rate=learning_rate or config.training.learning_rate,

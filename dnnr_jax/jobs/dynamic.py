@@ -1,0 +1,233 @@
+"""What dynamic inference saves: accuracy against compute, and wall time against always-deep.
+
+For an early-exit checkpoint with a validation split:
+
+* accuracy against compute: for each router and budget, thresholds chosen
+  on validation (`jobs.calibrate`), then test accuracy, deep fraction, each
+  route's accuracy and the mean multiply-adds per sample counted from the
+  routes taken; with the static baselines (the exit alone, always deep);
+* the multiply-add count checked against XLA's cost analysis of each stage;
+* wall time, side by side with the same model forced always-deep, at the
+  checkpoint's own thresholds: batch-1 latency on easy (exit) and hard
+  (deep) test inputs and batch-256 throughput over the test set, in JAX
+  and in onnxruntime (default session, and one intra-op thread), both
+  exports written and checked by `io.export`.
+
+Timings interleave the models (each round runs every model once) and report
+medians, so a busy shared machine slows both alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from dnnr_jax.config import ROUTERS
+from dnnr_jax.cost import route_cost
+from dnnr_jax.errors import DnnrError
+from dnnr_jax.io import checkpoint as checkpoint_lib
+from dnnr_jax.io import export
+from dnnr_jax.io.data import load_dataset
+from dnnr_jax.jobs import calibrate
+from dnnr_jax.jobs.benchmark import machine, onnx_runner
+from dnnr_jax.model import EarlyExitMLP
+
+BUDGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 1.0)
+ROUNDS = 5
+THROUGHPUT_BATCH = 256
+
+
+def accuracy_against_compute(path, *, data_dir=None,
+                             budgets: Sequence[float] = BUDGETS) -> dict[str, Any]:
+  """Test accuracy against mean multiply-adds, thresholds chosen on validation."""
+  model = checkpoint_lib.load_model(path)
+  if not isinstance(model.model, EarlyExitMLP):
+    raise DnnrError(f'{model.path.name} is not an early-exit model; train one with '
+                    'model.family early_exit.')
+  dataset = load_dataset(model.config.data, data_dir)
+  if dataset.validation is None:
+    raise DnnrError(f'{model.path.name} was trained without a validation split; retrain '
+                    'with data.validation_size > 0.')
+  cost = route_cost(model.model, model.num_features)
+  scored = model.model.clone(routing='per_sample')
+  validation, test = (calibrate.router_scores(scored, model.variables, split.images,
+                                              split.labels)
+                      for split in (dataset.validation, dataset.test))
+  base = {name: float(value) for name, value in model.variables['thresholds'].items()}
+  rows = []
+  for router in ROUTERS:
+    for budget in budgets:
+      fraction = cost.deep_fraction_for(budget)
+      if fraction < 0:
+        continue
+      chosen = calibrate.choose_thresholds(router, base, validation, min(fraction, 1.0))
+      rows.append({'router': router, 'budget': budget,
+                   'validation': calibrate.summarise(router, chosen, validation, cost),
+                   'test': calibrate.summarise(router, chosen, test, cost)})
+  return {
+      'model': str(model.path),
+      'multiply_adds': {'exit': cost.cheap, 'expensive': cost.expensive,
+                        'always_deep': cost.always_deep},
+      'xla_check': xla_flops(model),
+      'baselines': {
+          'exit_alone': {'compute_fraction': cost.cheap / cost.always_deep,
+                         'test_accuracy': float(np.mean(test.exit_correct))},
+          'always_deep': {'compute_fraction': 1.0,
+                          'test_accuracy': float(np.mean(test.deep_correct))},
+      },
+      'rows': rows,
+  }
+
+
+def xla_flops(model: checkpoint_lib.LoadedModel) -> dict[str, float]:
+  """XLA's FLOPs per sample of each stage at batch 1, beside twice the multiply-adds."""
+  early_exit = model.model
+  cost = route_cost(early_exit, model.num_features)
+  widths = (model.num_features, *early_exit.hidden_sizes)
+
+  def flops(method, width):
+    compiled = jax.jit(functools.partial(early_exit.apply, method=method)).lower(
+        model.variables, jax.ShapeDtypeStruct((1, width), np.float32)).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis['flops'])
+
+  return {
+      'cheap_stage_flops': flops(EarlyExitMLP.cheap, model.num_features),
+      'cheap_stage_2x_multiply_adds': 2.0 * cost.cheap,
+      'expensive_stage_flops': flops(EarlyExitMLP.expensive, widths[early_exit.exit_after]),
+      'expensive_stage_2x_multiply_adds': 2.0 * cost.expensive,
+  }
+
+
+def wall_time(path, *, data_dir=None, onnx_dir=None,
+              latency_rows: int | None = None) -> dict[str, Any]:
+  """The checkpoint (per sample) against itself always-deep, in JAX and onnxruntime.
+
+  Batch-1 latency is the median over the first `latency_rows` test inputs
+  (None: all), split into those the router sends to the exit (easy) and deep
+  (hard).
+  """
+  model = checkpoint_lib.load_model(path)
+  dataset = load_dataset(model.config.data, data_dir)
+  images = np.asarray(dataset.test.images)
+  models = {mode: export.with_routing(model, mode) for mode in ('per_sample', 'deep')}
+  routes = models['per_sample'].predict_with_routes(images)[1]
+  with tempfile.TemporaryDirectory() as scratch:
+    directory = pathlib.Path(onnx_dir or scratch)
+    runners: dict[str, Callable] = {}
+    for mode, routed in models.items():
+      runners[f'jax {mode}'] = routed.predict_with_routes
+      output, _ = export.export_onnx(path, output=directory / f'{mode}.onnx', routing=mode,
+                                     check_inputs=images[:256], overwrite=True)
+      runners[f'onnxruntime {mode}'] = onnx_runner(output)
+      runners[f'onnxruntime 1 thread {mode}'] = _single_thread_runner(output)
+    batches = [images[start:start + THROUGHPUT_BATCH]
+               for start in range(0, len(images) - THROUGHPUT_BATCH + 1, THROUGHPUT_BATCH)]
+    throughput = _interleaved(runners, [batches])
+    rows, taken = images[:latency_rows, None], routes[:latency_rows]
+    easy, hard = rows[~taken], rows[taken]
+    latency = _interleaved(runners, [list(easy), list(hard), list(rows)], per_call=True)
+  figures = {}
+  for name in runners:
+    samples = THROUGHPUT_BATCH * len(batches)
+    figures[name] = {
+        'throughput_batch_256': samples / throughput[name][0],
+        'latency_us_easy': latency[name][0] * 1e6,
+        'latency_us_hard': latency[name][1] * 1e6,
+        'latency_us_all': latency[name][2] * 1e6,
+    }
+  return {'model': str(model.path), 'machine': machine(),
+          'deep_fraction_test': float(np.mean(routes)),
+          'easy_rows': int(len(easy)), 'hard_rows': int(len(hard)), 'figures': figures}
+
+
+def _single_thread_runner(path: pathlib.Path) -> Callable:
+  """An onnxruntime session on one intra-op thread: no thread-pool hand-offs per node."""
+  import onnxruntime
+
+  options = onnxruntime.SessionOptions()
+  options.intra_op_num_threads = 1
+  session = onnxruntime.InferenceSession(str(path), options,
+                                         providers=['CPUExecutionProvider'])
+  return lambda batch: session.run(None, {'input': batch})
+
+
+def _interleaved(runners: dict[str, Callable], workloads: list[list[np.ndarray]], *,
+                 per_call: bool = False) -> dict[str, list[float]]:
+  """Median seconds per workload pass (or per call) of each runner, runners interleaved.
+
+  Each workload is a list of batches. Without `per_call`, each of `ROUNDS`
+  rounds times a full pass of every runner in turn and the median pass time
+  is kept. With `per_call`, each batch is timed once per runner, runners
+  alternating batch by batch, and the median call time is kept.
+  """
+  for run in runners.values():  # Warm up: compile, allocate.
+    for workload in workloads:
+      for batch in workload[:3]:
+        run(batch)
+  results: dict[str, list[float]] = {name: [] for name in runners}
+  for workload in workloads:
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    if per_call:
+      for batch in workload:
+        for name, run in runners.items():
+          start = time.perf_counter()
+          run(batch)
+          times[name].append(time.perf_counter() - start)
+    else:
+      for _ in range(ROUNDS):
+        for name, run in runners.items():
+          start = time.perf_counter()
+          for batch in workload:
+            run(batch)
+          times[name].append(time.perf_counter() - start)
+    for name in runners:
+      results[name].append(statistics.median(times[name]))
+  return results
+
+
+def markdown(curve: dict[str, Any], timing: dict[str, Any] | None) -> str:
+  """The accuracy-against-compute table and the wall-time table, as Markdown."""
+  lines = ['| router | budget | test multiply-adds (of always-deep) | test accuracy | '
+           'vs always-deep | deep fraction | exit accuracy | deep-route accuracy |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|']
+  deep_accuracy = curve['baselines']['always_deep']['test_accuracy']
+  for row in curve['rows']:
+    test = row['test']
+    lines.append(
+        f"| {row['router']} | {row['budget']:.2f} | {test['compute_fraction']:.1%} | "
+        f"{test['accuracy']:.2%} | {100 * (test['accuracy'] - deep_accuracy):+.2f} pp | "
+        f"{test['deep_fraction']:.1%} | {_percent(test['exit_accuracy'])} | "
+        f"{_percent(test['deep_accuracy'])} |")
+  for name, baseline in curve['baselines'].items():
+    lines.append(f"| {name.replace('_', ' ')} (static) | | {baseline['compute_fraction']:.1%} | "
+                 f"{baseline['test_accuracy']:.2%} | | | | |")
+  if timing:
+    lines += ['', '| engine, routing | batch-256 samples/s | batch-1 µs easy | batch-1 µs hard | '
+              'batch-1 µs all |', '|---|---:|---:|---:|---:|']
+    for name, figures in timing['figures'].items():
+      lines.append(f"| {name} | {figures['throughput_batch_256']:,.0f} | "
+                   f"{figures['latency_us_easy']:.1f} | {figures['latency_us_hard']:.1f} | "
+                   f"{figures['latency_us_all']:.1f} |")
+  return '\n'.join(lines) + '\n'
+
+
+def _percent(value: float | None) -> str:
+  return '' if value is None else f'{value:.2%}'
+
+
+def run_report(path: str | os.PathLike, *, data_dir=None, timing: bool = True,
+               budgets: Sequence[float] = BUDGETS) -> dict[str, Any]:
+  """Both parts for one checkpoint: {'curve', 'timing', 'markdown'}."""
+  curve = accuracy_against_compute(path, data_dir=data_dir, budgets=budgets)
+  timed = wall_time(path, data_dir=data_dir) if timing else None
+  return {'curve': curve, 'timing': timed, 'markdown': markdown(curve, timed)}
