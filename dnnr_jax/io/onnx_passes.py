@@ -157,7 +157,7 @@ class SumOfSquaresPass(NodeRewritePass):
     return True
 
 
-class IdentityPass(_NodeRewritePass):
+class IdentityPass(NodeRewritePass):
   """Removes `Identity` nodes, keeping those that give a (sub)graph an output from outside it.
 
   onnx_ir's `IdentityEliminationPass` also removes an `Identity` whose input
