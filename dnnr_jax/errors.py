@@ -19,3 +19,7 @@ class DataError(DnnrError):
 
 class CheckpointError(DnnrError):
   """A checkpoint is missing, truncated, not ours, or would be overwritten."""
+
+
+class QuantizationError(DnnrError):
+  """A quantization rule, layer or params tree the quantizer cannot use."""
