@@ -156,7 +156,7 @@ def _compute_kind(model: LoadedModel) -> str:
 
 
 @contextlib.contextmanager
-def _jax_and_flax_plugins_only():
+def _jax_and_flax_plugins_only(trees=('jax', 'flax')):
   """Lets jax2onnx load only its JAX and Flax plugins for one conversion.
 
   A process's first `to_onnx` imports every plugin jax2onnx ships, and its
@@ -175,7 +175,7 @@ def _jax_and_flax_plugins_only():
     yield
     return
   root = pathlib.Path(plugin_system.__file__).parent
-  for tree in ('jax', 'flax'):
+  for tree in trees:
     loader(root / tree, f'jax2onnx.plugins.{tree}')
   plugin_system._already_imported_plugins = True
   try:
