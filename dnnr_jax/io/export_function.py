@@ -13,7 +13,9 @@ anything it cannot lower surfaces as a DnnrError naming the error. Only
 jax2onnx's JAX plugins are loaded: its Flax plugins replace `nn.Conv.__call__`
 and friends while tracing, which bypasses `compress.quantized_apply`. In a
 process where they were loaded already (an earlier `export_onnx` of a
-checkpoint), a quantized Linen layer then fails loudly, never silently.
+checkpoint), a quantized Linen Conv then fails loudly (its interception is
+bypassed and the jaxpr fallback cannot lower `lax.pad` with a symbolic batch),
+never silently.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pathlib
 from typing import Any, Callable
 
 import jax
+import jax.extend
 import numpy as np
 
 from dnnr_jax.errors import DnnrError
@@ -52,7 +55,6 @@ def export_onnx_function(
     The path and {'max_abs_difference', 'argmax_agreement', 'rows'}.
   """
   import onnx
-  from jax2onnx import to_onnx
 
   output = pathlib.Path(output)
   if output.suffix != '.onnx' or (output.exists() and not overwrite):
@@ -66,13 +68,18 @@ def export_onnx_function(
 
   # JAX plugins only: jax2onnx's Flax plugins replace `nn.Conv.__call__` and
   # friends while it traces, which would bypass `compress.quantized_apply`.
+  # Flax's float layers do not trace under the JAX plugins alone, so a
+  # function that fails so is traced to a jaxpr first and exported from that
+  # (which in turn cannot lower `lax.pad` with a symbolic batch).
   try:
-    with _jax_and_flax_plugins_only(trees=('jax',)):
-      model = to_onnx(function, inputs=[spec], model_name=output.stem, opset=OPSET,
-                      input_names=['input'], output_names=['output'])
-  except Exception as error:  # jax2onnx raises many types for a primitive it lacks.
-    raise DnnrError(f'jax2onnx cannot lower apply_fn: {str(error).splitlines()[0][:300]}; '
-                    'rewrite that operation with jnp primitives it supports.') from None
+    model = _to_onnx(function, spec, output.stem)
+  except Exception:  # jax2onnx raises many types for what it cannot lower.
+    try:
+      staged = jax.extend.core.jaxpr_as_fun(jax.make_jaxpr(function)(spec))
+      model = _to_onnx(lambda inputs: staged(inputs)[0], spec, output.stem)
+    except Exception as error:
+      raise DnnrError(f'jax2onnx cannot lower apply_fn: {str(error).splitlines()[0][:300]}; '
+                      'rewrite that operation with jnp primitives it supports.') from None
   model = onnx_passes.optimize(model)
   onnx.checker.check_model(model, full_check=True)
   model = onnx_passes.sparse_initializers(model)
@@ -82,6 +89,14 @@ def export_onnx_function(
   onnx.save(model, temporary)
   os.replace(temporary, output)
   return output, report
+
+
+def _to_onnx(function, spec, name):
+  from jax2onnx import to_onnx
+
+  with _jax_and_flax_plugins_only(trees=('jax',)):
+    return to_onnx(function, inputs=[spec], model_name=name, opset=OPSET,
+                   input_names=['input'], output_names=['output'])
 
 
 def _check(serialized: bytes, function, inputs: np.ndarray, tolerance: float) -> dict[str, Any]:
