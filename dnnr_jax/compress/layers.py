@@ -168,7 +168,7 @@ def _patches(spec: LayerSpec, inputs: jax.Array) -> tuple[jax.Array, tuple[int, 
   window = tuple(d * (k - 1) + 1 for k, d in zip(spec.kernel_size, spec.dilation, strict=True))
   pads = (jax.lax.padtype_to_pads(x.shape[1:-1], window, spec.strides, spec.padding)
           if isinstance(spec.padding, str) else spec.padding)
-  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  x = _zero_pad(x, pads)
   out_sizes = tuple((size - w) // s + 1 for size, w, s in
                     zip(x.shape[1:-1], window, spec.strides, strict=True))
   pieces = []
@@ -178,6 +178,22 @@ def _patches(spec: LayerSpec, inputs: jax.Array) -> tuple[jax.Array, tuple[int, 
     pieces.append(x[(slice(None), *index, slice(None))])
   patches = jnp.concatenate(pieces, axis=-1)
   return patches.reshape(-1, patches.shape[-1]), (*batch_shape, *out_sizes)
+
+
+def _zero_pad(x: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """`jnp.pad` with zeros, spatial axes only, written as concatenations.
+
+  jax2onnx cannot lower `lax.pad` of a traced jaxpr with a symbolic batch axis
+  (`dnnr_jax.io.export_function` exports from one); zeros concatenated are
+  the same array.
+  """
+  for axis, (low, high) in enumerate(pads, start=1):
+    if low < 0 or high < 0:
+      raise QuantizationError(f'padding {tuple(pads)} is negative; pass padding >= 0.')
+    if low or high:
+      zero = jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis))
+      x = jnp.concatenate([zero] * low + [x] + [zero] * high, axis=axis)
+  return x
 
 
 def _tuple(value: int | Sequence[int] | None, length: int) -> tuple[int, ...]:

@@ -11,11 +11,11 @@ jax2onnx 0.17.1 lowers an integer matmul only as `jnp.dot`/`jnp.matmul` with
 `preferred_element_type=jnp.int32` (the form `compress.quantize` uses);
 anything it cannot lower surfaces as a DnnrError naming the error. Only
 jax2onnx's JAX plugins are loaded: its Flax plugins replace `nn.Conv.__call__`
-and friends while tracing, which bypasses `compress.quantized_apply`. In a
-process where they were loaded already (an earlier `export_onnx` of a
-checkpoint), a quantized Linen Conv then fails loudly (its interception is
-bypassed and the jaxpr fallback cannot lower `lax.pad` with a symbolic batch),
-never silently.
+and friends while tracing, which would bypass `compress.quantized_apply`.
+Flax's float `nn.Conv` does not trace under the JAX plugins alone; such a
+function is exported from its jaxpr instead. Not lowered today: a Linen model
+mixing a float `nn.Conv` with int8 layers (the jaxpr route turns the int8 dot
+into an integer Gemm, which ONNX lacks); quantize its every Conv, or all of it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dnnr_jax.io.export import OPSET, _jax_and_flax_plugins_only
 def export_onnx_function(
     output: str | os.PathLike, apply_fn: Callable[[Any, Any], Any], params: Any,
     example_input: np.ndarray, *, check_inputs: np.ndarray | None = None,
-    tolerance: float = 5e-2, overwrite: bool = False,
+    tolerance: float = 1e-2, overwrite: bool = False,
 ) -> tuple[pathlib.Path, dict[str, Any]]:
   """Writes `apply_fn(params, input)` as ONNX at `output`, checked against JAX.
 
@@ -47,8 +47,10 @@ def export_onnx_function(
     params: baked into the graph as initializers.
     example_input: one batch; its dtype and non-batch shape define the input.
     check_inputs: rows to compare on (default: `example_input`).
-    tolerance: the largest absolute output difference allowed (integer paths
-      may differ by one activation code where the two round a tie apart).
+    tolerance: the largest output difference allowed, relative to the largest
+      |output| (at least 1): integer paths may differ by one activation code
+      where JAX and onnxruntime round a tie apart, and over many rows that
+      happens; the argmax must agree on every row.
     overwrite: replace an existing file.
 
   Returns:
@@ -68,9 +70,9 @@ def export_onnx_function(
 
   # JAX plugins only: jax2onnx's Flax plugins replace `nn.Conv.__call__` and
   # friends while it traces, which would bypass `compress.quantized_apply`.
-  # Flax's float layers do not trace under the JAX plugins alone, so a
+  # Flax's float Conv does not trace under the JAX plugins alone, so a
   # function that fails so is traced to a jaxpr first and exported from that
-  # (which in turn cannot lower `lax.pad` with a symbolic batch).
+  # (where, in turn, an int8 `jnp.dot` lowers to an invalid integer Gemm).
   try:
     model = _to_onnx(function, spec, output.stem)
   except Exception:  # jax2onnx raises many types for what it cannot lower.
@@ -110,8 +112,11 @@ def _check(serialized: bytes, function, inputs: np.ndarray, tolerance: float) ->
     reference.append(np.asarray(function(batch)))
   ours, reference = np.concatenate(ours), np.concatenate(reference)
   difference = float(np.max(np.abs(ours - reference)))
+  allowed = tolerance * max(1.0, float(np.max(np.abs(reference))))
   agreement = float(np.mean(np.argmax(ours, -1) == np.argmax(reference, -1)))
-  if difference > tolerance or agreement < 1.0:
-    raise DnnrError(f'onnxruntime disagrees with JAX (max difference {difference:.3g}, tolerance '
-                    f'{tolerance}, argmax agreement {agreement:.4f}); the export was not written.')
-  return {'max_abs_difference': difference, 'argmax_agreement': agreement, 'rows': len(inputs)}
+  if difference > allowed or agreement < 1.0:
+    raise DnnrError(f'onnxruntime disagrees with JAX (max difference {difference:.3g}, allowed '
+                    f'{allowed:.3g}, argmax agreement {agreement:.4f}); the export was not '
+                    'written.')
+  return {'max_abs_difference': difference, 'allowed': allowed, 'argmax_agreement': agreement,
+          'rows': len(inputs)}
