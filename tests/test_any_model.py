@@ -168,3 +168,16 @@ def test_nnx_mlp_quantized_and_qat():
   first, second = step(trained, optimizer), step(trained, optimizer)
   assert float(second) < float(first)
   assert not np.array_equal(before, trained.layers[0].kernel.value)
+
+
+def test_nnx_static_uses_calibrated_scales():
+  model = SmallMLP(nnx.Rngs(0))
+  inputs = jax.random.normal(jax.random.key(2), (6, 12))
+  rules = [compress.Rule('.*', mode='static')]
+  scales = compress.calibrate_nnx(model, rules, [inputs])
+  np.testing.assert_allclose(scales['layers/0'], np.abs(np.asarray(inputs)).max() / 127, rtol=1e-6)
+  with pytest.raises(QuantizationError, match="'layers/0' has a static rule but no activation"):
+    compress.quantize_nnx(model, rules)
+  quantized = compress.quantize_nnx(model, rules, scales)
+  error = float(jnp.max(jnp.abs(quantized(inputs) - model(inputs))))
+  assert 0 < error < 0.05
