@@ -27,6 +27,10 @@ _EXPORTS = {
     'DnnrError': 'dnnr_jax.errors',
     'export_onnx': 'dnnr_jax.io.export',
     'compact_initializers': 'dnnr_jax.io.onnx_storage',
+    'export_onnx_function': 'dnnr_jax.io.export_function',
+    'SavedParams': 'dnnr_jax.io.params_io',
+    'save_params': 'dnnr_jax.io.params_io',
+    'load_params': 'dnnr_jax.io.params_io',
     'FitResult': 'dnnr_jax.jobs.fit',
     'fit': 'dnnr_jax.jobs.fit',
     'evaluate_checkpoint': 'dnnr_jax.jobs.train',
@@ -60,9 +64,13 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+# Public names that differ from the name inside their module.
+_RENAMED = {'save_params': 'save', 'load_params': 'load'}
+
+
 def __getattr__(name: str):
   if name in _EXPORTS:
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    return getattr(importlib.import_module(_EXPORTS[name]), _RENAMED.get(name, name))
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 

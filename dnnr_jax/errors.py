@@ -23,3 +23,7 @@ class CheckpointError(DnnrError):
 
 class IntegrityError(CheckpointError):
   """An artifact no longer matches the digest recorded when it was written."""
+
+
+class QuantizationError(DnnrError):
+  """A quantization rule, layer or params tree the quantizer cannot use."""

@@ -167,9 +167,13 @@ def check_nm(n: int, m: int) -> None:
 
 
 def nm_masks_from_scores(scores: Masks, n: int = 2, m: int = 4) -> Masks:
-  """Keeps the n best scores of every m consecutive weights along axis 0 (the input axis).
+  """Keeps the n best scores of every m consecutive weights along the input axis.
 
-  Of equal scores in a group the earlier weight is pruned first.
+  The input axis is the one before the last: axis 0 of a Dense kernel [in, out],
+  the input channels of a Conv kernel [kh, kw, in, out] (so each output
+  channel keeps n of every m input channels at each kernel position, the
+  layout sparse tensor cores and `nm_masks` users expect). Of equal scores in
+  a group the earlier weight is pruned first.
 
   Raises:
     DnnrError: a leaf whose axis 0 is not a multiple of m.
@@ -177,7 +181,7 @@ def nm_masks_from_scores(scores: Masks, n: int = 2, m: int = 4) -> Masks:
   check_nm(n, m)
 
   def keep_group_best(key_path, score):
-    if score.ndim == 0 or score.shape[0] % m:
+    if score.ndim == 0 or score.shape[max(score.ndim - 2, 0)] % m:
       raise DnnrError(
           f'{path_name(key_path)} has shape {score.shape}, whose input axis is not a '
           f'multiple of m={m}; exclude it with `patterns` or choose another m.')
@@ -188,9 +192,11 @@ def nm_masks_from_scores(scores: Masks, n: int = 2, m: int = 4) -> Masks:
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _keep_group_best(score: jax.Array, n: int, m: int) -> jax.Array:
-  grouped = score.reshape((score.shape[0] // m, m) + score.shape[1:])
+  input_axis = max(score.ndim - 2, 0)
+  moved = jnp.moveaxis(score, input_axis, 0)
+  grouped = moved.reshape((moved.shape[0] // m, m) + moved.shape[1:])
   ranks = jnp.argsort(jnp.argsort(grouped, axis=1, stable=True), axis=1, stable=True)
-  return (ranks >= m - n).reshape(score.shape)
+  return jnp.moveaxis((ranks >= m - n).reshape(moved.shape), 0, input_axis)
 
 
 def nm_masks(

@@ -29,7 +29,7 @@ import numpy as np
 
 from dnnr_jax.compress.paths import DEFAULT_PATTERNS, select
 from dnnr_jax.config import CALIBRATION_METHODS, QuantizeConfig
-from dnnr_jax.errors import DnnrError
+from dnnr_jax.errors import DnnrError, QuantizationError
 
 BITS = (4, 8)  # Supported widths; codes of either are stored one per int8.
 
@@ -93,6 +93,13 @@ class QArray:
   def dequantize(self) -> jax.Array:
     """float32 approximation of the original array."""
     return dequantize(self)
+
+  def __jax_array__(self):
+    # Reached when float code (a Flax layer outside the quantized context) takes a QArray.
+    raise QuantizationError(
+        f'a QArray of shape {self.shape} was used as a float array; run the model through '
+        'compress.quantized_apply (Linen) or compress.quantize_nnx (NNX) with a rule for '
+        'its layer, or dequantize_params first.')
 
 
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:

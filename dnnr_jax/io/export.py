@@ -212,7 +212,7 @@ def _compute_kind(model: LoadedModel) -> str:
 
 
 @contextlib.contextmanager
-def _jax_and_flax_plugins_only():
+def _jax_and_flax_plugins_only(trees=('jax', 'flax')):
   """Lets jax2onnx load only its JAX and Flax plugins for one conversion.
 
   A process's first `to_onnx` imports every plugin jax2onnx ships, and its
@@ -239,7 +239,7 @@ def _jax_and_flax_plugins_only():
     return
   try:
     root = pathlib.Path(plugin_system.__file__).parent
-    for tree in ('jax', 'flax'):
+    for tree in trees:
       loader(root / tree, f'jax2onnx.plugins.{tree}')
     plugin_system._already_imported_plugins = True
   except Exception:  # The public path (every plugin) still converts.
