@@ -291,3 +291,23 @@ def test_kinds_mirror_the_checkpoint_module():
 
   assert registry.KINDS == {kind: pattern for kind, (_, pattern) in checkpoint_lib.KINDS.items()}
   assert all(folder == kind for kind, (folder, _) in checkpoint_lib.KINDS.items())
+
+
+def test_edited_metadata_is_listed_as_damaged(tmp_path):
+  # The digest `save_checkpoint` records covers the metadata; an edit shows.
+  from dnnr_jax.io import integrity
+
+  models = tmp_path / 'models'
+  sealed = checkpoint(models, 'final', '1.0')
+  target = sealed / 'metadata' / 'metadata'
+  target.write_text(json.dumps(integrity.seal(json.loads(target.read_text()), None)))
+  def state_of(path):
+    files = {str(file.relative_to(path)) for file in path.rglob('*') if file.is_file()}
+    return artifact_state.checkpoint_state(path, files)
+
+  assert state_of(sealed)[0] == 'ok'
+  metadata = json.loads(target.read_text())
+  metadata['config']['data']['mean'] = 0.5
+  target.write_text(json.dumps(metadata))
+  state, problem, _ = state_of(sealed)
+  assert state == 'damaged' and 'digest' in problem

@@ -13,7 +13,8 @@ import json
 import pathlib
 from typing import Any
 
-from dnnr_jax.io import onnx_props
+from dnnr_jax.errors import IntegrityError
+from dnnr_jax.io import integrity, onnx_props
 
 FORMAT = 'dnnr_jax'
 STATES = ('ok', 'damaged', 'incomplete')
@@ -54,8 +55,11 @@ def checkpoint_state(path: pathlib.Path, files: set[str]) -> tuple[str, str, dic
   malformed = _malformed(metadata)
   if malformed:
     return 'damaged', f'its metadata has {malformed} where a mapping belongs', metadata
-  # The integrity check of the metadata's recorded digest (no arrays read) goes here:
-  # a mismatch makes the checkpoint 'damaged', with its sentence as the problem.
+  try:  # The metadata's recorded digest; no array is read.
+    integrity.verify_metadata(path, metadata)
+  except IntegrityError:
+    return 'damaged', 'its metadata no longer matches the digest recorded when it was saved', (
+        metadata)
   return 'ok', '', metadata
 
 

@@ -23,8 +23,6 @@ import json
 import os
 from typing import Any
 
-import numpy as np
-
 from dnnr_jax.errors import DnnrError, IntegrityError
 
 ALGORITHM = 'sha256'
@@ -34,6 +32,8 @@ ONNX_KEY = 'dnnr_jax.digest'
 
 def array_digest(array: Any) -> str:
   """SHA-256 of an array's dtype, shape and bytes (C order)."""
+  import numpy as np  # Here, so that reading metadata digests (`dnnr models`) needs no NumPy.
+
   array = np.ascontiguousarray(np.asarray(array))
   digest = hashlib.sha256(f'{array.dtype.str}{list(array.shape)}'.encode())
   digest.update(memoryview(array).cast('B') if array.size else b'')
