@@ -260,23 +260,13 @@ def _expensive_only(module: EarlyExitMLP, hidden: jax.Array) -> jax.Array:
 
 def model_from_config(config, *, weight_only: bool = False) -> nn.Module:
   """The module a `Config` describes (family, widths, router and routing mode)."""
+  common = dict(hidden_sizes=tuple(config.model.hidden_sizes),
+                num_classes=config.model.num_classes, routing=config.routing.mode,
+                weight_only=weight_only)
   if config.model.family == 'early_exit':
-    return EarlyExitMLP(
-        hidden_sizes=tuple(config.model.hidden_sizes),
-        num_classes=config.model.num_classes,
-        exit_after=config.model.exit_after,
-        exit_width=config.model.exit_width,
-        router=config.routing.router,
-        routing=config.routing.mode,
-        weight_only=weight_only,
-    )
-  return DynamicMLP(
-      hidden_sizes=tuple(config.model.hidden_sizes),
-      deep_size=config.model.deep_size,
-      num_classes=config.model.num_classes,
-      routing=config.routing.mode,
-      weight_only=weight_only,
-  )
+    return EarlyExitMLP(exit_after=config.model.exit_after, exit_width=config.model.exit_width,
+                        router=config.routing.router, **common)
+  return DynamicMLP(deep_size=config.model.deep_size, **common)
 
 
 def init_variables(

@@ -50,11 +50,7 @@ def route(
   if mode == 'batch':
     means = {name: jnp.mean(values) for name, values in complexity.items()}
     return jnp.broadcast_to(deep_rule(means, thresholds), (batch_size,))
-  if mode == 'deep':
-    return jnp.ones((batch_size,), bool)
-  if mode == 'shallow':
-    return jnp.zeros((batch_size,), bool)
-  raise ValueError(f'routing mode {mode!r} is not one of {ROUTING_MODES}')
+  return fixed_route(mode, batch_size)
 
 
 def confidence(logits: jax.Array) -> jax.Array:
@@ -79,11 +75,7 @@ def confidence_route(exit_logits: jax.Array, threshold: jax.Array, mode: str) ->
     return scores < threshold
   if mode == 'batch':
     return jnp.broadcast_to(jnp.mean(scores) < threshold, (batch_size,))
-  if mode == 'deep':
-    return jnp.ones((batch_size,), bool)
-  if mode == 'shallow':
-    return jnp.zeros((batch_size,), bool)
-  raise ValueError(f'routing mode {mode!r} is not one of {ROUTING_MODES}')
+  return fixed_route(mode, batch_size)
 
 
 # Bucket capacities in sixteenths of the batch: fine where deep fractions of
@@ -157,3 +149,12 @@ def run_on_routed(
     return operands[-1]
 
   return cond(count == 0, skip, ladder(0), *context, hidden, order, count, shallow)
+
+
+def fixed_route(mode: str, batch_size: int) -> jax.Array:
+  """The routes of the modes that ignore the inputs: 'deep' or 'shallow', bool [B]."""
+  if mode == 'deep':
+    return jnp.ones((batch_size,), bool)
+  if mode == 'shallow':
+    return jnp.zeros((batch_size,), bool)
+  raise ValueError(f'routing mode {mode!r} is not one of {ROUTING_MODES}')

@@ -262,19 +262,13 @@ def restore_variables(path: str | os.PathLike, layout: dict[str, Any],
   try:
     restored = _restore_item(path, abstract)
   except Exception as error:  # A truncated file surfaces from TensorStore.
-    raise CheckpointError(
-        f'{path} is damaged or incomplete (its arrays could not be read: '
-        f'{_short(error)}); restore it from a copy or write it again.'
-    ) from None
+    raise _unreadable(path, error) from None
   if metadata is not None:
     integrity.verify_arrays(path, metadata, restored)
   try:
     return (storage.decode_blobs if blobs else storage.decode_variables)(restored, layout)
   except Exception as error:  # A truncated file surfaces from TensorStore.
-    raise CheckpointError(
-        f'{path} is damaged or incomplete (its arrays could not be read: '
-        f'{_short(error)}); restore it from a copy or write it again.'
-    ) from None
+    raise _unreadable(path, error) from None
 
 
 def restore_sharded(path: str | os.PathLike, target: Any) -> Any:
@@ -319,9 +313,7 @@ def restore_sharded(path: str | os.PathLike, target: Any) -> Any:
       restored = checkpointer.restore(path, args=ocp.args.Composite(
           variables=ocp.args.StandardRestore(target)))
   except Exception as error:  # A truncated file surfaces from TensorStore.
-    raise CheckpointError(
-        f'{path} is damaged or incomplete (its arrays could not be read: '
-        f'{_short(error)}); restore it from a copy or write it again.') from None
+    raise _unreadable(path, error) from None
   return restored['variables']
 
 
@@ -503,6 +495,12 @@ def _existing_checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
         f'{path} is not a directory; pass a checkpoint directory such as '
         'models/final/model_v1.0_final.')
   return path
+
+
+def _unreadable(path: pathlib.Path, error: Exception) -> CheckpointError:
+  return CheckpointError(
+      f'{path} is damaged or incomplete (its arrays could not be read: '
+      f'{_short(error)}); restore it from a copy or write it again.')
 
 
 def _short(error: Exception) -> str:

@@ -251,6 +251,18 @@ def _jax_and_flax_plugins_only(trees=('jax', 'flax')):
     plugin_system._already_imported_plugins = False
 
 
+def _difference(logits, deep_path, reference_logits, reference_path,
+                tolerance: float) -> float | None:
+  """The largest logit difference if two runs agree (within `tolerance`, same argmax
+  and routes), else None."""
+  difference = float(np.max(np.abs(logits - reference_logits)))
+  if (difference > tolerance
+      or not np.array_equal(np.argmax(logits, -1), np.argmax(reference_logits, -1))
+      or not np.array_equal(deep_path, reference_path)):
+    return None
+  return difference
+
+
 def check_against_jax(serialized: bytes, function, inputs: np.ndarray,
                       tolerance: float) -> dict[str, Any]:
   """Runs onnxruntime and JAX on batches of 1, 7 and 128 rows of `inputs`."""
@@ -263,11 +275,10 @@ def check_against_jax(serialized: bytes, function, inputs: np.ndarray,
     batch = inputs[:batch_size]
     logits, deep_path = session.run(['logits', 'deep_path'], {'input': batch})
     reference_logits, reference_path = (np.asarray(value) for value in jitted(batch))
-    difference = float(np.max(np.abs(logits - reference_logits)))
-    differences[batch_size] = difference
-    if (difference > tolerance
-        or not np.array_equal(np.argmax(logits, -1), np.argmax(reference_logits, -1))
-        or not np.array_equal(deep_path, reference_path)):
+    difference = differences[batch_size] = _difference(
+        logits, deep_path, reference_logits, reference_path, tolerance)
+    if difference is None:
+      difference = float(np.max(np.abs(logits - reference_logits)))
       raise DnnrError(
           f'onnxruntime disagrees with JAX at batch {batch_size} (max logit difference '
           f'{difference:.3g}, tolerance {tolerance}, routes equal: '
@@ -338,11 +349,10 @@ def check_against_reference(onnx_model, inputs: np.ndarray, tolerance: float) ->
     batch = inputs[:batch_size]
     logits, deep_path = session.run(['logits', 'deep_path'], {'input': batch})
     reference_logits, reference_path = reference.run(['logits', 'deep_path'], {'input': batch})
-    difference = float(np.max(np.abs(logits - reference_logits)))
-    differences[batch_size] = difference
-    if (difference > tolerance
-        or not np.array_equal(np.argmax(logits, -1), np.argmax(reference_logits, -1))
-        or not np.array_equal(deep_path, reference_path)):
+    difference = differences[batch_size] = _difference(
+        logits, deep_path, reference_logits, reference_path, tolerance)
+    if difference is None:
+      difference = float(np.max(np.abs(logits - reference_logits)))
       raise DnnrError(
           f'ONNX\'s reference evaluator disagrees with onnxruntime at batch {batch_size} '
           f'(max logit difference {difference:.3g}, tolerance {tolerance}); the export was '
