@@ -121,11 +121,7 @@ def run_pipeline(
   report_dir = models_dir / 'reports' / f'v{version}'
   stage = _Stages(on_stage or (lambda stage, event: None))
   dataset = load_dataset(config.data, data_dir)  # Fails early on missing data.
-  # Refuse before any work, not after an hour of it. An artifact is reused only
-  # when its inputs are too: a retrained final model rebuilds everything after it.
-  reuse = {kind: _reusable(paths[kind], hashes[kind], force) for kind in ARTIFACTS}
-  reuse['pruned'] = reuse['pruned'] and reuse['final']
-  reuse['quantized'] = reuse['quantized'] and reuse[config.compress.quantize.source]
+  reuse = _reuse_plan(config, paths, hashes, force)  # Refuses before any work.
   rebuild = {kind: force or not reuse[kind] for kind in ARTIFACTS}
 
   def epochs(name):
@@ -177,13 +173,24 @@ def run_pipeline(
     return PipelineResult(report_dir, {'rows': []}, stage.ran, stage.skipped)
   stage.on_stage('report', 'start')
   report = build_report(config, paths, onnx_paths, dataset, report_dir, hashes)
-  report['stage_seconds'] = stage.seconds
-  report['ran'], report['skipped'] = stage.ran, stage.skipped
+  report.update(stage_seconds=stage.seconds, ran=stage.ran, skipped=stage.skipped)
   write_report(report, report_dir)
   for kind in ARTIFACTS:  # After the report, so each card cites its ONNX accuracy.
     model_card.write_card(models_dir, str(paths[kind]))
   stage.on_stage('report', 'done')
   return PipelineResult(report_dir, report, stage.ran, stage.skipped)
+
+
+def _reuse_plan(config: Config, paths, hashes, force: bool) -> dict[str, bool]:
+  """Which artifacts to reuse; refuses one made from other settings, before any work.
+
+  An artifact is reused only when its inputs are too: a retrained final model
+  rebuilds everything after it.
+  """
+  reuse = {kind: _reusable(paths[kind], hashes[kind], force) for kind in ARTIFACTS}
+  reuse['pruned'] = reuse['pruned'] and reuse['final']
+  reuse['quantized'] = reuse['quantized'] and reuse[config.compress.quantize.source]
+  return reuse
 
 
 @dataclasses.dataclass
