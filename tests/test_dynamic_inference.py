@@ -11,7 +11,7 @@ import onnx
 import onnxruntime
 import pytest
 
-from dnnr_jax.config import load_config
+from dnnr_jax.config import PruneConfig, QuantizeConfig, load_config
 from dnnr_jax.cost import route_cost
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
@@ -185,15 +185,17 @@ def test_prune_quantize_and_export_keep_working(routed_onnx, tmp_path):
   from dnnr_jax.jobs import compress as compress_jobs
 
   path = routed_onnx[0].path  # calibrated: half the examples take each route
-  pruned, summary = compress_jobs.prune_checkpoint(
-      path, sparsity=0.5, finetune_epochs=1, models_dir=tmp_path)
+  pruned = compress_jobs.prune_checkpoint(path, PruneConfig(
+      sparsity=0.5, schedule='oneshot', finetune_epochs=1), models_dir=tmp_path)
   # The route report compares routes with the source and scores each route.
-  assert summary['routes']['route_agreement'] > 0.6
-  assert summary['routes']['deep_accuracy'] is not None
-  assert summary['routes']['shallow_accuracy'] is not None
-  quantized, summary = compress_jobs.quantize_checkpoint(pruned, mode='static',
-                                                         models_dir=tmp_path)
-  assert summary['metrics']['test']['accuracy'] > 0.8
+  routes = pruned.metadata['routes']
+  assert routes['route_agreement'] > 0.6
+  assert routes['deep_accuracy'] is not None
+  assert routes['shallow_accuracy'] is not None
+  quantized = compress_jobs.quantize_checkpoint(
+      pruned.path, QuantizeConfig(mode='static'), models_dir=tmp_path)
+  assert quantized.metadata['metrics']['test']['accuracy'] > 0.8
+  quantized = quantized.path
   output, report = export.export_onnx(quantized, check_inputs=export.real_check_inputs(path))
   graph = onnx.load(output).graph
   (branch,) = [node for node in graph.node if node.op_type == 'If']
