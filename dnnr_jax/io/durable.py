@@ -36,6 +36,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from typing import Callable, TypeVar
@@ -112,6 +113,8 @@ def acquire(target: str | os.PathLike) -> None:
     DnnrError: another process is writing `target`, or its folder is not a
       writable directory.
   """
+  if not _primary():  # One run of several processes: process 0 holds its locks.
+    return
   target = pathlib.Path(target).absolute()
   if target in _HELD:
     _HELD[target][1] += 1
@@ -165,6 +168,8 @@ def holding_locks(job: _Job) -> _Job:
 
 def recover(target: str | os.PathLike) -> None:
   """Finishes or undoes a replacement that a crash interrupted (see the module doc)."""
+  if not _primary():  # Process 0 alone moves a run's directories.
+    return
   target = pathlib.Path(target)
   retired = retired_path(target)
   if retired.exists():
@@ -251,6 +256,12 @@ def _discard(retired: pathlib.Path) -> None:
   trash = retired.with_name(retired.name.removesuffix('.old') + '.trash')
   os.rename(retired, trash)  # Never a half-deleted `.old` that `recover` would restore.
   shutil.rmtree(trash)
+
+
+def _primary() -> bool:
+  """Whether this is process 0 of a multi-process JAX run (or no such run)."""
+  jax = sys.modules.get('jax')  # Never imported here: `dnnr predict` runs without JAX.
+  return jax is None or jax.process_index() == 0
 
 
 def _lock_path(target: pathlib.Path) -> pathlib.Path:
