@@ -109,8 +109,8 @@ def main():
   params = model.init(jax.random.key(0), test_x[:1])['params']
   dense, _ = train(model, params, optax.adam(1e-3), train_x, train_y, args.epochs, 0)
   steps = args.epochs * (len(train_x) // 128)
-  tx = compress.pruning(optax.adam(5e-4), update_every=50, sparsity_schedule=(
-      compress.cubic_sparsity_schedule(0.0, 0.9, 0, int(steps * 0.7))))
+  tx = compress.pruning(optax.adam(5e-4), compress.magnitude_pruner(
+      compress.cubic_sparsity_schedule(0.0, 0.9, 0, int(steps * 0.7))), update_every=50)
   pruned, opt_state = train(model, dense, tx, train_x, train_y, args.epochs, 1)
   pruned = compress.apply_masks(pruned, compress.final_masks(opt_state))
   rules = [compress.Rule('.*', mode='dynamic')]
