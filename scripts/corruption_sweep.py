@@ -54,17 +54,20 @@ def sweep_checkpoint(path: pathlib.Path, flips: int, mask: int, scratch: pathlib
       shutil.rmtree(copy, ignore_errors=True)
       shutil.copytree(path, copy)
       _flip(copy / relative, position, mask)
-      try:
-        loaded = checkpoint.load_model(copy)
-      except IntegrityError:
-        counts['digest'] += 1
-        continue
-      except DnnrError:
-        counts['refused'] += 1
-        continue
-      same = _same(loaded.variables, good.variables) and loaded.metadata == good.metadata
-      counts['harmless' if same else 'wrong'] += 1
+      counts[_outcome(checkpoint.load_model, copy, lambda loaded: _same(
+          loaded.variables, good.variables) and loaded.metadata == good.metadata)] += 1
   return dict(counts)
+
+
+def _outcome(load, path: pathlib.Path, unchanged) -> str:
+  """'digest' or 'refused' when `load(path)` fails, else 'harmless' or 'wrong'."""
+  try:
+    loaded = load(path)
+  except IntegrityError:
+    return 'digest'
+  except DnnrError:
+    return 'refused'
+  return 'harmless' if unchanged(loaded) else 'wrong'
 
 
 def sweep_onnx(path: pathlib.Path, flips: int, mask: int, scratch: pathlib.Path):
@@ -76,16 +79,8 @@ def sweep_onnx(path: pathlib.Path, flips: int, mask: int, scratch: pathlib.Path)
     copy = scratch / path.name
     shutil.copy(path, copy)
     _flip(copy, position, mask)
-    try:
-      model = serve.load_onnx(copy)
-    except IntegrityError:
-      counts['digest'] += 1
-      continue
-    except DnnrError:
-      counts['refused'] += 1
-      continue
-    same = np.array_equal(model.predict(inputs), reference) and model.metadata == good.metadata
-    counts['harmless' if same else 'wrong'] += 1
+    counts[_outcome(serve.load_onnx, copy, lambda model: np.array_equal(
+        model.predict(inputs), reference) and model.metadata == good.metadata)] += 1
   return dict(counts)
 
 

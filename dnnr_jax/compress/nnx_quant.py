@@ -88,15 +88,8 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[Rule],
     QuantizationError: a bad rule, a pattern that matches no layer, a matched
       layer of an unsupported kind, or a static rule without its scale.
   """
-  rules = rules_lib.check_rules(rules)
-  found = nnx_layers(model)
-  rules_lib.check_coverage(rules, found, layers.NNX_KINDS, 'nnx')
-  model = nnx.clone(model)
-  for path, node in list(nnx.iter_graph(model)):
-    name = _path_name(path)
-    rule = rules_lib.rule_for(rules, name) if name in found else None
-    if rule is None or isinstance(node, QuantizedLayer):
-      continue
+  model, matched = _matched_layers(model, rules)
+  for path, name, node, rule in matched:
     scale = None
     if rule.mode == 'static':
       if not activation_scales or name not in activation_scales:
@@ -114,14 +107,9 @@ def calibrate_nnx(model: nnx.Module, rules: Sequence[Rule], batches: Iterable[An
   Runs the float `model` on `batches` through `quantize.calibrate` (its
   `method` and `percentile` pass through `calibration`).
   """
-  rules = rules_lib.check_rules(rules)
-  found = nnx_layers(model)
-  rules_lib.check_coverage(rules, found, layers.NNX_KINDS, 'nnx')
-  recording = nnx.clone(model)
-  for path, node in list(nnx.iter_graph(recording)):
-    name = _path_name(path)
-    if name in found and rules_lib.rule_for(rules, name) is not None:
-      _replace(recording, path, _InputRecorder(node, name))
+  recording, matched = _matched_layers(model, rules)
+  for path, name, node, _ in matched:
+    _replace(recording, path, _InputRecorder(node, name))
 
   def inputs_of(batch):
     record: dict[str, jax.Array] = {}
@@ -134,6 +122,26 @@ def calibrate_nnx(model: nnx.Module, rules: Sequence[Rule], batches: Iterable[An
 
   ranges = quantize.calibrate(inputs_of, batches, **calibration)
   return {path: value.scale() for path, value in ranges.items()}
+
+
+def _matched_layers(model: nnx.Module, rules: Sequence[Rule]) -> tuple[nnx.Module, list]:
+  """A clone of `model` and its (path, name, layer, rule) for each rule-matched layer.
+
+  Raises:
+    QuantizationError: a bad rule, a pattern that matches no layer, or a
+      matched layer of an unsupported kind.
+  """
+  rules = rules_lib.check_rules(rules)
+  found = nnx_layers(model)
+  rules_lib.check_coverage(rules, found, layers.NNX_KINDS, 'nnx')
+  model = nnx.clone(model)
+  matched = []
+  for path, node in list(nnx.iter_graph(model)):
+    name = _path_name(path)
+    rule = rules_lib.rule_for(rules, name) if name in found else None
+    if rule is not None and not isinstance(node, QuantizedLayer):
+      matched.append((path, name, node, rule))
+  return model, matched
 
 
 def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
