@@ -86,7 +86,7 @@ def _evaluate(args: argparse.Namespace) -> int:
   from dnnr_jax.jobs import train as jobs
 
   metrics = jobs.evaluate_checkpoint(
-      args.model_path, data_dir=args.data_dir, split=args.split)
+      args.model_path, data_dir=args.data_dir, split=args.split, devices=args.devices)
   if args.json:
     print(json.dumps(metrics))
     return 0
@@ -483,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument('--data-dir', help='directory with the MNIST IDX files')
   evaluate.add_argument('--split', default='test',
                         choices=('train', 'validation', 'test'))
+  evaluate.add_argument('--devices', type=int, metavar='N',
+                        help="shard the split over N devices (0: all; default: the "
+                             "checkpoint's training.mesh)")
   evaluate.add_argument('--json', action='store_true', help='print one JSON object')
   evaluate.set_defaults(handler=_evaluate)
 

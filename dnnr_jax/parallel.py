@@ -39,6 +39,10 @@ def mesh_from_config(settings: MeshConfig) -> Mesh:
     DnnrError: more devices are asked for than there are.
   """
   devices = jax.devices()
+  if settings.devices < 0:
+    raise DnnrError(
+        f'training.mesh.devices = {settings.devices} is negative; give a device count, '
+        'or 0 for all of them.')
   count = settings.devices or len(devices)
   if count > len(devices):
     raise DnnrError(

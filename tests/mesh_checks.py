@@ -20,6 +20,7 @@ from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint
 from dnnr_jax.io.data import load_dataset
 from dnnr_jax.jobs import benchmark
+from dnnr_jax.jobs import train as train_jobs
 from dnnr_jax.jobs.fit import fit
 from tests.conftest import SMOKE_CONFIG
 
@@ -59,6 +60,7 @@ def main(out: pathlib.Path) -> dict:
   checkpoint.save_checkpoint(out / 'saved_on_8', jax.device_get(fsdp.variables), {
       'kind': 'final', 'config': base.to_dict(), 'num_features': 64})
   np.savez(out / 'saved_on_8.npz', *[np.asarray(x) for x in jax.tree.leaves(fsdp.variables)])
+  results['evaluated_on_8'] = train_jobs.evaluate_checkpoint(out / 'saved_on_8', devices=8)
   # The reverse: one saved on 1 device by the parent, restored into 8 shards.
   mesh = parallel.mesh_from_config(load_config(SMOKE_CONFIG).training.mesh)
   target = jax.tree.map(

@@ -23,6 +23,7 @@ from dnnr_jax.config import MeshConfig, load_config
 from dnnr_jax.errors import CheckpointError
 from dnnr_jax.io import checkpoint
 from dnnr_jax.io.data import load_dataset
+from dnnr_jax.jobs import train as train_jobs
 from dnnr_jax.jobs.fit import fit
 from tests.cli_helpers import assert_one_line_error, one_json, run
 from tests.conftest import ROOT, SMOKE_CONFIG
@@ -63,6 +64,18 @@ def test_fsdp_shards_kernels_and_takes_the_same_steps(checks):
   _, results, _ = checks
   assert results['fsdp_shardings'] == ["P('data',)", 'P()']
   assert 0 <= results['fsdp_max_param_difference'] < PARAM_TOLERANCE
+
+
+def test_evaluation_over_eight_devices_equals_one_device(checks):
+  out, results, _ = checks
+  on_8 = results['evaluated_on_8']
+  on_1 = train_jobs.evaluate_checkpoint(out / 'saved_on_8', devices=1)
+  assert (on_8['devices'], on_1['devices']) == (8, 1)
+  assert on_8['n'] == on_1['n'] == 360
+  # Counts are exact; the summed loss is reassociated over the shards.
+  assert on_8['accuracy'] == on_1['accuracy']
+  assert on_8['deep_fraction'] == on_1['deep_fraction']
+  assert abs(on_8['loss'] - on_1['loss']) < 1e-5
 
 
 def test_saved_on_one_device_restores_into_eight_shards(checks):

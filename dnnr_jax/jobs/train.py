@@ -6,6 +6,7 @@ Python code can do by calling the same function.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -13,6 +14,7 @@ from typing import Any
 
 import jax
 
+from dnnr_jax import parallel
 from dnnr_jax.config import Config
 from dnnr_jax.errors import CheckpointError, DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
@@ -116,11 +118,15 @@ def evaluate_checkpoint(
     *,
     data_dir: str | os.PathLike | None = None,
     split: str = 'test',
+    devices: int | None = None,
 ) -> dict[str, Any]:
   """Loss, accuracy and deep-path fraction of a checkpoint on its data set.
 
   The data set and normalisation are the ones the checkpoint was trained
-  with; `data_dir` only says where to find them.
+  with; `data_dir` only says where to find them. The split is sharded by
+  rows over a data-parallel mesh (`parallel.mesh_from_config`) of `devices`
+  devices (0: all; None: the checkpoint's `training.mesh`, or every device
+  when it asks for more than there are), and the variables replicated on it.
 
   Returns:
     {'accuracy', 'loss', 'deep_fraction', 'n', 'split', 'dataset', 'model'}.
@@ -137,7 +143,15 @@ def evaluate_checkpoint(
         f'{dataset.name} has {dataset.num_features} features but '
         f'{model.path.name} takes {model.num_features}; pass the data it was '
         'trained on.')
-  metrics = evaluate(model.model, model.variables, chosen,
-                     model.config.training.eval_batch_size)
+  settings = parallel.within_reach(model.config.training.mesh)
+  if devices is not None:
+    settings = dataclasses.replace(settings, devices=devices)
+  mesh = parallel.mesh_from_config(settings)
+  variables = model.variables
+  if mesh.size > 1:
+    chosen = parallel.shard_rows(chosen, mesh, pad=False)[0]
+    variables = parallel.put(
+        variables, jax.tree.map(lambda _: parallel.replicated(mesh), variables))
+  metrics = evaluate(model.model, variables, chosen, model.config.training.eval_batch_size)
   return {**metrics, 'split': split, 'dataset': dataset.name,
-          'model': str(model.path)}
+          'model': str(model.path), 'devices': mesh.size}
