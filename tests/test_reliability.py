@@ -357,7 +357,7 @@ def cli_cases(tmp_path_factory, trained):
     ('tiny_std', ['data.std']),
     ('arabic_version', ['MAJOR.MINOR']),
     ('export_to_proc', ['/proc', 'not a writable directory']),
-    ('damaged_frames', ['damaged_frames', 'damaged', 'write it again']),
+    ('damaged_frames', ['damaged_frames', 'does not decode', 'write it again']),
     ('models_dir_dev_null', ['/dev/null', 'not a writable directory']),
     ('benchmark_missing_dir', ['missing', 'not a writable directory']),
     ('benchmark_existing', ['existing.json', '--overwrite']),
