@@ -45,6 +45,8 @@ CODECS = {
     'zstd 3': zstandard.ZstdCompressor(level=3).compress,
     'zstd 19': zstandard.ZstdCompressor(level=19).compress,
     'zstd 22': zstandard.ZstdCompressor(level=22).compress,
+    'brotli 5': lambda raw: brotli.compress(raw, quality=5),
+    'brotli 10': lambda raw: brotli.compress(raw, quality=10),
     'brotli 11': lambda raw: brotli.compress(raw, quality=11),
 }
 

@@ -319,3 +319,18 @@ def test_a_layer_whose_names_would_clash_keeps_named_leaves():
   assert list(arrays['layer'][storage.CODED][storage.CODED].shape) == [sum(
       layout[f'layer/{storage.CODED}/kernel']['frames'].values())]
   tree_allclose(storage.decode_variables(arrays, layout), variables, rtol=0, atol=0)
+
+
+def test_a_large_stream_is_coded_fast_and_round_trips():
+  from dnnr_jax.io import entropy
+
+  rng = np.random.default_rng(0)
+  large = rng.geometric(0.2, size=entropy.LARGE_STREAM + 1).astype(np.uint8)
+  small = large[:1000].astype(np.float32)
+  coded, lengths = entropy.encode_frames([large, small])
+  assert lengths[0] < 0.6 * large.nbytes
+  decoded = entropy.decode_frames(coded, [('uint8', large.shape, lengths[0]),
+                                          ('float32', small.shape, lengths[1])])
+  np.testing.assert_array_equal(decoded[0], large)
+  np.testing.assert_array_equal(decoded[1], small)
+  assert decoded[1].dtype == np.float32
