@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -70,3 +71,28 @@ def assert_one_line_error(result: subprocess.CompletedProcess, words) -> None:
   assert lines[0].startswith('error: ')
   for word in words:
     assert word in lines[0]
+
+
+def write_damaged_frames(path: pathlib.Path, final: pathlib.Path) -> None:
+  """A 4-bit model of `final` whose coded frames were damaged before their digests were taken.
+
+  Its digests match, so only the decoder can tell: a codec that fails to decode.
+  """
+  from dnnr_jax.compress.quantize import QuantSpec, quantize_params
+  from dnnr_jax.io import checkpoint, entropy
+
+  source = checkpoint.load_model(final)
+  params = quantize_params(source.variables['params'], QuantSpec(bits=4))
+  kept = {key: value for key, value in source.metadata.items()
+          if key not in ('format', 'format_version', 'created', 'library_versions', 'layout',
+                         'integrity')}
+  encode = entropy.encode_frames
+
+  def damaged(arrays):
+    coded, lengths = encode(arrays)
+    return coded ^ np.uint8(0xff), lengths
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(entropy, 'encode_frames', damaged)
+    checkpoint.save_checkpoint(path, {**source.variables, 'params': params},
+                               {**kept, 'kind': 'quantized'})

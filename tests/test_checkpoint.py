@@ -14,7 +14,7 @@ import pytest
 from dnnr_jax.complexity import batch_complexity
 from dnnr_jax.config import load_config
 from dnnr_jax.errors import CheckpointError, DnnrError
-from dnnr_jax.io import checkpoint
+from dnnr_jax.io import checkpoint, storage
 from dnnr_jax.io.data import load_dataset
 from dnnr_jax.jobs import train as jobs
 from dnnr_jax.jobs.fit import FitResult, fit
@@ -119,8 +119,6 @@ def test_save_checkpoint_round_trip_and_predict(tmp_path, trained, config, digit
 
 def _write_blob_format(path: pathlib.Path, variables, metadata, format_version: int) -> None:
   """A real checkpoint of formats 2 to 4: one blob per dtype, as those versions wrote it."""
-  from dnnr_jax.io import storage
-
   with pytest.MonkeyPatch.context() as patch:
     if format_version == 2:  # 2 stored every float32 array as float32.
       patch.setattr(storage, '_narrowed', lambda array: array)
@@ -158,6 +156,49 @@ def test_an_earlier_format_still_loads(tmp_path, trained, format_version, bits):
   tree_allclose(loaded.variables, variables, rtol=0, atol=0)
 
 
+FORMAT5 = pathlib.Path(__file__).parent / 'data' / 'format5'
+
+
+def test_a_format_5_checkpoint_still_loads_exactly():
+  """tests/data/format5 was written by the format-5 writer (tests/data/make_format5.py)."""
+  from dnnr_jax.compress.quantize import QArray
+
+  path = FORMAT5 / 'checkpoint'
+  # Format 5: each encoding's arrays as named leaves under the layer.
+  restored = ocp.StandardCheckpointer().restore(path / 'variables')
+  assert sorted(restored['params']['trunk_0']['kernel']) == ['gaps', 'scale', 'values']
+  assert sorted(restored['params']['shortcut']['kernel']) == ['packed', 'scale']
+  loaded = checkpoint.load_model(path)
+  assert loaded.metadata['format_version'] == 5
+  with np.load(FORMAT5 / 'expected.npz') as expected:
+    expected = dict(expected)
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(
+      loaded.variables, is_leaf=lambda leaf: isinstance(leaf, QArray))[0]:
+    name = '/'.join(key.key for key in key_path)
+    arrays = ({name + '/codes': leaf.value, name + '/scale': leaf.scale}
+              if isinstance(leaf, QArray) else {name: leaf})
+    if isinstance(leaf, QArray) and leaf.zero_point is not None:
+      arrays[name + '/zero_point'] = leaf.zero_point
+    for key, array in arrays.items():
+      reference = expected.pop(key)
+      assert np.asarray(array).dtype == reference.dtype, key
+      np.testing.assert_array_equal(np.asarray(array), reference)
+  assert not expected  # every saved array came back
+  assert loaded.predict(np.ones((2, 64), np.float32)).shape == (2, 10)
+
+
+def test_a_format_5_checkpoint_saved_again_is_format_6_and_equal(tmp_path):
+  source = checkpoint.load_model(FORMAT5 / 'checkpoint')
+  kept = {key: value for key, value in source.metadata.items()
+          if key not in ('format', 'format_version', 'created', 'library_versions', 'layout',
+                         'integrity')}
+  path = checkpoint.save_checkpoint(tmp_path / 'again', source.variables, kept)
+  again = checkpoint.load_model(path)
+  assert again.metadata['format_version'] == checkpoint.FORMAT_VERSION == 6
+  tree_allclose(again.variables, source.variables, rtol=0, atol=0)
+  assert storage.directory_bytes(path) < storage.directory_bytes(FORMAT5 / 'checkpoint')
+
+
 @pytest.mark.parametrize('bits', [None, 8, 4])
 def test_plain_orbax_restore_shows_the_model(tmp_path, trained, bits):
   from dnnr_jax.compress.prune import apply_masks, magnitude_masks
@@ -176,17 +217,25 @@ def test_plain_orbax_restore_shows_the_model(tmp_path, trained, bits):
   assert sorted(restored) == ['params', 'thresholds']
   assert sorted(restored['thresholds']) == ['entropy', 'sparsity', 'variance']
   assert sorted(restored['params']) == ['deep', 'head', 'shortcut', 'trunk_0', 'trunk_1']
-  for layer in restored['params'].values():
-    assert sorted(layer) == ['bias', 'kernel']
-  kernel = restored['params']['trunk_0']['kernel']
   if bits is None:
-    np.testing.assert_array_equal(kernel, params['trunk_0']['kernel'])
-  else:
-    assert sorted(kernel) == ['gaps', 'scale', 'values']
-    assert kernel['values'].dtype == np.int8
-    codes = np.asarray(params['trunk_0']['kernel'].value)
-    # Runs of over 255 zeros add filler zeros to the values.
-    np.testing.assert_array_equal(kernel['values'][kernel['values'] != 0], codes[codes != 0])
+    for layer in restored['params'].values():
+      assert sorted(layer) == ['bias', 'kernel']
+    np.testing.assert_array_equal(restored['params']['trunk_0']['kernel'],
+                                  params['trunk_0']['kernel'])
+    return
+  # Each compressed layer: one uint8 leaf of its entropy-coded streams, bias included.
+  for layer in restored['params'].values():
+    assert sorted(layer) == [storage.CODED]
+    assert layer[storage.CODED].dtype == np.uint8
+  layout = checkpoint.read_metadata(path)['layout']
+  decoded = storage.decode_variables(restored, layout)
+  codes = np.asarray(params['trunk_0']['kernel'].value)
+  np.testing.assert_array_equal(np.asarray(decoded['params']['trunk_0']['kernel'].value), codes)
+  coded_bytes = sum(layer[storage.CODED].size for layer in restored['params'].values())
+  stream_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                     for spec in layout.values() if 'frames' in spec
+                     for shape, dtype, _ in spec['arrays'].values())
+  assert coded_bytes < stream_bytes  # Brotli shrinks the streams
 
 
 def test_the_layout_is_stored_compact(trained):
@@ -335,6 +384,12 @@ def _damaged_layout(path: pathlib.Path, good: pathlib.Path) -> None:
   target.write_text(json.dumps(metadata))
 
 
+def _damaged_frames(path: pathlib.Path, good: pathlib.Path) -> None:
+  from tests.cli_helpers import write_damaged_frames
+
+  write_damaged_frames(path, good)
+
+
 def _incomplete_metadata(path: pathlib.Path, good: pathlib.Path) -> None:
   variables = checkpoint.load_model(good).variables
   checkpoint.save_checkpoint(path, variables, {'kind': 'final'})
@@ -352,9 +407,10 @@ def _incomplete_metadata(path: pathlib.Path, good: pathlib.Path) -> None:
     (_incomplete_metadata, 'incomplete metadata'),
     (_damaged_layout, 'damaged layout'),
     (_older_format, 'has checkpoint format 1'),
+    (_damaged_frames, 'does not decode'),
 ], ids=['missing', 'file', 'empty', 'foreign', 'truncated_array',
         'deleted_array', 'deleted_array_metadata', 'truncated_metadata',
-        'incomplete_metadata', 'damaged_layout', 'older_format'])
+        'incomplete_metadata', 'damaged_layout', 'older_format', 'damaged_frames'])
 # After a failed read, TensorStore may call back into Orbax's closed event loop.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_load_model_rejects(tmp_path, trained, make, words):

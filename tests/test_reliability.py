@@ -18,7 +18,13 @@ from dnnr_jax.io import checkpoint, durable
 from dnnr_jax.io.data import load_dataset
 from dnnr_jax.jobs import compress, pipeline
 from dnnr_jax.jobs import train as jobs
-from tests.cli_helpers import assert_one_line_error, compile_cache, run, run_all  # noqa: F401
+from tests.cli_helpers import (  # noqa: F401
+    assert_one_line_error,
+    compile_cache,
+    run,
+    run_all,
+    write_damaged_frames,
+)
 from tests.conftest import ROOT, SMOKE_CONFIG, tree_allclose
 
 DNNR = [sys.executable, '-m', 'dnnr_jax']
@@ -319,6 +325,7 @@ def cli_cases(tmp_path_factory, trained):
   _write_idx(root / 'images.gz', np.zeros((3, 8, 8)), 0x803)
   _write_idx(root / 'labels.gz', np.array([1, 10, 2]), 0x801)
   (root / 'existing.json').write_text('{"keep": true}')
+  write_damaged_frames(root / 'damaged_frames', path)
   config = ['--config', SMOKE_CONFIG]
   commands = {
       'zero_records': ['predict', onnx_file, '--images', root / 'none.gz'],
@@ -331,6 +338,7 @@ def cli_cases(tmp_path_factory, trained):
       'tiny_std': ['train', *config, '--set', 'data.std=1e-300'],
       'arabic_version': ['train', *config, '--version', '١.٠', '--models-dir', root / 'm'],
       'export_to_proc': ['export', path, '--output', '/proc/dnnr_x.onnx'],
+      'damaged_frames': ['export', root / 'damaged_frames', '--output', root / 'damaged.onnx'],
       'models_dir_dev_null': ['train', *config, '--models-dir', '/dev/null'],
       'benchmark_missing_dir': ['benchmark', *config, '--output', root / 'missing' / 'x.json'],
       'benchmark_existing': ['benchmark', *config, '--output', root / 'existing.json'],
@@ -349,6 +357,7 @@ def cli_cases(tmp_path_factory, trained):
     ('tiny_std', ['data.std']),
     ('arabic_version', ['MAJOR.MINOR']),
     ('export_to_proc', ['/proc', 'not a writable directory']),
+    ('damaged_frames', ['damaged_frames', 'does not decode', 'write it again']),
     ('models_dir_dev_null', ['/dev/null', 'not a writable directory']),
     ('benchmark_missing_dir', ['missing', 'not a writable directory']),
     ('benchmark_existing', ['existing.json', '--overwrite']),
@@ -358,6 +367,8 @@ def test_bad_input_is_one_sentence(cli_cases, case, words):
   assert_one_line_error(results[case], words)
   if case == 'benchmark_existing':
     assert json.loads((root / 'existing.json').read_text()) == {'keep': True}
+  if case == 'damaged_frames':
+    assert not (root / 'damaged.onnx').exists()
 
 
 def test_damaged_checkpoint_in_the_pipeline_is_refused_not_reused(trained, tmp_path):

@@ -141,20 +141,32 @@ def test_a_fully_pruned_model_round_trips(tmp_path):
   tree_allclose(load_model(path).variables, variables, rtol=0, atol=0)
 
 
-def test_arrays_keep_the_model_tree_with_named_encodings():
+def test_each_compressed_layer_is_one_coded_leaf_of_its_streams():
   from dnnr_jax.compress.quantize import QuantSpec, quantize_params
 
   variables = _variables()
   variables['params'] = quantize_params(variables['params'], QuantSpec(bits=4))
   arrays, layout = storage.encode_variables(variables)
   assert sorted(arrays) == ['params', 'thresholds']
-  assert arrays['thresholds']['entropy'].shape == ()
+  assert arrays['thresholds']['entropy'].shape == ()  # dense: plain leaves
+  for layer in ('trunk_0', 'trunk_1', 'deep', 'shortcut', 'head'):
+    assert sorted(arrays['params'][layer]) == [storage.CODED]
+    assert arrays['params'][layer][storage.CODED].dtype == np.uint8
   # trunk_0 is 90 % zeros: sparse codes; trunk_1 dense: int4 codes, two per byte.
-  assert sorted(arrays['params']['trunk_0']['kernel']) == ['gaps', 'scale', 'values']
-  assert sorted(arrays['params']['trunk_1']['kernel']) == ['packed', 'scale']
-  assert arrays['params']['trunk_1']['kernel']['packed'].shape == (64 * 48 // 2,)
-  assert arrays['params']['trunk_1']['bias'].dtype == np.float16  # zeros
-  assert layout['params/trunk_1/kernel']['encoding'] == 'int4'
+  assert list(layout['params/trunk_0/kernel']['frames']) == ['gaps', 'values', 'scale']
+  assert list(layout['params/trunk_1/kernel']['frames']) == ['packed', 'scale']
+  assert layout['params/trunk_1/kernel']['arrays']['packed'][0] == [64 * 48 // 2]
+  assert layout['params/trunk_1/bias']['arrays']['dense'][1] == 'float16'  # zeros
+  # Frames in layout order: the bias's, then the kernel's.
+  coded = arrays['params']['trunk_1'][storage.CODED]
+  frames = [*layout['params/trunk_1/bias']['frames'].values(),
+            *layout['params/trunk_1/kernel']['frames'].values()]
+  assert coded.size == sum(frames)
+  assert frames[0] < 16  # 48 zero float16s code to a few bytes
+  # 90 % zeros code to well under their raw uint8 gaps and int8 values.
+  trunk_0 = layout['params/trunk_0/kernel']
+  raw = sum(np.prod(shape) for shape, _, _ in trunk_0['arrays'].values() if shape != [1, 64])
+  assert trunk_0['frames']['gaps'] + trunk_0['frames']['values'] < 0.7 * raw
 
 
 def test_uncompacted_arrays_are_the_variables_themselves():
@@ -229,3 +241,96 @@ def test_compact_layout_expands_to_the_layout_exactly(bits):
 def test_expand_layout_rejects_what_is_not_a_compact_layout(rows):
   with pytest.raises(ValueError, match='not a compact layout'):
     storage.expand_layout(rows)
+
+
+def _tree(kernel, bias=None):
+  return {'layer': {'kernel': kernel, 'bias': np.zeros(3, np.float32) if bias is None else bias}}
+
+
+def _cases():
+  from dnnr_jax.compress import quantize
+
+  rng = np.random.default_rng(3)
+  sparse = rng.normal(size=(37, 29)).astype(np.float32)
+  sparse[rng.random(sparse.shape) < 0.93] = 0.0
+  odd = rng.normal(size=(13, 7)).astype(np.float32)
+  return {
+      'float32 sparse, odd sizes': _tree(sparse, rng.normal(size=29).astype(np.float32)),
+      'all-zero kernel': _tree(np.zeros((300, 5), np.float32)),
+      'empty kernel beside a sparse one': {'layer': {
+          'kernel': sparse, 'empty': np.zeros((0, 4), np.float32), 'bias': odd[0]}},
+      'int4 packed, odd count': _tree(quantize.quantize(odd, bits=4, axis=-1)),
+      'int4 sparse': _tree(quantize.quantize(sparse, bits=4, axis=-1)),
+      'int8 asymmetric': _tree(quantize.quantize(odd, bits=8, axis=-1, symmetric=False)),
+      'all-zero int8': _tree(quantize.quantize(np.zeros((9, 3), np.float32), bits=8)),
+  }
+
+
+@pytest.mark.parametrize('name', list(_cases()))
+def test_coded_layers_round_trip_bit_exactly(name):
+  import json
+
+  from tests.conftest import tree_allclose
+
+  variables = _cases()[name]
+  arrays, layout = storage.encode_variables(variables)
+  assert list(arrays['layer']) == [storage.CODED]
+  rows = json.loads(json.dumps(storage.compact_layout(layout)))
+  decoded = storage.decode_variables(arrays, storage.expand_layout(rows))
+  tree_allclose(decoded, variables, rtol=0, atol=0)
+  for left, right in zip(jax_leaves(decoded), jax_leaves(variables), strict=True):
+    assert left.dtype == right.dtype and left.shape == right.shape
+  abstract = storage.abstract_variables(storage.expand_layout(rows))
+  assert abstract['layer'][storage.CODED].shape == arrays['layer'][storage.CODED].shape
+
+
+def jax_leaves(tree):
+  import jax
+
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize('damage', ['flip', 'truncate', 'swap'])
+def test_a_damaged_coded_leaf_does_not_decode(damage):
+  variables = _cases()['int4 sparse']
+  arrays, layout = storage.encode_variables(variables)
+  coded = arrays['layer'][storage.CODED].copy()
+  frames = layout['layer/kernel']['frames']
+  start = layout['layer/bias']['frames']['dense']  # the bias's frame comes first
+  if damage == 'flip':  # inside the gaps' coded frame
+    coded[start + frames['gaps'] // 2] ^= 0x5a
+  elif damage == 'truncate':  # the gaps frame cut short, the layout told so too
+    coded = np.delete(coded, start + frames['gaps'] - 1)
+    frames['gaps'] -= 1
+  else:  # another layer's bytes
+    coded = np.roll(coded, 7)
+  with pytest.raises(ValueError):
+    storage.decode_variables({'layer': {storage.CODED: coded}}, layout)
+
+
+def test_a_layer_whose_names_would_clash_keeps_named_leaves():
+  from tests.conftest import tree_allclose
+
+  kernel = np.zeros((30, 30), np.float32)
+  kernel[0, 0] = 1.0
+  variables = {'layer': {'kernel': kernel, storage.CODED: {'kernel': kernel}}}
+  arrays, layout = storage.encode_variables(variables)
+  assert sorted(arrays['layer']['kernel']) == ['gaps', 'values']  # format 5's named leaves
+  assert list(arrays['layer'][storage.CODED][storage.CODED].shape) == [sum(
+      layout[f'layer/{storage.CODED}/kernel']['frames'].values())]
+  tree_allclose(storage.decode_variables(arrays, layout), variables, rtol=0, atol=0)
+
+
+def test_a_large_stream_is_coded_fast_and_round_trips():
+  from dnnr_jax.io import entropy
+
+  rng = np.random.default_rng(0)
+  large = rng.geometric(0.2, size=entropy.LARGE_STREAM + 1).astype(np.uint8)
+  small = large[:1000].astype(np.float32)
+  coded, lengths = entropy.encode_frames([large, small])
+  assert lengths[0] < 0.6 * large.nbytes
+  decoded = entropy.decode_frames(coded, [('uint8', large.shape, lengths[0]),
+                                          ('float32', small.shape, lengths[1])])
+  np.testing.assert_array_equal(decoded[0], large)
+  np.testing.assert_array_equal(decoded[1], small)
+  assert decoded[1].dtype == np.float32

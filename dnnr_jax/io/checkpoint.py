@@ -2,9 +2,10 @@
 
 A checkpoint is an Orbax directory with two items: `variables`, the model's
 own tree (`{'params': {'trunk_0': {'kernel', 'bias'}, ...}, 'thresholds':
-{...}}`, an encoded leaf as named arrays under its path, e.g.
-`params/trunk_0/kernel/{gaps, values}`), and `metadata` (JSON: format, kind,
-version, config, metrics, dataset, library versions, timestamp, layout).
+{...}}`; a layer with an encoded leaf, e.g. a sparse or quantized kernel, as
+one uint8 leaf of entropy-coded frames, `params/trunk_0/entropy_coded`), and
+`metadata` (JSON: format, kind, version, config, metrics, dataset, library
+versions, timestamp, layout).
 Plain `ocp.StandardCheckpointer().restore(path / 'variables')` shows the
 model; `restore_sharded` restores a dense one into any mesh's shardings.
 Periodic checkpoints (`--resume`) are the same, with a third item
@@ -51,9 +52,11 @@ FORMAT = 'dnnr_jax'
 # that float16 holds exactly may be stored as float16; 4: the layout stored
 # compact; 5: the variables saved as the model's own tree, encodings as
 # named leaves under each layer, with digests of the arrays and of the
-# metadata checked on load. 2 to 4 are read as blobs, unchecked.
-FORMAT_VERSION = 5
-READABLE_FORMAT_VERSIONS = (2, 3, 4, 5)
+# metadata checked on load; 6: each layer with an encoded leaf stored as one
+# uint8 leaf of entropy-coded (zstd) frames, `params/trunk_0/entropy_coded`.
+# 2 to 4 are read as blobs, unchecked; 5 and 6 by one decoder.
+FORMAT_VERSION = 6
+READABLE_FORMAT_VERSIONS = (2, 3, 4, 5, 6)
 BLOB_FORMAT_VERSIONS = (2, 3, 4)
 KINDS = {
     'final': ('final', 'model_v{version}_final'),
@@ -292,10 +295,11 @@ def restore_sharded(path: str | os.PathLike, target: Any) -> Any:
   metadata = read_metadata(path)
   layout = metadata['layout']
   if metadata['format_version'] in BLOB_FORMAT_VERSIONS or any(
-      spec['encoding'] != 'dense' or spec['kind'] != 'array' for spec in layout.values()):
+      spec['encoding'] != 'dense' or spec['kind'] != 'array' or 'frames' in spec
+      for spec in layout.values()):
     raise CheckpointError(
         f'{path} stores encoded (sparse or quantized) arrays, which cannot be restored '
-        'into shardings; use load_model, or pass a dense checkpoint in format 5.')
+        'into shardings; use load_model, or pass a dense checkpoint in format 5 or later.')
   wanted = {'/'.join(str(getattr(key, 'key', key)) for key in key_path): leaf
             for key_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
   for name in sorted(set(wanted) | set(layout)):
@@ -475,10 +479,13 @@ def _check_layout(path: pathlib.Path, layout: dict[str, Any], model, num_feature
       size = math.prod(shape)
       if min(shape, default=0) < 0 or size > largest:
         raise refuse(f'{name} is stored as {shape}, larger than any layer of the config')
-      for array_shape, _, _ in spec['arrays'].values():
+      for array_name, (array_shape, dtype, _) in spec['arrays'].items():
         stored = math.prod(int(dim) for dim in array_shape)
         if min(array_shape, default=0) < 0 or stored > _LAYOUT_SLACK * size + 16:
           raise refuse(f'{name} stores {list(array_shape)} values for a {shape} array')
+        frame = spec.get('frames', {}).get(array_name, 0)
+        if frame > stored * np.dtype(dtype).itemsize:
+          raise refuse(f'{name} codes {stored} values in a frame of {frame} bytes')
   except (KeyError, TypeError, ValueError, AttributeError) as error:
     raise refuse(f'its layout is malformed ({_short(error)})') from None
 

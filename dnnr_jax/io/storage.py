@@ -9,12 +9,15 @@ instead of 4·n; for int8 weights (1 + 1)·(1 − s)·n.
 
 `encode_sparse` and `decode_sparse` are exact inverses for any array;
 `encode_variables` picks the smallest encoding of every leaf of a variables
-pytree (QArrays included), keeping the model's tree with each encoding's
-arrays as named leaves under the layer (`params/trunk_0/kernel/{gaps,
-values}`), and `decode_variables` restores it exactly. A float32 array whose
-every value float16 holds exactly (quantization scales and the biases of
-quantized models are rounded so) is stored as float16. Checkpoint formats 2
-to 4 packed all arrays into one blob per dtype; `decode_blobs` reads them.
+pytree (QArrays included), keeping the model's tree, and `decode_variables`
+restores it exactly. A float32 array whose every value float16 holds exactly
+(quantization scales and the biases of quantized models are rounded so) is
+stored as float16. A layer with an encoded leaf is stored as one uint8 leaf,
+`params/trunk_0/entropy_coded`, of its arrays' entropy-coded frames
+(`dnnr_jax.io.entropy`, checkpoint format 6); format 5 kept each encoding's
+arrays as named leaves (`params/trunk_0/kernel/{gaps, values}`), which
+`decode_variables` still reads. Checkpoint formats 2 to 4 packed all arrays
+into one blob per dtype; `decode_blobs` reads them.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ import numpy as np
 from dnnr_jax.compress import quantize
 from dnnr_jax.compress.paths import path_name
 from dnnr_jax.compress.quantize import is_qarray
+from dnnr_jax.io import entropy
 
 MAX_GAP = 255
+CODED = 'entropy_coded'  # A coded layer's one leaf: params/trunk_0/entropy_coded.
 
 
 def encode_sparse(array: np.ndarray) -> dict[str, np.ndarray]:
@@ -112,24 +117,58 @@ def encode_variables(
   This is the one step between a model and what Orbax writes: the result
   keeps the variables' tree ('params/trunk_0/kernel', ...). A leaf stored
   dense stays a leaf (a `jax.Array` stays one, with its sharding, so every
-  process writes its own shards); an encoded leaf becomes a dict of named
-  arrays under the same path: a sparse kernel `{'gaps', 'values'}`, a
-  QArray `{'codes' | 'packed' | 'gaps', 'values', 'scale'[, 'zero_point']}`.
+  process writes its own shards). A layer with an encoded leaf (a sparse
+  kernel `{'gaps', 'values'}`, a QArray `{'codes' | 'packed' | 'gaps',
+  'values', 'scale'[, 'zero_point']}`) becomes one uint8 leaf named
+  `CODED` under the layer (`params/trunk_0/entropy_coded`): the frames of
+  every array of its leaves, bias included, each entropy-coded on its own
+  (`dnnr_jax.io.entropy`).
 
   Args:
     variables: params and thresholds (QArrays allowed).
     compact: pick each leaf's smallest encoding (float arrays dense or
       sparse, float32 narrowed to float16 where exact; a QArray's codes
-      dense int8, packed int4 or sparse). False stores every leaf as it is,
-      as periodic checkpoints do so that they restore into sharded targets.
+      dense int8, packed int4 or sparse) and entropy-code each layer
+      with an encoded leaf. False stores every leaf as it is, as periodic
+      checkpoints do so that they restore into sharded targets.
 
   Returns:
     (arrays, layout): the tree to save, and for each path such as
-    'params/trunk_0/kernel' a JSON-ready spec of its encoding;
+    'params/trunk_0/kernel' a JSON-ready spec of its encoding (with
+    'frames', each array's frame length, where its layer is coded);
     `decode_variables` inverts it exactly.
   """
+  entries, layout = encode_leaves(variables, compact)
+  coded_layers = _coded_layers(entries, layout) if compact else {}
   arrays: dict[str, Any] = {}
-  layout = {}
+  for parent, paths in coded_layers.items():
+    streams = [array for path in paths for array in entries[path].values()]
+    coded, lengths = entropy.encode_frames(streams)
+    frames = iter(lengths)
+    for path in paths:
+      layout[path]['frames'] = {name: next(frames) for name in entries[path]}
+    _put(arrays, f'{parent}/{CODED}', coded)
+  for path, spec in layout.items():
+    if 'frames' not in spec:
+      entry = entries[path]
+      _put(arrays, path, entry['dense'] if _is_dense(spec) else entry)
+  return arrays, layout
+
+
+def encode_leaves(variables: Any, compact: bool = True
+                  ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+  """Each leaf's smallest encoding, before any entropy coding.
+
+  Args:
+    variables: params and thresholds (QArrays allowed).
+    compact: as for `encode_variables`.
+
+  Returns:
+    (entries, layout): by path, the leaf's arrays by name (`{'dense': leaf}`
+    for a dense one, `{'gaps', 'values'}` for a sparse one, ...), and its
+    layout spec.
+  """
+  entries, layout = {}, {}
   leaves = jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_qarray)[0]
   for key_path, leaf in leaves:
     path = path_name(key_path)
@@ -154,32 +193,91 @@ def encode_variables(
                for name, array in entry.items()}
     for name, array in entry.items():
       spec['arrays'][name] = [list(array.shape), np.dtype(array.dtype).name, 0]
-    layout[path] = spec
-    _put(arrays, path, entry['dense'] if spec['kind'] == 'array' and
-         spec['encoding'] == 'dense' else entry)
-  return arrays, layout
+    entries[path], layout[path] = entry, spec
+  return entries, layout
+
+
+def _coded_layers(entries: dict[str, dict], layout: dict[str, dict]) -> dict[str, list[str]]:
+  """The layers to entropy-code, each with its leaves' paths in layout order.
+
+  A layer is coded when one of its leaves is encoded (sparse, int4 or a
+  QArray): each array costs ~470 bytes of Orbax metadata, ~100 of digest. A
+  dense layer keeps plain leaves, so a dense model restores into shardings
+  and the thresholds stay readable by name.
+  """
+  layers: dict[str, list[str]] = {}
+  for path in layout:
+    if '/' in path:
+      layers.setdefault(path.rsplit('/', 1)[0], []).append(path)
+  taken = {name for path in layout for name in _prefixes(path)}
+  return {parent: paths for parent, paths in layers.items()
+          if any(not _is_dense(layout[path]) for path in paths)
+          and all(_on_this_host(array) for path in paths for array in entries[path].values())
+          and f'{parent}/{CODED}' not in taken}
+
+
+def _prefixes(path: str) -> list[str]:
+  """'a/b/c' -> ['a', 'a/b', 'a/b/c']: every node on the way to a leaf."""
+  parts = path.split('/')
+  return ['/'.join(parts[:end]) for end in range(1, len(parts) + 1)]
+
+
+def _is_dense(spec: dict[str, Any]) -> bool:
+  return spec['kind'] == 'array' and spec['encoding'] == 'dense'
 
 
 def abstract_variables(layout: dict[str, dict[str, Any]]) -> dict[str, Any]:
   """The tree `encode_variables` saved, as shapes and dtypes to restore it."""
   tree: dict[str, Any] = {}
+  coded: dict[str, int] = {}
   for path, spec in layout.items():
+    if 'frames' in spec:
+      parent = f'{path.rsplit("/", 1)[0]}/{CODED}'
+      coded[parent] = coded.get(parent, 0) + sum(spec['frames'].values())
+      continue
     entry = {name: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
              for name, (shape, dtype, _) in spec['arrays'].items()}
-    _put(tree, path, entry['dense'] if spec['kind'] == 'array' and
-         spec['encoding'] == 'dense' else entry)
+    _put(tree, path, entry['dense'] if _is_dense(spec) else entry)
+  for path, size in coded.items():
+    _put(tree, path, jax.ShapeDtypeStruct((size,), np.uint8))
   return tree
 
 
 def decode_variables(arrays: dict[str, Any], layout: dict[str, dict[str, Any]]) -> Any:
-  """Rebuilds the variables pytree (QArrays included) from the saved tree."""
+  """Rebuilds the variables pytree (QArrays included) from the saved tree.
+
+  Raises:
+    ValueError: a coded layer's frames do not decode (a damaged array).
+  """
+  decoded = _decode_layers(arrays, layout)
   variables: dict[str, Any] = {}
   for path, spec in layout.items():
-    node = _get(arrays, path)
-    entry = node if isinstance(node, dict) else {'dense': node}
+    if path in decoded:
+      entry = decoded[path]
+    else:
+      node = _get(arrays, path)
+      entry = node if isinstance(node, dict) else {'dense': node}
     _put(variables, path, _decode_leaf(
         {name: np.asarray(array) for name, array in entry.items()}, spec))
   return variables
+
+
+def _decode_layers(arrays: dict[str, Any], layout: dict[str, dict[str, Any]]
+                   ) -> dict[str, dict[str, np.ndarray]]:
+  """The arrays of every leaf of the coded layers, by path and name."""
+  layers: dict[str, list[str]] = {}
+  for path, spec in layout.items():
+    if 'frames' in spec:
+      layers.setdefault(path.rsplit('/', 1)[0], []).append(path)
+  decoded = {}
+  for parent, paths in layers.items():
+    names = [(path, name) for path in paths for name in layout[path]['arrays']]
+    specs = [(layout[path]['arrays'][name][1], layout[path]['arrays'][name][0],
+              layout[path]['frames'][name]) for path, name in names]
+    streams = entropy.decode_frames(np.asarray(_get(arrays, f'{parent}/{CODED}')), specs)
+    for (path, name), stream in zip(names, streams, strict=True):
+      decoded.setdefault(path, {})[name] = stream
+  return decoded
 
 
 def encode_blobs(variables: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -193,11 +291,9 @@ def encode_blobs(variables: Any) -> tuple[dict[str, Any], dict[str, dict[str, An
     sit in the blobs.
   """
   blobs: dict[str, list[np.ndarray]] = {}
-  arrays, layout = encode_variables(variables)
+  entries, layout = encode_leaves(variables)
   for path, spec in layout.items():
-    node = _get(arrays, path)
-    entry = node if isinstance(node, dict) else {'dense': node}
-    for name, array in entry.items():
+    for name, array in entries[path].items():
       array = np.asarray(array)
       parts = blobs.setdefault(array.dtype.name, [])
       spec['arrays'][name][2] = sum(part.size for part in parts)
@@ -210,15 +306,18 @@ def compact_layout(layout: dict[str, dict[str, Any]]) -> list[list[Any]]:
   """`encode_variables`' layout as short rows, for the checkpoint's JSON metadata.
 
   One row per leaf, in blob order: [path, dtype, shape, encoding, arrays]
-  with arrays [[name, dtype, shape], ...], and a QArray's [bits, axis,
-  symmetric] appended. The offsets are left out, since blobs are filled in
-  row order; `expand_layout` recomputes them. 60 % of the bytes: 2.4 -> 1.4 kB
-  for the default MNIST model, whose whole quantized checkpoint is 31 kB.
+  with arrays [[name, dtype, shape(, frame length)], ...] (the frame
+  length where the leaf's layer is entropy-coded), and a QArray's [bits,
+  axis, symmetric] appended. The offsets are left out, since blobs and
+  frames are filled in row order; `expand_layout` recomputes them. 60 % of
+  the bytes: 2.4 -> 1.4 kB for the default MNIST model.
   """
   rows = []
   for path, spec in layout.items():
+    frames = spec.get('frames', {})
     row = [path, spec['dtype'], spec['shape'], spec['encoding'],
-           [[name, dtype, shape] for name, (shape, dtype, _) in spec['arrays'].items()]]
+           [[name, dtype, shape, *([frames[name]] if name in frames else [])]
+            for name, (shape, dtype, _) in spec['arrays'].items()]]
     if spec['kind'] == 'qarray':
       row.append([spec['bits'], spec['axis'], spec['symmetric']])
     rows.append(row)
@@ -236,10 +335,19 @@ def expand_layout(rows: list[list[Any]]) -> dict[str, dict[str, Any]]:
     for path, dtype, shape, encoding, arrays, *quantized in rows:
       spec = {'kind': 'qarray' if quantized else 'array', 'shape': list(shape),
               'dtype': dtype, 'encoding': encoding, 'arrays': {}}
-      for name, array_dtype, array_shape in arrays:
+      frames = {}
+      for name, array_dtype, array_shape, *frame in arrays:
         offset = filled.get(array_dtype, 0)
         spec['arrays'][name] = [list(array_shape), array_dtype, offset]
         filled[array_dtype] = offset + math.prod(array_shape)
+        if frame:
+          (frames[name],) = frame
+          if not isinstance(frames[name], int) or frames[name] < 0:
+            raise ValueError(f'frame length {frames[name]!r} of {path}/{name}')
+      if frames and len(frames) != len(spec['arrays']):
+        raise ValueError(f'{path} has frames for some of its arrays only')
+      if frames:
+        spec['frames'] = frames
       if quantized:
         (spec['bits'], spec['axis'], spec['symmetric']), = quantized
       layout[path] = spec
