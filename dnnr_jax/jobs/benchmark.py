@@ -277,14 +277,14 @@ def jax_runner(model: LoadedModel) -> Runner:
   return model.predict_with_routes
 
 
-def onnx_runner(path: str | os.PathLike) -> Runner:
-  """One default onnxruntime CPU session (all cores), as `dnnr predict` uses.
+def onnx_runner(path: str | os.PathLike, intra_op_threads: int = 0) -> Runner:
+  """One onnxruntime CPU session: by default on all cores, as `dnnr predict` uses.
 
   The file is checked against its digest first (`dnnr_jax.io.serve.load_onnx`).
   """
   from dnnr_jax.io.serve import load_onnx
 
-  session = load_onnx(path).session
+  session = load_onnx(path, intra_op_threads=intra_op_threads).session
   name = session.get_inputs()[0].name
   return lambda batch: session.run(None, {name: batch})
 

@@ -127,7 +127,7 @@ def wall_time(path, *, data_dir=None, dataset: Dataset | None = None, onnx_dir=N
       output, _ = export.export_onnx(path, output=directory / f'{mode}.onnx', routing=mode,
                                      check_inputs=images[:256], overwrite=True)
       runners[f'onnxruntime {mode}'] = onnx_runner(output)
-      runners[f'onnxruntime 1 thread {mode}'] = _single_thread_runner(output)
+      runners[f'onnxruntime 1 thread {mode}'] = onnx_runner(output, intra_op_threads=1)
     batches = [images[start:start + THROUGHPUT_BATCH]
                for start in range(0, len(images) - THROUGHPUT_BATCH + 1, THROUGHPUT_BATCH)]
     throughput = _interleaved(runners, [batches])
@@ -160,17 +160,6 @@ def speedups(figures: dict[str, dict[str, float]]) -> dict[str, dict[str, float]
         routed[key] / deep[key] if key.startswith('throughput') else deep[key] / routed[key])
         for key in routed}
   return ratios
-
-
-def _single_thread_runner(path: pathlib.Path) -> Callable:
-  """An onnxruntime session on one intra-op thread: no thread-pool hand-offs per node."""
-  import onnxruntime
-
-  options = onnxruntime.SessionOptions()
-  options.intra_op_num_threads = 1
-  session = onnxruntime.InferenceSession(str(path), options,
-                                         providers=['CPUExecutionProvider'])
-  return lambda batch: session.run(None, {'input': batch})
 
 
 def _interleaved(runners: dict[str, Callable], workloads: list[list[np.ndarray]], *,
