@@ -62,7 +62,7 @@ def accuracy_against_compute(path, *, data_dir=None, dataset: Dataset | None = N
     'validation' and 'test' figures, `calibrate.summarise`)}.
   """
   model = _early_exit(path)
-  dataset = dataset or load_dataset(model.config.data, data_dir)
+  dataset = dataset if dataset is not None else load_dataset(model.config.data, data_dir)
   if dataset.validation is None:
     raise DnnrError(f'{model.path.name} was trained without a validation split; retrain '
                     'with data.validation_size > 0.')
@@ -115,7 +115,7 @@ def wall_time(path, *, data_dir=None, dataset: Dataset | None = None, onnx_dir=N
   time (above 1: the skipping model is faster).
   """
   model = _early_exit(path)
-  dataset = dataset or load_dataset(model.config.data, data_dir)
+  dataset = dataset if dataset is not None else load_dataset(model.config.data, data_dir)
   images = np.asarray(dataset.test.images)
   models = {mode: export.with_routing(model, mode) for mode in ('per_sample', 'deep')}
   routes = models['per_sample'].predict_with_routes(images)[1]
@@ -261,7 +261,7 @@ def run_report(path: str | os.PathLike, *, data_dir=None, dataset: Dataset | Non
   `timing`.
   """
   model = _early_exit(path)
-  dataset = dataset or load_dataset(model.config.data, data_dir)
+  dataset = dataset if dataset is not None else load_dataset(model.config.data, data_dir)
   curve = (accuracy_against_compute(path, dataset=dataset, budgets=budgets)
            if dataset.validation is not None else None)
   timed = (wall_time(path, dataset=dataset, latency_rows=latency_rows) if timing else None)
