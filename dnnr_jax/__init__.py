@@ -41,6 +41,7 @@ _EXPORTS = {
     'route_cost': 'dnnr_jax.cost',
     'run_on_routed': 'dnnr_jax.routing',
     'calibrate_checkpoint': 'dnnr_jax.jobs.calibrate',
+    'CalibrateResult': 'dnnr_jax.jobs.calibrate',
     'init_variables': 'dnnr_jax.model',
     'model_from_config': 'dnnr_jax.model',
     'PipelineResult': 'dnnr_jax.jobs.pipeline',

@@ -136,19 +136,18 @@ def _output_options(args: argparse.Namespace) -> dict[str, Any]:
 def _calibrate(args: argparse.Namespace) -> int:
   from dnnr_jax.jobs import calibrate as jobs
 
-  _, summary = jobs.calibrate_checkpoint(
+  result = jobs.calibrate_checkpoint(
       args.model_path, budget=args.budget, router=args.router, target=args.target,
       data_dir=args.data_dir, models_dir=args.models_dir, version=args.version,
       overwrite=args.overwrite)
   if args.json:
-    print(json.dumps(summary))
+    print(json.dumps(result.to_dict()))
     return 0
-  calibration = summary['calibration']
-  validation = calibration['validation']
+  calibration, validation = result.calibration, result.validation
   compute = ('' if validation['compute_fraction'] is None
              else f"{validation['compute_fraction']:.1%} of always-deep multiply-adds, ")
   _stdout.print(
-      f"wrote {summary['path']}: router {calibration['router']}, budget {args.budget} "
+      f"wrote {result.path}: router {calibration['router']}, budget {args.budget} "
       f"({'of always-deep compute' if args.target == 'compute' else 'deep fraction'}); on "
       f"validation: {compute}{validation['deep_fraction']:.1%} deep, accuracy "
       f"{validation['accuracy']:.2%} (always deep {validation['always_deep_accuracy']:.2%})")
@@ -228,11 +227,20 @@ def _benchmark(args: argparse.Namespace) -> int:
 
   config = load_config(args.config, args.set)
   output = _checked_output(args.output, args.overwrite)
+  plot = _checked_output(args.plot, args.overwrite, '--plot')
+  if plot and not args.dynamic:
+    raise DnnrError('--plot draws the accuracy against compute of --dynamic MODEL; pass both.')
   dataset = load_dataset(config.data, args.data_dir)
   results = benchmark.run_suite(
       config, dataset, batch_sizes=args.batch_sizes, repeats=args.repeats,
       routing_modes=args.routing, models=args.models, accuracy=args.accuracy,
-      training=not args.no_training, seconds=args.seconds, device_counts=args.devices or ())
+      training=not args.no_training, seconds=args.seconds, device_counts=args.devices or (),
+      dynamic=args.dynamic)
+  dynamic = results.get('dynamic')
+  if plot and dynamic['curve']:
+    from dnnr_jax.jobs.dynamic import write_plot
+
+    write_plot(dynamic['curve'], plot)
   if output:
     durable.write_bytes(output, json.dumps(results, indent=2).encode())
   if args.json:
@@ -277,6 +285,10 @@ def _benchmark(args: argparse.Namespace) -> int:
       table.add_row(row['model'], row['engine'], f"{row['latency_us']:.1f}",
                     f"{row['throughput']:,.0f}")
     _stdout.print(table)
+  if dynamic:
+    _stdout.print(f"Dynamic inference of {dynamic['timing']['model']} (thresholds per budget "
+                  'chosen on validation; test figures):')
+    print(dynamic['markdown'])
   if 'accuracy' in results:
     accuracy = results['accuracy']
     _stdout.print(f"{dataset.name}: test accuracy {accuracy['test_accuracy']:.2%} after "
@@ -311,13 +323,13 @@ def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
                       help='seconds to wait for every process to join (default: %(default)s)')
 
 
-def _checked_output(output: str | None, overwrite: bool):
-  """`--output` as a path, refused before any work if it exists or cannot be written."""
+def _checked_output(output: str | None, overwrite: bool, flag: str = '--output'):
+  """`flag`'s path, refused before any work if it exists or cannot be written."""
   if not output:
     return None
   path = pathlib.Path(output)
   if path.exists() and not overwrite:
-    raise DnnrError(f'{path} already exists; pass --overwrite or another --output.')
+    raise DnnrError(f'{path} already exists; pass --overwrite or another {flag}.')
   durable.check_writable_dir(path.parent, path.name, create=False)
   return path
 
@@ -346,9 +358,12 @@ def _print_compression(result: Any, as_json: bool) -> int:
                 sparsity, f'{result.size.raw:,}', f'{result.size.gzip:,}')
   _stdout.print(table)
   dense, size = result.dense_float_size, result.size
+  routes = result.metadata['routes']
+  per_route = ', '.join(f'{name} route {routes[key]:.2%}' for name, key in (
+      ('deep', 'deep_accuracy'), ('shallow', 'shallow_accuracy')) if routes[key] is not None)
   _stdout.print(
-      f'route agreement {result.route_agreement:.2%}; against the dense float32 '
-      f'checkpoint {result.dense_float_path}: {dense.raw / size.raw:.1f}x fewer '
+      f'route agreement {result.route_agreement:.2%} (accuracy: {per_route}); against the '
+      f'dense float32 checkpoint {result.dense_float_path}: {dense.raw / size.raw:.1f}x fewer '
       f'bytes, {dense.gzip / size.gzip:.1f}x fewer gzip bytes')
   return 0
 
@@ -600,6 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help='about how long each inference figure is timed')
   bench.add_argument('--accuracy', action='store_true',
                      help='also train the config from scratch and report test accuracy')
+  bench.add_argument('--dynamic', metavar='MODEL',
+                     help='an early-exit checkpoint: accuracy against compute per router and '
+                          'budget (thresholds from the validation split), and wall time against '
+                          'the same model always-deep, in JAX and onnxruntime')
+  bench.add_argument('--plot', help='with --dynamic: draw accuracy against compute to this PNG')
   bench.add_argument('--output', help='also write the results as JSON here')
   bench.add_argument('--overwrite', action='store_true', help='replace an existing --output')
   bench.add_argument('--json', action='store_true', help='print one JSON object')

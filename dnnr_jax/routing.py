@@ -102,9 +102,11 @@ def run_on_routed(
 ) -> jax.Array:
   """Runs `stage` only on the routed rows, under static shapes.
 
-  The routed rows are moved to the front (a stable sort of the routes),
-  gathered into the smallest capacity of `bucket_sizes(B)` that holds them
-  all, passed through `stage`, and scattered back over `shallow`. The
+  The routed rows' indices are packed in order at the front (each goes to
+  its rank among the routed rows, a cumulative sum: no sort), gathered into
+  the smallest capacity of `bucket_sizes(B)` that holds them all, passed
+  through `stage`, and scattered back over `shallow` (a bucket's unused
+  slots are scattered out of range and dropped). The
   capacity is picked by nested conditionals, so only one bucket runs and no
   bucket ever overflows: a batch with more routed rows than B/16 takes the
   B/8 bucket, and so on up to B. No routed row skips the stage and each row's
@@ -123,17 +125,21 @@ def run_on_routed(
   Returns:
     [B, C]: `stage`'s rows where `deep_path`, `shallow`'s elsewhere.
   """
-  sizes = bucket_sizes(deep_path.shape[0])
-  order = jnp.argsort(~deep_path, stable=True)
-  count = jnp.sum(deep_path.astype(jnp.int32))
+  batch_size = deep_path.shape[0]
+  sizes = bucket_sizes(batch_size)
+  rank = jnp.cumsum(deep_path.astype(jnp.int32)) - 1
+  count = rank[-1] + 1
+  # order[k] is the k-th routed row (0 past the last one).
+  order = jnp.zeros((batch_size,), jnp.int32).at[jnp.where(deep_path, rank, batch_size)].set(
+      jnp.arange(batch_size, dtype=jnp.int32), mode='drop')
 
   def bucket(size: int):
     def run(*operands):
       *leading, hidden, order, count, shallow = operands
       rows = order[:size]
       outputs = stage(*leading, hidden[rows])
-      routed = (jnp.arange(size) < count)[:, None]
-      return shallow.at[rows].set(jnp.where(routed, outputs, shallow[rows]))
+      targets = jnp.where(jnp.arange(size) < count, rows, batch_size)  # unused: dropped
+      return shallow.at[targets].set(outputs, mode='drop')
     return run
 
   def ladder(level: int):

@@ -9,7 +9,6 @@ Usage:
 
 import argparse
 import json
-import pathlib
 import sys
 
 from dnnr_jax.errors import DnnrError
@@ -33,9 +32,8 @@ def main() -> int:
   if args.output:
     with open(args.output, 'w') as output:
       json.dump({key: report[key] for key in ('curve', 'timing')}, output, indent=2)
-  if args.plot:
-    from dnnr_jax.io import plots
-    plots.accuracy_against_compute(report['curve'], pathlib.Path(args.plot))
+  if args.plot and report['curve']:
+    dynamic.write_plot(report['curve'], args.plot)
   print(report['markdown'])
   return 0
 

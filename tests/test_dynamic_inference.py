@@ -68,9 +68,12 @@ def test_the_quantile_sends_the_asked_fraction_deep(fraction):
 def test_calibration_meets_the_budget_on_validation(trained, tmp_path):
   path, dataset = trained
   budget = 0.5
-  saved, summary = calibrate.calibrate_checkpoint(path, budget=budget, models_dir=tmp_path)
+  result = calibrate.calibrate_checkpoint(path, budget=budget, models_dir=tmp_path)
+  saved, summary = result.path, result.to_dict()
   assert saved == tmp_path / 'calibrated' / 'calibrated_model_v1.0'
-  calibration = summary['calibration']
+  assert summary['path'] == str(saved) and result.metadata['kind'] == 'calibrated'
+  calibration = result.calibration
+  assert result.validation == calibration['validation']
   model = checkpoint_lib.load_model(saved)
   cost = route_cost(model.model, model.num_features)
   measured = evaluate(model.model, model.variables, dataset.validation, 1000)
@@ -98,8 +101,8 @@ def test_a_budget_below_the_exit_alone_is_refused(trained, tmp_path):
 def routed_onnx(trained, tmp_path_factory):
   """The model exported per sample (the skipping graph) with routes on both sides."""
   path, dataset = trained
-  saved, _ = calibrate.calibrate_checkpoint(
-      path, budget=0.5, target='deep_fraction', models_dir=tmp_path_factory.mktemp('cal'))
+  saved = calibrate.calibrate_checkpoint(
+      path, budget=0.5, target='deep_fraction', models_dir=tmp_path_factory.mktemp('cal')).path
   inputs = np.asarray(dataset.test.images)
   output, _ = export.export_onnx(saved, check_inputs=inputs, routing='per_sample')
   return checkpoint_lib.load_model(saved), output, inputs
@@ -206,7 +209,6 @@ def test_prune_quantize_and_export_keep_working(routed_onnx, tmp_path):
 
 
 def test_accuracy_against_compute(trained, tmp_path):
-  from dnnr_jax.io import plots
   from dnnr_jax.jobs import dynamic
 
   path, _ = trained
@@ -222,9 +224,90 @@ def test_accuracy_against_compute(trained, tmp_path):
     assert test['compute_fraction'] == pytest.approx(
         test['multiply_adds_per_sample'] / adds['always_deep'])
   check = curve['xla_check']
-  for stage in ('cheap_stage', 'expensive_stage'):
-    counted = check[f'{stage}_2x_multiply_adds']
-    assert counted <= check[f'{stage}_flops'] <= 1.2 * counted  # + biases, ReLUs, router
-  assert 'confidence | 0.50' in dynamic.markdown(curve, None)
-  plots.accuracy_against_compute(curve, tmp_path / 'curve.png')
+  assert check['deep']['counted'] == adds['always_deep']
+  assert check['shallow']['counted'] == adds['exit']
+  text = dynamic.markdown(curve, None)
+  assert 'confidence | 0.50' in text and 'deep route' in text
+  dynamic.write_plot(curve, tmp_path / 'curve.png')
   assert (tmp_path / 'curve.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_structured_pruning_shrinks_an_early_exit_model(trained, tmp_path):
+  from dnnr_jax.jobs import compress as compress_jobs
+
+  path, _ = trained
+  pruned = compress_jobs.prune_checkpoint(path, PruneConfig(
+      method='structured', sparsity=0.5, schedule='oneshot', finetune_epochs=0),
+      models_dir=tmp_path)
+  model = checkpoint_lib.load_model(pruned.path)
+  assert isinstance(model.model, EarlyExitMLP)
+  assert tuple(model.config.model.hidden_sizes) == (16, 16)
+  assert model.config.model.exit_width == 4
+  assert model.variables['params']['exit_hidden']['kernel'].shape == (64, 4)  # reads the input
+  routes = pruned.metadata['routes']
+  assert set(routes) == {'route_agreement', 'deep_accuracy', 'shallow_accuracy'}
+
+
+def test_qat_trains_both_exits_jointly(trained, tmp_path):
+  """Every row routed deep: trained on the routed outputs only, the exit would not move."""
+  from dnnr_jax.compress import qat, quantize
+  from dnnr_jax.jobs import compress as compress_jobs
+
+  path, _ = trained
+  all_deep = calibrate.calibrate_checkpoint(path, budget=1.0, target='deep_fraction',
+                                            models_dir=tmp_path).path
+  settings = QuantizeConfig(mode='qat', finetune_epochs=1)
+  trained_qat = compress_jobs.quantize_checkpoint(all_deep, settings, models_dir=tmp_path)
+  assert trained_qat.metadata['metrics']['test']['deep_fraction'] == 1.0
+  # The source's weights converted as they are: what QAT would give with no gradient.
+  untrained = qat.convert(checkpoint_lib.load_model(all_deep).variables['params'],
+                          quantize.QuantSpec.from_config(settings))
+  params = checkpoint_lib.load_model(trained_qat.path).variables['params']
+  for layer in ('exit', 'exit_hidden', 'head'):
+    assert not np.array_equal(params[layer]['kernel'].value, untrained[layer]['kernel'].value)
+
+
+def test_benchmark_compares_routers_budgets_and_wall_time(trained, tmp_path):
+  from dnnr_jax.io import plots
+  from dnnr_jax.jobs import report
+
+  path, dataset = trained
+  benchmark = (sys.executable, '-m', 'dnnr_jax', 'benchmark', '--config', SMOKE_CONFIG,
+               '--set', 'data.validation_size=300', '--no-training')
+  results = run_all({
+      'dynamic': (*benchmark, '--dynamic', path, '--plot', tmp_path / 'compute.png', '--json'),
+      'plot alone': (*benchmark, '--plot', tmp_path / 'alone.png')})
+  assert_one_line_error(results['plot alone'], ['--plot', '--dynamic'])
+  dynamic = one_json(results['dynamic'])['dynamic']
+  assert (tmp_path / 'compute.png').read_bytes()[:4] == b'\x89PNG'
+  assert not (tmp_path / 'alone.png').exists()
+  curve, timing = dynamic['curve'], dynamic['timing']
+  assert {row['router'] for row in curve['rows']} == {'complexity', 'confidence'}
+  assert set(curve['baselines']) == {'exit_alone', 'always_deep'}
+  assert timing['easy_rows'] + timing['hard_rows'] == len(dataset.test.labels)
+  figures = timing['figures']
+  assert set(figures) == {f'{engine} {mode}' for engine in ('jax', 'onnxruntime',
+                                                            'onnxruntime 1 thread')
+                          for mode in ('per_sample', 'deep')}
+  for engine, ratio in timing['ratios'].items():
+    routed, deep = figures[f'{engine} per_sample'], figures[f'{engine} deep']
+    assert ratio['throughput_batch_256'] == pytest.approx(
+        routed['throughput_batch_256'] / deep['throughput_batch_256'])
+    assert ratio['latency_us_all'] == pytest.approx(
+        deep['latency_us_all'] / routed['latency_us_all'])
+  assert 'onnxruntime 1 thread |' in dynamic['markdown']
+  # The pipeline report draws the same curve, and adds nothing for an 'original' model.
+  assert plots.write_all({'dynamic': dynamic}, tmp_path) == {
+      'accuracy against compute': 'compute.png'}
+  assert report.dynamic_section(load_config(SMOKE_CONFIG), path, dataset) is None
+
+
+def test_route_accuracy_scores_each_route():
+  from dnnr_jax.jobs import report
+
+  logits = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1]]
+  routes = np.array([True, True, False, False, False])
+  labels = np.array([0, 2, 2, 0, 0])
+  assert report.route_accuracy(logits, routes, labels) == {
+      'deep_route_accuracy': 0.5, 'shallow_route_accuracy': 2 / 3}
+  assert report.route_accuracy(logits, np.ones(5, bool), labels)['shallow_route_accuracy'] is None

@@ -9,7 +9,7 @@ import pytest
 
 from dnnr_jax import routing
 from dnnr_jax.config import load_config
-from dnnr_jax.cost import RouteCost, route_cost
+from dnnr_jax.cost import XLA_TOLERANCE, RouteCost, route_cost, xla_check
 from dnnr_jax.errors import ConfigError
 from dnnr_jax.model import EarlyExitMLP, init_variables, model_from_config
 from dnnr_jax.train import create_train_state, evaluate, jit_train_epoch
@@ -174,6 +174,25 @@ def test_xla_cost_analysis_agrees_with_the_count(setup):
   flops = compiled.cost_analysis()['flops']
   # 2 flops per multiply-add, plus the biases and ReLUs XLA also counts.
   assert 2 * cost.expensive <= flops <= 2 * cost.expensive + 4 * (32 + 10)
+
+
+@pytest.mark.parametrize('exit_after, exit_width, router', [
+    (0, 32, 'confidence'), (1, 16, 'complexity')])
+def test_counted_multiply_adds_are_half_of_xla_flops_on_each_route(exit_after, exit_width, router):
+  """MNIST's widths: XLA counts 2 FLOPs per multiply-add, and a few for biases, ReLUs, router."""
+  model = EarlyExitMLP(hidden_sizes=(256, 256, 128), exit_after=exit_after,
+                       exit_width=exit_width, router=router)
+  variables = init_variables(model, jax.random.PRNGKey(0), 784)
+  checks = xla_check(model, variables, 784)
+  exit_input = 784 if exit_after == 0 else 256
+  hand = {'deep': 784 * 256 + 256 * 256 + 256 * 128 + 128 * 10,
+          'shallow': 784 * 256 * exit_after + exit_input * exit_width + exit_width * 10}
+  for route, counted in hand.items():
+    check = checks[route]
+    assert check['counted'] == counted
+    assert check['xla_multiply_adds'] == check['xla_flops'] / 2
+    # XLA's extra work is there (biases at least) but within the stated tolerance.
+    assert 0 < check['relative_difference'] <= XLA_TOLERANCE
 
 
 def test_config_checks():

@@ -1,14 +1,17 @@
 """Structured pruning shrinks every touching kernel and keeps the model runnable."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dnnr_jax.compress import structured
-from dnnr_jax.config import ModelConfig
+from dnnr_jax.config import Config, ModelConfig, RoutingConfig
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.model import DynamicMLP, init_variables
+from dnnr_jax.model import DynamicMLP, EarlyExitMLP, init_variables, model_from_config
 
 CONFIG = ModelConfig(hidden_sizes=(16, 12), deep_size=8, num_classes=5)
 THRESHOLDS = {'variance': jnp.float32(0.8), 'entropy': jnp.float32(0.5),
@@ -92,3 +95,51 @@ def test_bad_settings(sparsity):
 def test_not_a_dynamic_mlp():
   with pytest.raises(DnnrError, match='not a dynamic MLP'):
     structured.unit_groups({'dense': {'kernel': np.ones((2, 2)), 'bias': np.ones(2)}})
+
+
+EARLY_EXIT = ModelConfig(family='early_exit', hidden_sizes=(16, 12, 10), num_classes=5,
+                         exit_after=1, exit_width=6)
+
+
+def _joint(model_config, variables, inputs):
+  """Both exits and the routes of an early-exit model on every row."""
+  model = model_from_config(Config(model=model_config).replace(
+      routing=RoutingConfig(router='confidence')))
+  return jax.jit(functools.partial(model.apply, method=EarlyExitMLP.joint))(variables, inputs)
+
+
+def test_early_exit_units_go_from_the_trunk_and_the_exit():
+  model = model_from_config(Config(model=EARLY_EXIT))
+  variables = init_variables(model, jax.random.PRNGKey(1), 20,
+                             {**THRESHOLDS, 'confidence': jnp.float32(0.3)})
+  params = variables['params']
+  groups = {group.name: group for group in structured.unit_groups(params, EARLY_EXIT)}
+  # trunk_0 feeds the next trunk layer and the exit, which leaves after it.
+  assert groups['trunk_0'].consumers == ('trunk_1', 'exit_hidden')
+  assert groups['trunk_2'].consumers == ('head',)
+  assert groups['exit_hidden'].consumers == ('exit',)
+  params = _silence(params, groups['trunk_0'], [2, 5, 11, 14])
+  params = _silence(params, groups['trunk_2'], [0, 9])
+  params = _silence(params, groups['exit_hidden'], [1, 3])
+  fractions = {'trunk_0': 4 / 16, 'trunk_2': 2 / 10, 'exit_hidden': 2 / 6}
+  shrunk, config, kept = structured.prune_units(params, EARLY_EXIT, fractions)
+  assert config.hidden_sizes == (12, 12, 8) and config.exit_width == 4
+  assert config.exit_after == 1 and config.family == 'early_exit'
+  assert 5 not in kept['trunk_0'] and 3 not in kept['exit_hidden']
+  assert shrunk['exit_hidden']['kernel'].shape == (12, 4)
+  assert shrunk['exit']['kernel'].shape == (4, 5)
+  assert shrunk['head']['kernel'].shape == (8, 5)
+  inputs = _inputs()
+  before = _joint(EARLY_EXIT, {**variables, 'params': params}, inputs)
+  after = _joint(config, {**variables, 'params': shrunk}, inputs)
+  for new, old in zip(after, before, strict=True):
+    np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-6)
+  assert 0 < int(after[1].sum()) < inputs.shape[0]  # both routes exercised
+
+
+def test_early_exit_params_must_match_their_config():
+  params = init_variables(model_from_config(Config(model=EARLY_EXIT)), jax.random.PRNGKey(0),
+                          20)['params']
+  linear_exit = dataclasses.replace(EARLY_EXIT, exit_width=0)
+  with pytest.raises(DnnrError, match='early-exit MLP its config describes'):
+    structured.prune_units(params, linear_exit, 0.5)

@@ -98,6 +98,10 @@ def write_all(report: dict[str, Any], directory: pathlib.Path) -> dict[str, str]
     plots['sparsity per layer'] = ('sparsity.png', sparsity_per_layer)
   if report.get('sweep'):
     plots['accuracy against sparsity'] = ('sweep.png', accuracy_against_sparsity)
+  if (report.get('dynamic') or {}).get('curve'):
+    plots['accuracy against compute'] = (
+        'compute.png', lambda report, path: accuracy_against_compute(
+            report['dynamic']['curve'], path))
   for file_name, draw in plots.values():
     draw(report, directory / file_name)
   return {name: file_name for name, (file_name, _) in plots.items()}

@@ -64,8 +64,14 @@ class OnnxModel:
     return self.predict_with_routes(inputs)[0]
 
 
-def load_onnx(path: str | os.PathLike) -> OnnxModel:
+def load_onnx(path: str | os.PathLike, *, intra_op_threads: int = 0) -> OnnxModel:
   """Opens a .onnx file written by `dnnr export`, checked against its digest.
+
+  Args:
+    path: the .onnx file.
+    intra_op_threads: onnxruntime's threads per node; 0 (its default) uses
+      every core, which suits large batches; 1 suits batch-1 serving, where
+      handing each small node to a thread pool costs more than the node.
 
   Raises:
     DnnrError: a missing, damaged, edited or non-dnnr file, or normalisation
@@ -77,7 +83,9 @@ def load_onnx(path: str | os.PathLike) -> OnnxModel:
     raise DnnrError(f'{path} is not a file; pass an .onnx file written by dnnr export.')
   onnx_model, data = integrity.load_verified_onnx(path)
   try:
-    session = onnxruntime.InferenceSession(data, providers=['CPUExecutionProvider'])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    session = onnxruntime.InferenceSession(data, options, providers=['CPUExecutionProvider'])
   except Exception as error:  # onnxruntime raises its own types for a bad file.
     raise DnnrError(f'{path} is not a valid ONNX model ({error}); '
                     'pass a file written by dnnr export.') from None

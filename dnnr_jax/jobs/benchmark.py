@@ -189,6 +189,7 @@ def run_suite(
     training: bool = True,
     seconds: float = 2.0,
     device_counts: Sequence[int] = (),
+    dynamic: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
   """The `dnnr benchmark` suite: one JSON-ready record of everything measured.
 
@@ -204,12 +205,20 @@ def run_suite(
     seconds: about how long each inference figure is timed.
     device_counts: also time training on meshes of these many devices
       (`device_scaling`), at the config's batch size.
+    dynamic: an early-exit checkpoint: what its dynamic inference saves on
+      `dataset` (`jobs.dynamic.run_report`: accuracy against compute per
+      router and budget, thresholds chosen on the validation split; wall
+      time against the same model always-deep, in JAX and onnxruntime).
   """
   from dnnr_jax.config import RoutingConfig
   from dnnr_jax.io.checkpoint import load_model
 
   results: dict[str, Any] = {'machine': machine(), 'dataset': dataset.name,
                              'training': [], 'inference': []}
+  if dynamic is not None:  # First: a checkpoint that is not early-exit fails before any work.
+    from dnnr_jax.jobs import dynamic as dynamic_jobs
+
+    results['dynamic'] = dynamic_jobs.run_report(dynamic, dataset=dataset)
   if training:
     results['machine']['matmul_gflops'] = matmul_gflops()
     for mode in routing_modes or [config.routing.mode]:
@@ -268,14 +277,14 @@ def jax_runner(model: LoadedModel) -> Runner:
   return model.predict_with_routes
 
 
-def onnx_runner(path: str | os.PathLike) -> Runner:
-  """One default onnxruntime CPU session (all cores), as `dnnr predict` uses.
+def onnx_runner(path: str | os.PathLike, intra_op_threads: int = 0) -> Runner:
+  """One onnxruntime CPU session: by default on all cores, as `dnnr predict` uses.
 
   The file is checked against its digest first (`dnnr_jax.io.serve.load_onnx`).
   """
   from dnnr_jax.io.serve import load_onnx
 
-  session = load_onnx(path).session
+  session = load_onnx(path, intra_op_threads=intra_op_threads).session
   name = session.get_inputs()[0].name
   return lambda batch: session.run(None, {name: batch})
 

@@ -43,6 +43,37 @@ _DROPPED_METADATA = ('format', 'format_version', 'created', 'library_versions', 
 
 
 @dataclasses.dataclass(frozen=True)
+class CalibrateResult:
+  """What `calibrate_checkpoint` wrote and measured.
+
+  Attributes:
+    path: the calibrated checkpoint.
+    metadata: its metadata as saved; 'calibration' holds the budget, target,
+      router, chosen thresholds and the validation figures.
+  """
+  path: pathlib.Path
+  metadata: dict[str, Any]
+
+  @property
+  def calibration(self) -> dict[str, Any]:
+    return self.metadata['calibration']
+
+  @property
+  def thresholds(self) -> dict[str, float]:
+    """The chosen thresholds, by name."""
+    return self.calibration['thresholds']
+
+  @property
+  def validation(self) -> dict[str, Any]:
+    """Accuracy, deep fraction and compute fraction on validation (`summarise`)."""
+    return self.calibration['validation']
+
+  def to_dict(self) -> dict[str, Any]:
+    """The job's JSON summary: the metadata plus path (`dnnr calibrate --json` prints it)."""
+    return {**self.metadata, 'path': str(self.path)}
+
+
+@dataclasses.dataclass(frozen=True)
 class RouterScores:
   """What the routers see on a split, and what each exit predicts.
 
@@ -162,7 +193,7 @@ def calibrate_checkpoint(
     path: str | os.PathLike, *, budget: float, router: str | None = None,
     target: str = 'compute', data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False,
-) -> tuple[pathlib.Path, dict[str, Any]]:
+) -> CalibrateResult:
   """Chooses thresholds for `budget` on the validation split; writes a calibrated version.
 
   Args:
@@ -176,8 +207,9 @@ def calibrate_checkpoint(
       new version goes to `<models>/calibrated/calibrated_model_v{version}`.
 
   Returns:
-    The written path and its metadata (with 'calibration': budget, chosen
-    thresholds, and on validation the compute, deep fraction and accuracy).
+    The written checkpoint and its metadata (with 'calibration': budget,
+    chosen thresholds, and on validation the compute, deep fraction and
+    accuracy).
   """
   check_request(budget, router or ROUTERS[0], target)  # Before any loading.
   source = checkpoint_lib.load_model(path)
@@ -229,7 +261,7 @@ def calibrate_checkpoint(
                  'version': source.metadata.get('version')},
   })
   saved = checkpoint_lib.save_checkpoint(out_path, variables, metadata, overwrite=overwrite)
-  return saved, {**metadata, 'path': str(saved)}
+  return CalibrateResult(saved, metadata)
 
 
 def _calibrated_config(config: Config, router: str, target: str) -> Config:

@@ -33,7 +33,7 @@ from dnnr_jax.io.data import Dataset, load_dataset
 from dnnr_jax.jobs.fit import EpochCallback, fit
 from dnnr_jax.jobs.results import CompressResult as CompressResult  # Re-exported.
 from dnnr_jax.jobs.results import Footprint, PruneResult, QuantizeResult
-from dnnr_jax.model import Dense, model_from_config
+from dnnr_jax.model import Dense, EarlyExitMLP, model_from_config
 from dnnr_jax.train import Teacher, evaluate
 
 DEFAULT_PRUNE = PruneConfig()
@@ -180,12 +180,17 @@ def quantize_checkpoint(
 
 
 def _quantization_aware_training(config, dataset, params, spec, on_epoch):
-  """The params fine-tuned under fake quantization (a pruned source keeps its zeros)."""
+  """The params fine-tuned under fake quantization (a pruned source keeps its zeros).
+
+  An early-exit model trains both exits jointly, as in training (its `joint`).
+  """
   model = model_from_config(config)
+  method = 'joint' if isinstance(model, EarlyExitMLP) else None
 
   def fake_quantized_apply(variables, inputs):
     return model.apply(
-        {**variables, 'params': qat.fake_quantize_params(variables['params'], spec)}, inputs)
+        {**variables, 'params': qat.fake_quantize_params(variables['params'], spec)}, inputs,
+        method=method)
 
   # A pruned source's exact zeros are its mask.
   zeros = prune.zero_masks(params)

@@ -6,7 +6,8 @@ For an early-exit checkpoint with a validation split:
   on validation (`jobs.calibrate`), then test accuracy, deep fraction, each
   route's accuracy and the mean multiply-adds per sample counted from the
   routes taken; with the static baselines (the exit alone, always deep);
-* the multiply-add count checked against XLA's cost analysis of each stage;
+* the multiply-add count checked against XLA's cost analysis of each route
+  (`cost.xla_check`);
 * wall time, side by side with the same model forced always-deep, at the
   checkpoint's own thresholds: batch-1 latency on easy (exit) and hard
   (deep) test inputs and batch-256 throughput over the test set, in JAX
@@ -14,12 +15,13 @@ For an early-exit checkpoint with a validation split:
   exports written and checked by `io.export`.
 
 Timings interleave the models (each round runs every model once) and report
-medians, so a busy shared machine slows both alike.
+medians, so a busy shared machine slows both alike. The pipeline report,
+`dnnr benchmark --dynamic` and scripts/dynamic_inference.py all call
+`run_report`.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 import statistics
@@ -27,15 +29,14 @@ import tempfile
 import time
 from typing import Any, Callable, Sequence
 
-import jax
 import numpy as np
 
 from dnnr_jax.config import ROUTERS
-from dnnr_jax.cost import route_cost
+from dnnr_jax.cost import XLA_TOLERANCE, route_cost, xla_check
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import export
-from dnnr_jax.io.data import load_dataset
+from dnnr_jax.io.data import Dataset, load_dataset
 from dnnr_jax.jobs import calibrate
 from dnnr_jax.jobs.benchmark import machine, onnx_runner
 from dnnr_jax.model import EarlyExitMLP
@@ -45,14 +46,23 @@ ROUNDS = 5
 THROUGHPUT_BATCH = 256
 
 
-def accuracy_against_compute(path, *, data_dir=None,
+def accuracy_against_compute(path, *, data_dir=None, dataset: Dataset | None = None,
                              budgets: Sequence[float] = BUDGETS) -> dict[str, Any]:
-  """Test accuracy against mean multiply-adds, thresholds chosen on validation."""
-  model = checkpoint_lib.load_model(path)
-  if not isinstance(model.model, EarlyExitMLP):
-    raise DnnrError(f'{model.path.name} is not an early-exit model; train one with '
-                    'model.family early_exit.')
-  dataset = load_dataset(model.config.data, data_dir)
+  """Test accuracy against mean multiply-adds, thresholds chosen on validation.
+
+  Args:
+    path: an early-exit checkpoint whose config has a validation split.
+    data_dir: where its data set is; or `dataset`, already loaded.
+    budgets: target mean multiply-adds as fractions of always-deep; those
+      below the exit's own cost are left out.
+
+  Returns:
+    {'model', 'multiply_adds' (per stage), 'xla_check' (`cost.xla_check`),
+    'baselines' (exit alone, always deep), 'rows' (per router and budget:
+    'validation' and 'test' figures, `calibrate.summarise`)}.
+  """
+  model = _early_exit(path)
+  dataset = dataset if dataset is not None else load_dataset(model.config.data, data_dir)
   if dataset.validation is None:
     raise DnnrError(f'{model.path.name} was trained without a validation split; retrain '
                     'with data.validation_size > 0.')
@@ -76,7 +86,7 @@ def accuracy_against_compute(path, *, data_dir=None,
       'model': str(model.path),
       'multiply_adds': {'exit': cost.cheap, 'expensive': cost.expensive,
                         'always_deep': cost.always_deep},
-      'xla_check': xla_flops(model),
+      'xla_check': xla_check(model.model, model.variables, model.num_features),
       'baselines': {
           'exit_alone': {'compute_fraction': cost.cheap / cost.always_deep,
                          'test_accuracy': float(np.mean(test.exit_correct))},
@@ -87,37 +97,25 @@ def accuracy_against_compute(path, *, data_dir=None,
   }
 
 
-def xla_flops(model: checkpoint_lib.LoadedModel) -> dict[str, float]:
-  """XLA's FLOPs per sample of each stage at batch 1, beside twice the multiply-adds."""
-  early_exit = model.model
-  cost = route_cost(early_exit, model.num_features)
-  widths = (model.num_features, *early_exit.hidden_sizes)
-
-  def flops(method, width):
-    compiled = jax.jit(functools.partial(early_exit.apply, method=method)).lower(
-        model.variables, jax.ShapeDtypeStruct((1, width), np.float32)).compile()
-    analysis = compiled.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    return float(analysis['flops'])
-
-  return {
-      'cheap_stage_flops': flops(EarlyExitMLP.cheap, model.num_features),
-      'cheap_stage_2x_multiply_adds': 2.0 * cost.cheap,
-      'expensive_stage_flops': flops(EarlyExitMLP.expensive, widths[early_exit.exit_after]),
-      'expensive_stage_2x_multiply_adds': 2.0 * cost.expensive,
-  }
+def _early_exit(path) -> checkpoint_lib.LoadedModel:
+  model = checkpoint_lib.load_model(path)
+  if not isinstance(model.model, EarlyExitMLP):
+    raise DnnrError(f'{model.path.name} is not an early-exit model; train one with '
+                    'model.family early_exit.')
+  return model
 
 
-def wall_time(path, *, data_dir=None, onnx_dir=None,
+def wall_time(path, *, data_dir=None, dataset: Dataset | None = None, onnx_dir=None,
               latency_rows: int | None = None) -> dict[str, Any]:
   """The checkpoint (per sample) against itself always-deep, in JAX and onnxruntime.
 
   Batch-1 latency is the median over the first `latency_rows` test inputs
   (None: all), split into those the router sends to the exit (easy) and deep
-  (hard).
+  (hard). 'ratios' divides each engine's always-deep time by its per-sample
+  time (above 1: the skipping model is faster).
   """
-  model = checkpoint_lib.load_model(path)
-  dataset = load_dataset(model.config.data, data_dir)
+  model = _early_exit(path)
+  dataset = dataset if dataset is not None else load_dataset(model.config.data, data_dir)
   images = np.asarray(dataset.test.images)
   models = {mode: export.with_routing(model, mode) for mode in ('per_sample', 'deep')}
   routes = models['per_sample'].predict_with_routes(images)[1]
@@ -129,7 +127,7 @@ def wall_time(path, *, data_dir=None, onnx_dir=None,
       output, _ = export.export_onnx(path, output=directory / f'{mode}.onnx', routing=mode,
                                      check_inputs=images[:256], overwrite=True)
       runners[f'onnxruntime {mode}'] = onnx_runner(output)
-      runners[f'onnxruntime 1 thread {mode}'] = _single_thread_runner(output)
+      runners[f'onnxruntime 1 thread {mode}'] = onnx_runner(output, intra_op_threads=1)
     batches = [images[start:start + THROUGHPUT_BATCH]
                for start in range(0, len(images) - THROUGHPUT_BATCH + 1, THROUGHPUT_BATCH)]
     throughput = _interleaved(runners, [batches])
@@ -141,24 +139,27 @@ def wall_time(path, *, data_dir=None, onnx_dir=None,
     samples = THROUGHPUT_BATCH * len(batches)
     figures[name] = {
         'throughput_batch_256': samples / throughput[name][0],
-        'latency_us_easy': latency[name][0] * 1e6,
-        'latency_us_hard': latency[name][1] * 1e6,
-        'latency_us_all': latency[name][2] * 1e6,
+        **{f'latency_us_{rows}': None if seconds is None else seconds * 1e6
+           for rows, seconds in zip(('easy', 'hard', 'all'), latency[name], strict=True)},
     }
   return {'model': str(model.path), 'machine': machine(),
           'deep_fraction_test': float(np.mean(routes)),
-          'easy_rows': int(len(easy)), 'hard_rows': int(len(hard)), 'figures': figures}
+          'easy_rows': int(len(easy)), 'hard_rows': int(len(hard)), 'figures': figures,
+          'ratios': speedups(figures)}
 
 
-def _single_thread_runner(path: pathlib.Path) -> Callable:
-  """An onnxruntime session on one intra-op thread: no thread-pool hand-offs per node."""
-  import onnxruntime
-
-  options = onnxruntime.SessionOptions()
-  options.intra_op_num_threads = 1
-  session = onnxruntime.InferenceSession(str(path), options,
-                                         providers=['CPUExecutionProvider'])
-  return lambda batch: session.run(None, {'input': batch})
+def speedups(figures: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+  """Per engine, always-deep time over per-sample time (throughput: per-sample over deep)."""
+  ratios = {}
+  for name, routed in figures.items():
+    if not name.endswith(' per_sample'):
+      continue
+    engine = name.removesuffix(' per_sample')
+    deep = figures[f'{engine} deep']
+    ratios[engine] = {key: None if routed[key] is None else (
+        routed[key] / deep[key] if key.startswith('throughput') else deep[key] / routed[key])
+        for key in routed}
+  return ratios
 
 
 def _interleaved(runners: dict[str, Callable], workloads: list[list[np.ndarray]], *,
@@ -190,13 +191,36 @@ def _interleaved(runners: dict[str, Callable], workloads: list[list[np.ndarray]]
           for batch in workload:
             run(batch)
           times[name].append(time.perf_counter() - start)
-    for name in runners:
-      results[name].append(statistics.median(times[name]))
+    for name in runners:  # An empty workload (no hard input, say) has no time.
+      results[name].append(statistics.median(times[name]) if times[name] else None)
   return results
 
 
-def markdown(curve: dict[str, Any], timing: dict[str, Any] | None) -> str:
-  """The accuracy-against-compute table and the wall-time table, as Markdown."""
+def markdown(curve: dict[str, Any] | None, timing: dict[str, Any] | None) -> str:
+  """The accuracy-against-compute table, the XLA check and the wall-time tables, as Markdown."""
+  lines = []
+  if curve:
+    lines += _curve_lines(curve)
+  if timing:
+    lines += ['', '| engine, routing | batch-256 samples/s | batch-1 µs easy | batch-1 µs hard | '
+              'batch-1 µs all |', '|---|---:|---:|---:|---:|']
+    for name, figures in timing['figures'].items():
+      lines.append(f"| {name} | {figures['throughput_batch_256']:,.0f} | " + ' | '.join(
+          _number(figures[f'latency_us_{rows}'], '.1f') for rows in ('easy', 'hard', 'all'))
+          + ' |')
+    lines += ['', f"Per sample against always-deep ({timing['easy_rows']} easy and "
+              f"{timing['hard_rows']} hard test images; above 1: faster):", '',
+              '| engine | batch-256 throughput | batch-1 latency easy | hard | all |',
+              '|---|---:|---:|---:|---:|']
+    for engine, ratio in timing['ratios'].items():
+      lines.append(f'| {engine} | ' + ' | '.join(_number(ratio[key], '.2f', '×') for key in (
+          'throughput_batch_256', 'latency_us_easy', 'latency_us_hard', 'latency_us_all'))
+          + ' |')
+  return '\n'.join(lines).lstrip('\n') + '\n'
+
+
+def _curve_lines(curve: dict[str, Any]) -> list[str]:
+  """The accuracy-against-compute table and the XLA check below it."""
   lines = ['| router | budget | test multiply-adds (of always-deep) | test accuracy | '
            'vs always-deep | deep fraction | exit accuracy | deep-route accuracy |',
            '|---|---:|---:|---:|---:|---:|---:|---:|']
@@ -211,23 +235,44 @@ def markdown(curve: dict[str, Any], timing: dict[str, Any] | None) -> str:
   for name, baseline in curve['baselines'].items():
     lines.append(f"| {name.replace('_', ' ')} (static) | | {baseline['compute_fraction']:.1%} | "
                  f"{baseline['test_accuracy']:.2%} | | | | |")
-  if timing:
-    lines += ['', '| engine, routing | batch-256 samples/s | batch-1 µs easy | batch-1 µs hard | '
-              'batch-1 µs all |', '|---|---:|---:|---:|---:|']
-    for name, figures in timing['figures'].items():
-      lines.append(f"| {name} | {figures['throughput_batch_256']:,.0f} | "
-                   f"{figures['latency_us_easy']:.1f} | {figures['latency_us_hard']:.1f} | "
-                   f"{figures['latency_us_all']:.1f} |")
-  return '\n'.join(lines) + '\n'
+  checks = '; '.join(
+      f"{route} route {check['counted']:,.0f} counted, {check['xla_multiply_adds']:,.0f} "
+      f"({check['relative_difference']:+.2%})" for route, check in curve['xla_check'].items())
+  within = all(abs(check['relative_difference']) <= XLA_TOLERANCE
+               for check in curve['xla_check'].values())
+  lines += ['', f'Multiply-adds per sample against half of XLA\'s FLOPs at batch 1: {checks}; '
+            f"{'within' if within else 'beyond'} ±{XLA_TOLERANCE:.1%} (XLA also counts the "
+            'biases, ReLUs and the router, which weigh more beside narrow layers).']
+  return lines
 
 
 def _percent(value: float | None) -> str:
   return '' if value is None else f'{value:.2%}'
 
 
-def run_report(path: str | os.PathLike, *, data_dir=None, timing: bool = True,
-               budgets: Sequence[float] = BUDGETS) -> dict[str, Any]:
-  """Both parts for one checkpoint: {'curve', 'timing', 'markdown'}."""
-  curve = accuracy_against_compute(path, data_dir=data_dir, budgets=budgets)
-  timed = wall_time(path, data_dir=data_dir) if timing else None
+def _number(value: float | None, spec: str, unit: str = '') -> str:
+  return '–' if value is None else f'{value:{spec}}{unit}'
+
+
+def run_report(path: str | os.PathLike, *, data_dir=None, dataset: Dataset | None = None,
+               timing: bool = True, budgets: Sequence[float] = BUDGETS,
+               latency_rows: int | None = None) -> dict[str, Any]:
+  """Both parts for one checkpoint: {'curve', 'timing', 'markdown'}.
+
+  The curve is None when the checkpoint's config has no validation split
+  (thresholds are chosen on validation only); 'timing' is None without
+  `timing`.
+  """
+  model = _early_exit(path)
+  dataset = dataset if dataset is not None else load_dataset(model.config.data, data_dir)
+  curve = (accuracy_against_compute(path, dataset=dataset, budgets=budgets)
+           if dataset.validation is not None else None)
+  timed = (wall_time(path, dataset=dataset, latency_rows=latency_rows) if timing else None)
   return {'curve': curve, 'timing': timed, 'markdown': markdown(curve, timed)}
+
+
+def write_plot(curve: dict[str, Any], path: str | os.PathLike) -> None:
+  """The accuracy-against-compute plot of `curve` as a PNG (`io.plots`)."""
+  from dnnr_jax.io import plots
+
+  plots.accuracy_against_compute(curve, pathlib.Path(path))

@@ -1,9 +1,12 @@
 """The pipeline's report: one measured row per artifact, as JSON, Markdown and plots.
 
 `build_report` loads the three checkpoints and runs their ONNX files in
-onnxruntime on the test split (accuracy, routes, sizes, latency and
-throughput); `write_report` writes `report.json`, `report.md` and the PNG
-plots, each whole or not at all.
+onnxruntime on the test split (accuracy, routes and each route's accuracy,
+sizes, latency and throughput); for an early-exit model it adds what the
+dynamic inference saves (`jobs.dynamic`: accuracy against compute per router
+and budget, wall time against the same model always-deep). `write_report`
+writes `report.json`, `report.md` and the PNG plots, each whole or not at
+all.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import durable
 
 ARTIFACTS = ('final', 'pruned', 'quantized')
+# Batch-1 latency of the dynamic section: the first this many test images.
+DYNAMIC_LATENCY_ROWS = 1000
 
 
 def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes) -> dict[str, Any]:
@@ -42,13 +47,14 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
     # What `dnnr evaluate` computes, on the test split already loaded.
     evaluation = evaluate(model.model, model.variables, dataset.test,
                           model.config.training.eval_batch_size)
-    _, routes = model.predict_with_routes(images)
+    logits, routes = model.predict_with_routes(images)
     counts = _parameter_counts(model.variables['params'])
     raw, packed = storage.directory_bytes(paths[kind]), storage.gzip_bytes(paths[kind])
     rows.append({
         'artifact': kind, 'format': 'orbax', 'path': str(paths[kind]),
         'test_accuracy': evaluation['accuracy'], 'deep_fraction': evaluation['deep_fraction'],
         'route_agreement': float(np.mean(routes == final_routes)),
+        **route_accuracy(logits, routes, labels),
         **counts, 'bytes': raw, 'gzip_bytes': packed,
         'smaller_than_final': final_bytes / raw,
         **_prefix('jax', speeds[kind]),
@@ -72,7 +78,25 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
                       'quantized': models['quantized'].metadata['compression']},
       'sweep': sweep,
       'final_test_accuracy': rows[0]['test_accuracy'],
+      'dynamic': dynamic_section(config, paths['final'], dataset),
   }
+
+
+def route_accuracy(logits: np.ndarray, routes: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+  """Test accuracy on each route (None for a route no sample took)."""
+  correct = np.argmax(np.asarray(logits), -1) == np.asarray(labels)
+  routes = np.asarray(routes, bool)
+  return {f'{name}_accuracy': float(correct[taken].mean()) if taken.any() else None
+          for name, taken in (('deep_route', routes), ('shallow_route', ~routes))}
+
+
+def dynamic_section(config: Config, final_path, dataset) -> dict[str, Any] | None:
+  """`jobs.dynamic.run_report` of an early-exit final model (None for 'original')."""
+  if config.model.family != 'early_exit':
+    return None
+  from dnnr_jax.jobs import dynamic
+
+  return dynamic.run_report(final_path, dataset=dataset, latency_rows=DYNAMIC_LATENCY_ROWS)
 
 
 def _onnx_row(path: pathlib.Path, kind: str, test: tuple[np.ndarray, np.ndarray],
@@ -90,6 +114,7 @@ def _onnx_row(path: pathlib.Path, kind: str, test: tuple[np.ndarray, np.ndarray]
       'test_accuracy': float(np.mean(np.argmax(logits, -1) == labels)),
       'deep_fraction': float(np.mean(routes)),
       'route_agreement': float(np.mean(routes == final_routes)),
+      **route_accuracy(logits, routes, labels),
       'parameters': source_row['parameters'], 'nonzeros': source_row['nonzeros'],
       'bytes': len(data), 'gzip_bytes': len(gzip.compress(data, 9, mtime=0)),
       'smaller_than_final': final_bytes / len(data),
@@ -117,15 +142,18 @@ def markdown(report: dict[str, Any]) -> str:
       f"({machine['backend']}). Latency: median per call at batch 1; throughput: "
       'samples/s at batch 256 (see `dnnr_jax.jobs.benchmark`).',
       '',
-      '| artifact | test accuracy | deep path | route agreement | parameters | non-zeros '
-      '| bytes | gzip bytes | x smaller | latency µs (b=1) | samples/s (b=256) |',
-      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+      '| artifact | test accuracy | deep path | route agreement | accuracy deep / shallow route '
+      '| parameters | non-zeros | bytes | gzip bytes | x smaller | latency µs (b=1) '
+      '| samples/s (b=256) |',
+      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
   ]
   for row in report['rows']:
     engine = 'jax' if row['format'] == 'orbax' else 'onnxruntime'
+    routes = ' / '.join(_percent(row.get(f'{name}_accuracy'))
+                        for name in ('deep_route', 'shallow_route'))
     lines.append(
         f"| {row['artifact']} | {row['test_accuracy']:.2%} | {row['deep_fraction']:.1%} "
-        f"| {row['route_agreement']:.2%} | {row['parameters']:,} | {row['nonzeros']:,} "
+        f"| {row['route_agreement']:.2%} | {routes} | {row['parameters']:,} | {row['nonzeros']:,} "
         f"| {row['bytes']:,} | {row['gzip_bytes']:,} | {row['smaller_than_final']:.1f} "
         f"| {row[engine + '_latency_us']:.1f} ({engine}) "
         f"| {row[engine + '_throughput']:,.0f} ({engine}) |")
@@ -143,9 +171,18 @@ def markdown(report: dict[str, Any]) -> str:
               '| ---: | ---: | ---: |']
     lines += [f"| {item['measured_sparsity']:.1%} | {item['test_accuracy']:.2%} "
               f"| {item['bytes']['raw']:,} |" for item in report['sweep']]
+  if report.get('dynamic'):
+    lines += ['', '## Dynamic inference: the final model against itself always-deep', '',
+              'Thresholds for each budget chosen on the validation split, test figures '
+              'reported; multiply-adds counted from the routes taken (see '
+              '`dnnr_jax.jobs.dynamic`).', '', report['dynamic']['markdown'].rstrip('\n')]
   lines += ['', '## Plots', '']
   lines += [f'![{name}]({file})' for name, file in report['plots'].items()]
   return '\n'.join(lines) + '\n'
+
+
+def _percent(value: float | None) -> str:
+  return '–' if value is None else f'{value:.2%}'
 
 
 def _settings(settings: dict[str, Any]) -> str:
