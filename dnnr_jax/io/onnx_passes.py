@@ -30,7 +30,13 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from dnnr_jax.io.onnx_integer import IntegerMatMulPass, RowQuantizeLinearPass, ScaleFloorPass
+from dnnr_jax.io.onnx_conv import IntegerConvPass
+from dnnr_jax.io.onnx_integer import (
+    IntegerMatMulPass,
+    RowQuantizeLinearPass,
+    ScaleFloorPass,
+    non_negative,
+)
 from dnnr_jax.io.onnx_rewrite import (
     NodeRewritePass,
     constant,
@@ -129,13 +135,12 @@ class GemmBiasPass(NodeRewritePass):
 
 
 class AbsOfReluPass(NodeRewritePass):
-  """`Abs(Relu(x))` -> `Relu(x)`: a ReLU's output is never negative."""
+  """`Abs(x)` -> `x` where x is provably never negative (a ReLU's output, or a reshape of it)."""
   op_type = 'Abs'
 
   def rewrite(self, node: ir.Node) -> bool:
     producer = node.inputs[0].producer()
-    if (node.outputs[0].is_graph_output() or producer is None or producer.op_type != 'Relu'
-        or producer.domain):
+    if node.outputs[0].is_graph_output() or producer is None or not non_negative(node.inputs[0]):
       return False
     ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
     node.graph.remove(node, safe=True)
@@ -188,6 +193,7 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
   ir_model = ir.from_proto(model)
   ir.passes.Sequential(
       IntegerMatMulPass(),
+      IntegerConvPass(),
       RowQuantizeLinearPass(),
       ScaleFloorPass(),
       LogOfSummedExpPass(),
