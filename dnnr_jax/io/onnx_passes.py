@@ -13,11 +13,12 @@ graph already sums, a slow `ReduceSumSquare` (now a `Mul` and a
 `ReduceSum`), a bias `Add` after a `Gemm` with zero bias (folded into the
 `Gemm`), an `Expand` whose consumers broadcast anyway, a `Reshape` that
 only appends unit axes (an `Unsqueeze`), `Abs` of a ReLU, `Identity` nodes,
-repeated subexpressions (the deep block and the shortcut quantize the same
-input), and the shape arithmetic left unused. Every pass computes the same
-function: bit for bit, or (the log-sum-exp, sum-of-squares and Gemm bias
-rewrites) up to float rounding; `dnnr_jax.io.export` proves the result in
-onnxruntime against JAX before it writes anything.
+`Transpose`s that move no axis, repeated subexpressions (the deep block and
+the shortcut quantize the same input), and the shape arithmetic left unused.
+Every pass computes the same function: bit for bit, or (the log-sum-exp,
+sum-of-squares and Gemm bias rewrites) up to float rounding;
+`dnnr_jax.io.export` proves the result in onnxruntime against JAX before it
+writes anything.
 
 Storing pruned and 4-bit weights compactly is `dnnr_jax.io.onnx_storage`'s
 work.
@@ -162,6 +163,20 @@ class SumOfSquaresPass(NodeRewritePass):
     return True
 
 
+class IdentityTransposePass(NodeRewritePass):
+  """Removes a `Transpose` whose permutation keeps every axis in place (jax2onnx writes
+  one for a `moveaxis` that moves nothing); onnxruntime would copy the tensor."""
+  op_type = 'Transpose'
+
+  def rewrite(self, node: ir.Node) -> bool:
+    perm = node.attributes.get_ints('perm', None)
+    if perm is None or list(perm) != list(range(len(perm))) or node.outputs[0].is_graph_output():
+      return False
+    ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+    node.graph.remove(node, safe=True)
+    return True
+
+
 class IdentityPass(NodeRewritePass):
   """Removes `Identity` nodes, keeping those that give a (sub)graph an output from outside it.
 
@@ -203,6 +218,7 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
       UnsqueezeReshapePass(),
       AbsOfReluPass(),
       IdentityPass(),
+      IdentityTransposePass(),
       # The deep block and the shortcut quantize the same input: compute it once
       # (equal constants first become one, so equal nodes have equal inputs).
       common.DeduplicateInitializersPass(),
