@@ -4,26 +4,30 @@ jax2onnx lowers the int8 convolution of `compress` (`lax.conv_general_dilated`
 of int8 codes and an int8 kernel, `preferred_element_type=int32`) to a `Conv`
 on int32 casts between two layout `Transpose`s, which ONNX does not define
 (`Conv` takes floats). `IntegerConvPass` rewrites it to what onnxruntime runs
-fast:
+fast, channels last throughout:
 
-  Pad(codes, zero point) -> Reshape [B, positions, C] -> Gather(windows)
+  Reshape [B, positions, C] -> (Pad one position) -> Gather(windows)
   -> Reshape [B, *out, taps * C] -> MatMulInteger(uint8, int8 [taps * C, out])
 
-channels last throughout, so the layout transposes go too. The codes become
-uint8 as for a matmul (`onnx_integer.to_uint8`: a ReLU's codes as they are,
-signed codes + 128 with zero point 128, which is also what the padding holds),
-and with signed codes and weights beyond +-64 each window is gathered twice
-and each weight split in halves, so AVX2's int16 pair sums never saturate.
-The window indices are a sum of small constant vectors and the kernel matrix
-is the stored kernel reshaped; onnxruntime folds both when the session is
-created.
+The codes become uint8 as for a matmul (`onnx_integer.to_uint8`: a ReLU's
+codes as they are, signed codes + 128 with zero point 128); with signed codes
+and weights beyond +-64 each window is gathered twice against the weight
+halves, so AVX2's int16 pair sums never saturate. Padded taps read one extra
+position that holds the zero point. The window indices are constant
+expressions of one small vector per spatial axis, the kernel matrix is the
+stored kernel reshaped; onnxruntime folds both when the session is created.
 
-Measured against the alternatives on an AVX-512 VNNI + AMX Xeon (onnxruntime
-1.32, the second convolution of `scripts/compress_cnn.py` at batch 256):
-`ConvInteger` ran 3-6x slower than the float `Conv` (s8 and u8 weights
+With fewer than `MIN_GATHERED_CHANNELS` input channels (a first layer on
+images) the `Gather` copies too few bytes per index to be fast, and the
+codes run through a float `Conv` instead, exact because every partial sum is
+a whole number below 2**24 (`_exact_in_float32`).
+
+Measured on an AVX-512 VNNI + AMX Xeon (onnxruntime 1.32, a micro-benchmark
+of the second convolution of `scripts/compress_cnn.py` at batch 256):
+`ConvInteger` ran 2-6x slower than the float `Conv` (int8 and uint8 weights
 alike), the windows gathered with nine strided `Slice`s and a `Concat` about
-as fast as the float `Conv`, one `Gather` about 2.5x faster; see
-docs/any_model.md. The int32 result equals JAX's exactly.
+as fast as the float `Conv`, one `Gather` about 2.5x faster. The int32 sums
+equal JAX's exactly.
 """
 
 from __future__ import annotations
