@@ -31,6 +31,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common
 
+from dnnr_jax.io.onnx_affine import ChannelAffinePass
 from dnnr_jax.io.onnx_conv import IntegerConvPass
 from dnnr_jax.io.onnx_integer import (
     IntegerMatMulPass,
@@ -214,6 +215,7 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
       LogOfSummedExpPass(),
       SumOfSquaresPass(),
       GemmBiasPass(),
+      ChannelAffinePass(),
       BroadcastExpandPass(),
       UnsqueezeReshapePass(),
       AbsOfReluPass(),
