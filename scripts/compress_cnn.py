@@ -13,7 +13,6 @@ onnxruntime. Then the same weights through an NNX model with
 import argparse
 import json
 import pathlib
-import time
 
 import flax.linen as nn
 import jax
@@ -25,6 +24,7 @@ from flax import nnx
 import dnnr_jax
 from dnnr_jax import compress
 from dnnr_jax.io.data import load_mnist_arrays
+from dnnr_jax.jobs.benchmark import compare_inference, machine
 
 
 class LinenCNN(nn.Module):
@@ -75,19 +75,14 @@ def accuracy(predict, images, labels):
   return float(np.mean(logits.argmax(-1) == labels)), logits
 
 
-def throughput(paths, images, repeats):
-  """Images per second at batch 256 for each ONNX file, sessions run interleaved."""
+def serving_speed(paths, images):
+  """Batch-1 latency (µs) and batch-256 throughput (images/s) of each ONNX file in
+  onnxruntime, the files timed side by side (`dnnr_jax.jobs.benchmark.compare_inference`)."""
   sessions = {name: onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
               for name, path in paths.items()}
-  batches = [images[i:i + 256] for i in range(0, len(images) - 255, 256)]
-  seconds = {name: [] for name in sessions}
-  for _ in range(repeats):
-    for name, session in sessions.items():
-      start = time.perf_counter()
-      for batch in batches:
-        session.run(None, {'input': batch})
-      seconds[name].append(time.perf_counter() - start)
-  return {name: len(batches) * 256 / float(np.median(values)) for name, values in seconds.items()}
+  runners = {name: (lambda batch, session=session: session.run(None, {'input': batch}))
+             for name, session in sessions.items()}
+  return compare_inference(runners, images[:256], seconds=3.0)
 
 
 def main():
@@ -95,7 +90,6 @@ def main():
   parser.add_argument('--data-dir', required=True)
   parser.add_argument('--out', required=True, type=pathlib.Path)
   parser.add_argument('--epochs', type=int, default=2)
-  parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args()
   args.out.mkdir(parents=True, exist_ok=True)
   data = load_mnist_arrays(args.data_dir)
@@ -139,8 +133,11 @@ def main():
         overwrite=True)
     exported[name] = path
     report[f'onnx_{name}_check_on_test_set'] = check
-  speed = throughput(exported, test_x, args.repeats)
-  report['onnxruntime_images_per_s_batch256'] = {**speed, 'ratio': speed['int8'] / speed['float']}
+  speed = serving_speed(exported, test_x)
+  report['onnxruntime'] = {**speed, 'int8_vs_float': {
+      'throughput_batch256': speed['int8']['throughput'] / speed['float']['throughput'],
+      'latency_batch1': speed['int8']['latency_us'] / speed['float']['latency_us']}}
+  report['machine'] = {**machine(), 'onnxruntime': onnxruntime.__version__}
 
   nnx_model = NnxCNN(nnx.Rngs(0))
   graphdef, state = nnx.split(nnx_model)

@@ -103,6 +103,29 @@ def test_int8_dense_equals_numpy_integers():
                              rtol=1e-6, atol=1e-6)
 
 
+def test_int8_conv_equals_numpy_integers():
+  """Dynamic int8 Conv: one activation scale per example, int32 sums over each window."""
+  rng = np.random.default_rng(0)
+  inputs = rng.normal(size=(3, 6, 5, 2)).astype(np.float32)
+  inputs[1] *= 10  # another example's range must not change this one's codes
+  model = nn.Conv(4, (3, 2), strides=(2, 1), padding='SAME', use_bias=False)
+  kernel = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)
+  rules = [compress.Rule('.*', mode='dynamic')]
+  quantized = compress.quantize_linen(model, {'kernel': kernel}, rules, inputs)
+  ours = jax.jit(compress.quantized_apply(model, rules))({'params': quantized}, inputs)
+  q = quantized['kernel']
+  weight_codes, weight_scale = np.asarray(q.value, np.int64), np.asarray(q.scale).reshape(-1)
+  example_scale = np.float32(np.abs(inputs).reshape(3, -1).max(-1) * np.float32(1 / 127))
+  codes = np.clip(np.round(inputs * (1 / example_scale)[:, None, None, None]), -127, 127)
+  padded = np.pad(codes.astype(np.int64), ((0, 0), (0, 1), (0, 1), (0, 0)))  # SAME: 3x5 out
+  accumulator = np.zeros((3, 3, 5, 4), np.int64)
+  for row, column in np.ndindex(3, 5):
+    window = padded[:, 2 * row:2 * row + 3, column:column + 2, :]
+    accumulator[:, row, column] = np.einsum('bhwi,hwio->bo', window, weight_codes)
+  expected = (accumulator.astype(np.float32) * example_scale[:, None, None, None]) * weight_scale
+  np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_qat_gradients_flow_straight_through(cnn):
   model, params, inputs = cnn
   apply = compress.quantized_apply(model, [compress.Rule('.*', mode='qat', bits=4)])

@@ -290,3 +290,32 @@ def test_sum_of_squares_becomes_mul_and_reduce_sum(keepdims):
   actual = _run(optimized, x=x)[0]
   assert actual.shape == expected.shape
   np.testing.assert_allclose(actual, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [['B', 6], ['B', 3, 2, 6]])
+def test_channel_scale_and_bias_become_one_batch_normalization(shape):
+  rng = np.random.default_rng(0)
+  constants = [numpy_helper.from_array(rng.random((1,) * (len(shape) - 1) + (6,)).astype(
+      np.float32), 'w'), numpy_helper.from_array(rng.normal(size=6).astype(np.float32), 'b')]
+  nodes = [helper.make_node('Mul', ['x', 'w'], ['scaled']),
+           helper.make_node('Add', ['scaled', 'b'], ['y'])]
+  model = _model(nodes, [helper.make_tensor_value_info('x', TensorProto.FLOAT, shape)],
+                 [helper.make_tensor_value_info('y', TensorProto.FLOAT, shape)], constants)
+  optimized = onnx_passes.optimize(model)
+  onnx.checker.check_model(optimized, full_check=True)
+  assert _operators(optimized)['BatchNormalization'] == 1
+  assert _operators(optimized)['Mul'] == _operators(optimized)['Add'] == 0
+  x = (rng.normal(size=[5, *shape[1:]]) * 1e3).astype(np.float32)
+  expected = _run(model, x=x)[0]  # x * w, rounded, then + b, rounded
+  np.testing.assert_array_equal(_run(optimized, x=x)[0], expected)
+  np.testing.assert_array_equal(ReferenceEvaluator(optimized).run(None, {'x': x})[0], expected)
+
+
+def test_scale_per_row_is_not_a_channel_affine():
+  nodes = [helper.make_node('Mul', ['x', 's'], ['scaled']),
+           helper.make_node('Add', ['scaled', 'b'], ['y'])]
+  model = _model(nodes, [_float_input('B', 4), helper.make_tensor_value_info(
+      's', TensorProto.FLOAT, ['B', 1])], [helper.make_tensor_value_info(
+          'y', TensorProto.FLOAT, ['B', 4])],
+      [numpy_helper.from_array(np.ones(4, np.float32), 'b')])
+  assert _operators(onnx_passes.optimize(model)) == {'Mul': 1, 'Add': 1}

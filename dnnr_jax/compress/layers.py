@@ -12,6 +12,13 @@ integer kernels (`quantize.int8_matmul` and friends) serves them all:
   `lax.conv_general_dilated_patches`, because that one is itself a
   convolution with a one-hot kernel: kh·kw·in times the work, in JAX and in
   the exported ONNX graph.
+* Except an integer (dynamic or static) Conv: its input is quantized once,
+  one scale per example (dynamic) or the calibrated one (static), and the
+  int8 codes are convolved with the int8 kernel in int32
+  (`lax.conv_general_dilated`). One scale per input window, as a row of the
+  patch matrix would get, cannot be written as a convolution; one per example
+  can, and `dnnr_jax.io.onnx_conv` exports it as an integer GEMM over uint8
+  windows.
 
 `LayerSpec` is what a layer's attributes say about its geometry; it is read
 from a Linen or an NNX module by duck typing (both spell the attributes
@@ -105,6 +112,11 @@ def forward(spec: LayerSpec, mode: str, kernel: Any, bias: Any, inputs: jax.Arra
     inputs: dense: [..., *in]; conv: [*batch, *spatial, in] channels last.
     activation_scale: the calibrated scalar scale, for 'static'.
   """
+  if spec.kind == 'conv' and mode in ('dynamic', 'static'):
+    outputs = _integer_conv(spec, mode, kernel, inputs, activation_scale)
+    if bias is None:
+      return outputs
+    return outputs + jnp.reshape(bias, (1,) * (outputs.ndim - 1) + (-1,))
   if spec.kind == 'conv':
     rows, out_shape = _patches(spec, inputs)
   else:
@@ -130,6 +142,36 @@ def _matmul(mode: str, rows: jax.Array, kernel: Any, out_ndim: int,
   if mode == 'static':
     return quantize.static_int8_matmul(rows, activation_scale, matrix)
   return quantize.int8_matmul(rows, matrix)
+
+
+def _integer_conv(spec: LayerSpec, mode: str, kernel: quantize.QArray, inputs: jax.Array,
+                  activation_scale) -> jax.Array:
+  """float32 [*batch, *out_spatial, out]: int8 codes of `inputs` convolved with the int8
+  kernel in int32, scaled back (see the module docstring)."""
+  if not kernel.symmetric or kernel.axis not in (None, kernel.value.ndim - 1):
+    raise QuantizationError(
+        f'an integer convolution needs a symmetric kernel scaled per output channel or per '
+        f'tensor, got symmetric={kernel.symmetric}, axis={kernel.axis}; quantize with '
+        'symmetric=True and axis=-1 or None.')
+  spatial = len(spec.kernel_size)
+  batch_shape = inputs.shape[:inputs.ndim - spatial - 1]
+  x = inputs.reshape(math.prod(batch_shape), *inputs.shape[-spatial - 1:]).astype(jnp.float32)
+  if mode == 'static':
+    codes, scale = quantize.quantize_static(x, activation_scale), activation_scale
+  else:  # quantize_rows over each example's every value: one scale per example
+    rows, row_scale = quantize.quantize_rows(x.reshape(x.shape[0], -1))
+    codes, scale = rows.reshape(x.shape), row_scale
+  ndim = spatial + 2
+  channels_last = (0, ndim - 1, *range(1, ndim - 1))
+  accumulator = jax.lax.conv_general_dilated(
+      codes, kernel.value, spec.strides, spec.padding, rhs_dilation=spec.dilation,
+      dimension_numbers=jax.lax.ConvDimensionNumbers(
+          channels_last, (ndim - 1, ndim - 2, *range(ndim - 2)), channels_last),
+      preferred_element_type=jnp.int32)
+  channel_scale = jnp.reshape(kernel.scale, (1,) * (ndim - 1) + (-1,))
+  outputs = accumulator.astype(jnp.float32) * jnp.reshape(scale, (-1,) + (1,) * (ndim - 1))
+  outputs = outputs * channel_scale
+  return outputs.reshape(*batch_shape, *outputs.shape[1:])
 
 
 def as_matrix(q: quantize.QArray, out_ndim: int) -> quantize.QArray:

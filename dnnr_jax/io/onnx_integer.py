@@ -45,30 +45,49 @@ class IntegerMatMulPass(NodeRewritePass):
   op_type = 'MatMul'
 
   def rewrite(self, node: ir.Node) -> bool:
-    sources = [_int8_source(value) for value in node.inputs]
+    sources = [int8_source(value) for value in node.inputs]
     if None in sources:
       return False
     activations, weights = sources
-    widest = _max_abs(weights)
-    new_nodes, zero_point = [], None
-    if activations.dtype == ir.DataType.UINT8:
-      if widest is None or not _pairs_fit(255, widest):
-        return False  # The int32 MatMul stays: slow, but exact.
-    elif widest is None:
-      pass  # s8s8: exact on every CPU.
-    elif _non_negative(activations):
-      activations = _cast(node, _float_codes(activations) or activations, ir.DataType.UINT8,
-                          'to_uint8', new_nodes)
-    else:
-      activations, zero_point = _shift_to_uint8(node, activations, new_nodes)
-      if not _pairs_fit(255, widest):
-        activations, weights = _in_halves(node, activations, weights, new_nodes)
+    new_nodes = []
+    unsigned = to_uint8(node, activations, max_abs(weights), new_nodes)
+    if unsigned is None:
+      return False  # The int32 MatMul stays: slow, but exact.
+    activations, zero_point, halves = unsigned
+    if halves:
+      doubled = ir.node('Concat', [activations, activations], {'axis': -1},
+                        name=f'{node.name}_activations_twice')
+      doubled.outputs[0].dtype = ir.DataType.UINT8
+      new_nodes.append(doubled)
+      activations, weights = doubled.outputs[0], weight_halves(node, weights, new_nodes)
     integer = ir.node(
         'MatMulInteger', [activations, weights] + ([zero_point] if zero_point else []),
         name=f'{node.name}_integer')
     substitute(node, [*new_nodes, integer], integer.outputs[0])
     integer.outputs[0].dtype = ir.DataType.INT32
     return True
+
+
+def to_uint8(node: ir.Node, activations: ir.Value, widest: int | None,
+             new_nodes: list) -> tuple[ir.Value, ir.Value | None, bool] | None:
+  """The u8s8 form of int8 (or uint8) `activations` times int8 weights up to `widest`
+  in magnitude (None: weights not constant), appending the nodes it needs.
+
+  Returns:
+    (uint8 activations, their zero point or None, whether each weight must be
+    split in halves), or None when no exact u8s8 form exists (uint8 codes
+    against wide weights). With weights that are not constant the int8
+    activations stay as they are (s8s8, exact everywhere).
+  """
+  if activations.dtype == ir.DataType.UINT8:
+    return None if widest is None or not _pairs_fit(255, widest) else (activations, None, False)
+  if widest is None:
+    return activations, None, False
+  if non_negative(activations):
+    return cast(node, float_codes(activations) or activations, ir.DataType.UINT8,
+                 'to_uint8', new_nodes), None, False
+  activations, zero_point = _shift_to_uint8(node, activations, new_nodes)
+  return activations, zero_point, not _pairs_fit(255, widest)
 
 
 class RowQuantizeLinearPass(NodeRewritePass):
@@ -94,7 +113,7 @@ class RowQuantizeLinearPass(NodeRewritePass):
       if offsets[1] is not None and offsets[1].size == 1 and float(offsets[1]) == 128:
         codes, shifted = producer.inputs[0], True
     matched = _row_quantized(codes)
-    if matched is None or (not shifted and not _non_negative(codes)):
+    if matched is None or (not shifted and not non_negative(codes)):
       return False
     rows, scale = matched
     inputs, new_nodes = [rows, scale], []
@@ -127,7 +146,7 @@ class ScaleFloorPass(NodeRewritePass):
     condition, scale, fallback = node.inputs
     test = condition.producer() if condition is not None else None
     if (test is None or test.op_type != 'GreaterOrEqual' or test.domain
-        or test.inputs[0] is not scale or not _is_one(fallback) or not _non_negative(scale)):
+        or test.inputs[0] is not scale or not _is_one(fallback) or not non_negative(scale)):
       return False
     floor = constant_value(test.inputs[1])
     if floor is None or floor.size != 1 or float(floor) != float(np.finfo(np.float32).tiny):
@@ -137,7 +156,7 @@ class ScaleFloorPass(NodeRewritePass):
     return True
 
 
-def _int8_source(value: ir.Value | None) -> ir.Value | None:
+def int8_source(value: ir.Value | None) -> ir.Value | None:
   """The int8 value that `value` is the int32 cast of, else None."""
   node = value.producer() if value is not None else None
   if node is None or node.op_type != 'Cast' or node.domain:
@@ -148,7 +167,7 @@ def _int8_source(value: ir.Value | None) -> ir.Value | None:
   return source if source.dtype in _INT8 else None
 
 
-def _max_abs(weights: ir.Value) -> int | None:
+def max_abs(weights: ir.Value) -> int | None:
   """The largest |code| of constant int8 weights, else None."""
   values = constant_value(weights)
   return None if values is None else int(np.max(np.abs(values.astype(np.int32)), initial=0))
@@ -168,10 +187,10 @@ def _pairs_fit(activation_max: int, weight_max: int) -> bool:
 _NON_NEGATIVE_OPS = frozenset({'Relu', 'Abs', 'Sigmoid', 'Exp', 'Softmax', 'Sqrt'})
 _PRESERVING_OPS = frozenset({'Round', 'Ceil', 'Floor', 'Cast', 'Identity', 'ReduceMax',
                              'ReduceMin', 'ReduceSum', 'ReduceMean', 'Reshape', 'Unsqueeze',
-                             'Squeeze', 'Expand'})
+                             'Squeeze', 'Expand', 'Transpose', 'Gather'})
 
 
-def _non_negative(value: ir.Value | None, depth: int = 12) -> bool:
+def non_negative(value: ir.Value | None, depth: int = 12) -> bool:
   """Whether `value` provably holds no negative number (a conservative check)."""
   if value is None or depth == 0:
     return False
@@ -185,20 +204,20 @@ def _non_negative(value: ir.Value | None, depth: int = 12) -> bool:
   if op in _NON_NEGATIVE_OPS:
     return True
   if op in _PRESERVING_OPS:
-    return _non_negative(inputs[0], depth - 1)
+    return non_negative(inputs[0], depth - 1)
   if op in ('Mul', 'Div', 'Add', 'Min'):
-    return all(_non_negative(item, depth - 1) for item in inputs)
+    return all(non_negative(item, depth - 1) for item in inputs)
   if op == 'Max':
-    return any(_non_negative(item, depth - 1) for item in inputs)
+    return any(non_negative(item, depth - 1) for item in inputs)
   if op == 'Where':
-    return all(_non_negative(item, depth - 1) for item in inputs[1:])
+    return all(non_negative(item, depth - 1) for item in inputs[1:])
   if op == 'Clip':
-    return _non_negative(inputs[0], depth - 1) or (
-        len(inputs) > 1 and _non_negative(inputs[1], depth - 1))
+    return non_negative(inputs[0], depth - 1) or (
+        len(inputs) > 1 and non_negative(inputs[1], depth - 1))
   return False
 
 
-def _float_codes(codes: ir.Value) -> ir.Value | None:
+def float_codes(codes: ir.Value) -> ir.Value | None:
   """The whole floats that int8 `codes` were cast from (a Clip of a Round), else None."""
   producer = codes.producer()
   if producer is not None and producer.op_type == 'Cast' and _whole_int8_floats(
@@ -207,7 +226,7 @@ def _float_codes(codes: ir.Value) -> ir.Value | None:
   return None
 
 
-def _cast(node: ir.Node, value: ir.Value, dtype: ir.DataType, suffix: str,
+def cast(node: ir.Node, value: ir.Value, dtype: ir.DataType, suffix: str,
           new_nodes: list) -> ir.Value:
   """`Cast(value, to=dtype)` (appended to `new_nodes`)."""
   cast = ir.node('Cast', [value], {'to': dtype}, name=f'{node.name}_{suffix}')
@@ -216,26 +235,23 @@ def _cast(node: ir.Node, value: ir.Value, dtype: ir.DataType, suffix: str,
   return cast.outputs[0]
 
 
-def _in_halves(node: ir.Node, activations: ir.Value, weights: ir.Value,
-               new_nodes: list) -> tuple[ir.Value, ir.Value]:
-  """[a, a] and [w1; w2], w1 = floor(w / 2), w2 = w - w1: |w1|, |w2| <= 64, same product."""
+def weight_halves(node: ir.Node, weights: ir.Value, new_nodes: list) -> ir.Value:
+  """[w1; w2] stacked along axis 0, w1 = floor(w / 2), w2 = w - w1: |w1|, |w2| <= 64, and
+  [a, a] times them is a times w (appends the nodes, constant expressions of `weights`)."""
   graph = node.graph
-  doubled = ir.node('Concat', [activations, activations], {'axis': -1},
-                    name=f'{node.name}_activations_twice')
-  doubled.outputs[0].dtype = ir.DataType.UINT8
-  as_float = _cast(node, weights, ir.DataType.FLOAT, 'weights_to_float', new_nodes)
+  as_float = cast(node, weights, ir.DataType.FLOAT, 'weights_to_float', new_nodes)
   halved = ir.node('Mul', [as_float, constant(graph, f'{node.name}_half', np.float32(0.5))],
                    name=f'{node.name}_weights_halved')
   floored = ir.node('Floor', [halved.outputs[0]], name=f'{node.name}_weights_floored')
   new_nodes += [halved, floored]
-  low = _cast(node, floored.outputs[0], ir.DataType.INT8, 'low_half', new_nodes)
+  low = cast(node, floored.outputs[0], ir.DataType.INT8, 'low_half', new_nodes)
   high = ir.node('Sub', [weights, low], name=f'{node.name}_high_half')
   stacked = ir.node('Concat', [low, high.outputs[0]], {'axis': 0},
                     name=f'{node.name}_weight_halves')
   for value in (high.outputs[0], stacked.outputs[0]):
     value.dtype = ir.DataType.INT8
-  new_nodes += [doubled, high, stacked]
-  return doubled.outputs[0], stacked.outputs[0]
+  new_nodes += [high, stacked]
+  return stacked.outputs[0]
 
 
 def _shift_to_uint8(node, codes, new_nodes):

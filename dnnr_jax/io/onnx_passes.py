@@ -13,11 +13,12 @@ graph already sums, a slow `ReduceSumSquare` (now a `Mul` and a
 `ReduceSum`), a bias `Add` after a `Gemm` with zero bias (folded into the
 `Gemm`), an `Expand` whose consumers broadcast anyway, a `Reshape` that
 only appends unit axes (an `Unsqueeze`), `Abs` of a ReLU, `Identity` nodes,
-repeated subexpressions (the deep block and the shortcut quantize the same
-input), and the shape arithmetic left unused. Every pass computes the same
-function: bit for bit, or (the log-sum-exp, sum-of-squares and Gemm bias
-rewrites) up to float rounding; `dnnr_jax.io.export` proves the result in
-onnxruntime against JAX before it writes anything.
+`Transpose`s that move no axis, repeated subexpressions (the deep block and
+the shortcut quantize the same input), and the shape arithmetic left unused.
+Every pass computes the same function: bit for bit, or (the log-sum-exp,
+sum-of-squares and Gemm bias rewrites) up to float rounding;
+`dnnr_jax.io.export` proves the result in onnxruntime against JAX before it
+writes anything.
 
 Storing pruned and 4-bit weights compactly is `dnnr_jax.io.onnx_storage`'s
 work.
@@ -30,7 +31,14 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from dnnr_jax.io.onnx_integer import IntegerMatMulPass, RowQuantizeLinearPass, ScaleFloorPass
+from dnnr_jax.io.onnx_affine import ChannelAffinePass
+from dnnr_jax.io.onnx_conv import IntegerConvPass
+from dnnr_jax.io.onnx_integer import (
+    IntegerMatMulPass,
+    RowQuantizeLinearPass,
+    ScaleFloorPass,
+    non_negative,
+)
 from dnnr_jax.io.onnx_rewrite import (
     NodeRewritePass,
     constant,
@@ -129,13 +137,12 @@ class GemmBiasPass(NodeRewritePass):
 
 
 class AbsOfReluPass(NodeRewritePass):
-  """`Abs(Relu(x))` -> `Relu(x)`: a ReLU's output is never negative."""
+  """`Abs(x)` -> `x` where x is provably never negative (a ReLU's output, or a reshape of it)."""
   op_type = 'Abs'
 
   def rewrite(self, node: ir.Node) -> bool:
     producer = node.inputs[0].producer()
-    if (node.outputs[0].is_graph_output() or producer is None or producer.op_type != 'Relu'
-        or producer.domain):
+    if node.outputs[0].is_graph_output() or producer is None or not non_negative(node.inputs[0]):
       return False
     ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
     node.graph.remove(node, safe=True)
@@ -154,6 +161,20 @@ class SumOfSquaresPass(NodeRewritePass):
     total = ir.node('ReduceSum', [square.outputs[0], *node.inputs[1:]],
                     dict(node.attributes.items()), name=f'{node.name}_sum')
     substitute(node, [square, total], total.outputs[0])
+    return True
+
+
+class IdentityTransposePass(NodeRewritePass):
+  """Removes a `Transpose` whose permutation keeps every axis in place (jax2onnx writes
+  one for a `moveaxis` that moves nothing); onnxruntime would copy the tensor."""
+  op_type = 'Transpose'
+
+  def rewrite(self, node: ir.Node) -> bool:
+    perm = node.attributes.get_ints('perm', None)
+    if perm is None or list(perm) != list(range(len(perm))) or node.outputs[0].is_graph_output():
+      return False
+    ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+    node.graph.remove(node, safe=True)
     return True
 
 
@@ -188,15 +209,18 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
   ir_model = ir.from_proto(model)
   ir.passes.Sequential(
       IntegerMatMulPass(),
+      IntegerConvPass(),
       RowQuantizeLinearPass(),
       ScaleFloorPass(),
       LogOfSummedExpPass(),
       SumOfSquaresPass(),
       GemmBiasPass(),
+      ChannelAffinePass(),
       BroadcastExpandPass(),
       UnsqueezeReshapePass(),
       AbsOfReluPass(),
       IdentityPass(),
+      IdentityTransposePass(),
       # The deep block and the shortcut quantize the same input: compute it once
       # (equal constants first become one, so equal nodes have equal inputs).
       common.DeduplicateInitializersPass(),
