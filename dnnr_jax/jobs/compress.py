@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -25,8 +26,16 @@ import optax
 
 from dnnr_jax import parallel
 from dnnr_jax.compress import gradual, prune, qat, quantize, structured
-from dnnr_jax.config import Config, PruneConfig, QuantizeConfig, ThresholdsConfig, ThresholdValues
-from dnnr_jax.errors import DnnrError
+from dnnr_jax.config import (
+  CompressConfig,
+  Config,
+  PruneConfig,
+  QuantizeConfig,
+  ThresholdsConfig,
+  ThresholdValues,
+  check_max_drop,
+)
+from dnnr_jax.errors import AccuracyWarning, DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import durable, storage
 from dnnr_jax.io.data import Dataset, load_dataset
@@ -38,6 +47,17 @@ from dnnr_jax.train import Teacher, evaluate
 
 DEFAULT_PRUNE = PruneConfig()
 DEFAULT_QUANTIZE = QuantizeConfig()
+DEFAULT_MAX_DROP = CompressConfig().max_drop
+# Pruning method -> (scope of the cut, score): LAMP is one global cut on per-layer scores.
+METHOD_SCORES = {'global': ('global', 'magnitude'), 'layer': ('layer', 'magnitude'),
+                 'lamp': ('global', 'lamp')}
+# What to try when a result is over its accuracy budget.
+GUARD_FIXES = {
+    'pruned': 'fine-tune longer (compress.prune.finetune_epochs) or prune less '
+              '(compress.prune.sparsity)',
+    'quantized': 'quantize to 8 bits (compress.quantize.bits) or fine-tune with '
+                 'compress.quantize.mode qat',
+}
 
 
 @durable.holding_locks
@@ -45,7 +65,7 @@ def prune_checkpoint(
     path: str | os.PathLike, settings: PruneConfig = DEFAULT_PRUNE, *,
     seed: int | None = None, data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
-    extra_metadata: dict[str, Any] | None = None,
+    extra_metadata: dict[str, Any] | None = None, max_drop: float | None = DEFAULT_MAX_DROP,
 ) -> PruneResult:
   """Prunes a checkpoint and writes `<models>/pruned/pruned_model_v{version}`.
 
@@ -58,6 +78,9 @@ def prune_checkpoint(
     seed: fine-tuning's shuffling seed; None keeps the source's training.seed.
     data_dir, models_dir, version, overwrite, on_epoch, extra_metadata: as
       for training.
+    max_drop: the accuracy guard (`compress.max_drop`): percentage points
+      of validation accuracy the result may lose; more warns
+      (`AccuracyWarning`) and records `over_budget`. None: report only.
 
   Returns:
     The new checkpoint, what its metadata records, and bytes on disk.
@@ -67,6 +90,7 @@ def prune_checkpoint(
       a version that exists without `overwrite`.
   """
   settings.validate()
+  _check_guard(max_drop)
   source, out_path, version = _prepare(path, 'pruned', models_dir, version, overwrite)
   if _is_quantized(source):
     raise DnnrError(f'{source.path} is quantized; prune a final or pruned model, '
@@ -91,7 +115,7 @@ def prune_checkpoint(
   variables = {**source.variables, 'params': params}
   recorded['sparsity_report'] = prune.sparsity_report(params)
   return _finish(PruneResult, source, out_path, version, config, variables, dataset, recorded,
-                 overwrite=overwrite, extra_metadata=extra_metadata,
+                 overwrite=overwrite, extra_metadata=extra_metadata, max_drop=max_drop,
                  sparsity_report=recorded['sparsity_report'])
 
 
@@ -109,17 +133,25 @@ def _pruning_plan(
     return (params, config.replace(model=model_config), None,
             {'kept_units': {name: len(units) for name, units in kept.items()}})
   if settings.schedule == 'gradual':
-    steps = settings.finetune_epochs * (
-        dataset.train.labels.shape[0] // config.training.batch_size)
+    steps_per_epoch = dataset.train.labels.shape[0] // config.training.batch_size
+    steps = settings.finetune_epochs * steps_per_epoch
+    end_step = gradual.pruning_end_step(steps, steps_per_epoch, settings.gradual_end)
+    if settings.finetune_epochs < 2:
+      _warn(f'gradual pruning with finetune_epochs = {settings.finetune_epochs} leaves no '
+            'epoch to prune gradually in before the recovery epoch, so it prunes at once; '
+            'give finetune_epochs of at least 2 (more for high sparsities).')
     schedule = gradual.cubic_sparsity_schedule(
-        0.0, settings.sparsity, begin_step=0, end_step=max(1, int(settings.gradual_end * steps)))
-    pruner = prune.magnitude_pruner(schedule, scope=settings.method)
+        0.0, settings.sparsity, begin_step=0, end_step=end_step)
+    scope, score = METHOD_SCORES[settings.method]
+    pruner = prune.magnitude_pruner(schedule, scope=scope, score=score)
     update_every = max(1, steps // settings.mask_updates)
-    return params, config, lambda tx: gradual.pruning(tx, pruner, update_every=update_every), {}
+    return params, config, lambda tx: gradual.pruning(tx, pruner, update_every=update_every), {
+        'pruning_end_step': end_step, 'finetune_steps': steps}
   if settings.method == 'nm':
     masks, plan = prune.nm_masks(params, settings.n, settings.m), {'n': settings.n, 'm': settings.m}
   else:
-    masks, plan = prune.magnitude_masks(params, settings.sparsity, scope=settings.method), {}
+    scope, score = METHOD_SCORES[settings.method]
+    masks, plan = prune.magnitude_masks(params, settings.sparsity, scope=scope, score=score), {}
   return (prune.apply_masks(params, masks), config,
           lambda tx: gradual.keep_masked(tx, masks), plan)
 
@@ -129,7 +161,7 @@ def quantize_checkpoint(
     path: str | os.PathLike, settings: QuantizeConfig = DEFAULT_QUANTIZE, *,
     seed: int | None = None, data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
-    extra_metadata: dict[str, Any] | None = None,
+    extra_metadata: dict[str, Any] | None = None, max_drop: float | None = DEFAULT_MAX_DROP,
 ) -> QuantizeResult:
   """Quantizes a checkpoint's kernels; writes `<models>/quantized/quantized_model_v{version}`.
 
@@ -146,13 +178,14 @@ def quantize_checkpoint(
       epochs and rate (see `QuantizeConfig`; `source` is the pipeline's and
       is not used here). Checked with `settings.validate()` first.
     seed: QAT's shuffling seed; None keeps the source's training.seed.
-    data_dir, models_dir, version, overwrite, on_epoch, extra_metadata: as
-      for training.
+    data_dir, models_dir, version, overwrite, on_epoch, extra_metadata,
+      max_drop: as for `prune_checkpoint`.
 
   Returns:
     The new checkpoint, what its metadata records, and bytes on disk.
   """
   settings.validate()
+  _check_guard(max_drop)
   source, out_path, version = _prepare(path, 'quantized', models_dir, version, overwrite)
   if _is_quantized(source):
     raise DnnrError(f'{source.path} is already quantized; quantize a final or pruned model.')
@@ -176,7 +209,7 @@ def quantize_checkpoint(
   recorded['bias_precision'] = 'float16'
   return _finish(QuantizeResult, source, out_path, version, config, variables, dataset,
                  recorded, overwrite=overwrite, extra_metadata=extra_metadata,
-                 quantization={'mode': settings.mode, 'bits': settings.bits})
+                 max_drop=max_drop, quantization={'mode': settings.mode, 'bits': settings.bits})
 
 
 def _quantization_aware_training(config, dataset, params, spec, on_epoch):
@@ -289,13 +322,19 @@ def _finetune_config(source, epochs: int, learning_rate: float | None = None,
 
 
 def _finish(result_type, source, out_path, version, config, variables, dataset, recorded, *,
-            overwrite, extra_metadata=None, quantization=None, **fields):
+            overwrite, max_drop, extra_metadata=None, quantization=None, **fields):
   """Evaluates, saves and measures the new checkpoint; its `result_type`."""
   weight_only = bool(quantization) and quantization['mode'] == 'weight_only'
   model = model_from_config(config, weight_only=weight_only)
   batch_size = config.training.eval_batch_size
   before = evaluate(source.model, source.variables, dataset.test, batch_size)
   after = evaluate(model, variables, dataset.test, batch_size)
+  metrics = {'test': after, 'test_before': before}
+  if dataset.validation is not None:
+    metrics['validation_before'] = evaluate(source.model, source.variables, dataset.validation,
+                                            batch_size)
+    metrics['validation'] = evaluate(model, variables, dataset.validation, batch_size)
+  guard = accuracy_guard(metrics, max_drop)
   arrays, _ = storage.encode_variables(variables)
   metadata = {
       'kind': result_type.KIND, 'version': version,
@@ -304,7 +343,8 @@ def _finish(result_type, source, out_path, version, config, variables, dataset, 
       'source': {'path': str(source.path), 'kind': source.metadata.get('kind'),
                  'version': source.metadata.get('version')},
       'compression': recorded,
-      'metrics': {'test': after, 'test_before': before},
+      'metrics': metrics,
+      'accuracy_guard': guard,
       'routes': route_report(source, model, variables, dataset),
       'array_bytes': int(sum(leaf.nbytes for leaf in jax.tree.leaves(arrays))),
       'dataset': source.metadata.get('dataset'),
@@ -313,6 +353,7 @@ def _finish(result_type, source, out_path, version, config, variables, dataset, 
     metadata['quantization'] = quantization
   metadata.update(extra_metadata or {})
   saved = checkpoint_lib.save_checkpoint(out_path, variables, metadata, overwrite=overwrite)
+  _warn_guard(guard, saved, result_type.KIND, recorded)
   dense_path = _dense_float_path(source)
   return result_type(path=saved, metadata=metadata, size=Footprint.of(saved),
                      source_size=Footprint.of(source.path), dense_float_path=dense_path,
@@ -323,3 +364,55 @@ def _dense_float_path(source) -> pathlib.Path:
   """The final (dense float32) checkpoint at the root of `source`'s lineage."""
   return checkpoint_lib.lineage_root(source.path, source.metadata)
 
+
+
+def accuracy_guard(metrics: dict[str, Any], max_drop: float | None) -> dict[str, Any]:
+  """The validation drop of a compression job in percentage points, and its verdict.
+
+  Args:
+    metrics: 'validation_before' and 'validation' (evaluation records), or
+      neither when the data has no validation split.
+    max_drop: the budget in percentage points; None only reports the drop.
+
+  Returns:
+    {'split', 'accuracy_before', 'accuracy', 'drop_pp', 'max_drop_pp',
+    'over_budget'}; without a validation split the figures are None and
+    'over_budget' False.
+  """
+  if 'validation' not in metrics:
+    return {'split': None, 'accuracy_before': None, 'accuracy': None, 'drop_pp': None,
+            'max_drop_pp': max_drop, 'over_budget': False}
+  before = metrics['validation_before']['accuracy']
+  after = metrics['validation']['accuracy']
+  drop = 100.0 * (before - after)
+  # Accuracies are counts over the split: a drop equal to the budget is within it.
+  over = max_drop is not None and drop > max_drop + 1e-9
+  return {'split': 'validation', 'accuracy_before': before, 'accuracy': after, 'drop_pp': drop,
+          'max_drop_pp': max_drop, 'over_budget': over}
+
+
+def _check_guard(max_drop: float | None) -> None:
+  if max_drop is not None:
+    check_max_drop(max_drop, 'max_drop')
+
+
+def _warn_guard(guard: dict[str, Any], path: pathlib.Path, kind: str,
+                recorded: dict[str, Any]) -> None:
+  """Warns once when the guard cannot judge (no validation split) or the result is over budget."""
+  if guard['split'] is None:
+    _warn(f'{path.name} was not checked against an accuracy budget: its source has no '
+          'validation split; retrain with data.validation_size > 0 to have every prune '
+          'and quantize checked on validation.')
+  elif guard['over_budget']:
+    why = ''
+    if 'pruning_end_step' in recorded:  # Gradual: how long the recovery phase was.
+      end, steps = recorded['pruning_end_step'], recorded['finetune_steps']
+      why = (f': gradual pruning reached its sparsity at step {end} of {steps}, leaving '
+             f'{steps - end} steps at that sparsity to recover')
+    _warn(f"{path.name} lost {guard['drop_pp']:.2f} pp of validation accuracy "
+          f"({guard['accuracy_before']:.2%} -> {guard['accuracy']:.2%}), over the budget "
+          f"compress.max_drop = {guard['max_drop_pp']:g} pp{why}; {GUARD_FIXES[kind]}.")
+
+
+def _warn(message: str) -> None:
+  warnings.warn(message, AccuracyWarning, stacklevel=3)

@@ -140,11 +140,11 @@ def run_pipeline(
   stage('prune', reuse['pruned'], lambda: compress_jobs.prune_checkpoint(
       paths['final'], prune, data_dir=data_dir, models_dir=models_dir, version=version,
       overwrite=rebuild['pruned'], on_epoch=epochs('prune'),
-      extra_metadata=pipeline_metadata('pruned')))
+      extra_metadata=pipeline_metadata('pruned'), max_drop=config.compress.max_drop))
   stage('quantize', reuse['quantized'], lambda: compress_jobs.quantize_checkpoint(
       paths[quantize.source], quantize, data_dir=data_dir, models_dir=models_dir,
       version=version, overwrite=rebuild['quantized'], on_epoch=epochs('quantize'),
-      extra_metadata=pipeline_metadata('quantized')))
+      extra_metadata=pipeline_metadata('quantized'), max_drop=config.compress.max_drop))
 
   check_inputs = np.asarray(dataset.test.images[:256])
   onnx_paths = {kind: export.default_output(paths[kind]) for kind in ARTIFACTS}
@@ -279,7 +279,7 @@ def _sweep(config: Config, final_path, report_dir, data_dir, on_epoch) -> list[d
           distill=prune.distill if epochs else 0.0)
       result = compress_jobs.prune_checkpoint(
           final_path, settings, data_dir=data_dir, models_dir=scratch,
-          version=f'1.{index}', on_epoch=on_epoch)
+          version=f'1.{index}', on_epoch=on_epoch, max_drop=None)  # A sweep goes past it.
       results.append({'sparsity': sparsity, 'measured_sparsity': result.sparsity,
                       'test_accuracy': result.accuracy,
                       'bytes': dataclasses.asdict(result.size)})

@@ -51,6 +51,8 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
         'route_agreement': float(np.mean(routes == final_routes)),
         **counts, 'bytes': raw, 'gzip_bytes': packed,
         'smaller_than_final': final_bytes / raw,
+        'validation_drop_pp': model.metadata.get('accuracy_guard', {}).get('drop_pp'),
+        'over_budget': model.metadata.get('accuracy_guard', {}).get('over_budget', False),
         **_prefix('jax', speeds[kind]),
     })
   rows += [_onnx_row(onnx_paths[kind], kind, (images, labels), final_routes, final_bytes,
@@ -93,6 +95,8 @@ def _onnx_row(path: pathlib.Path, kind: str, test: tuple[np.ndarray, np.ndarray]
       'parameters': source_row['parameters'], 'nonzeros': source_row['nonzeros'],
       'bytes': len(data), 'gzip_bytes': len(gzip.compress(data, 9, mtime=0)),
       'smaller_than_final': final_bytes / len(data),
+      'validation_drop_pp': source_row['validation_drop_pp'],
+      'over_budget': source_row['over_budget'],
       **_prefix('onnxruntime', speed),
   }
 
@@ -104,7 +108,7 @@ def write_report(report: dict[str, Any], report_dir: pathlib.Path) -> None:
   report_dir.mkdir(parents=True, exist_ok=True)
   report['plots'] = plots.write_all(report, report_dir)
   write_json(report_dir / 'report.json', report)
-  _write_text(report_dir / 'report.md', markdown(report))
+  write_text(report_dir / 'report.md', markdown(report))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -117,14 +121,19 @@ def markdown(report: dict[str, Any]) -> str:
       f"({machine['backend']}). Latency: median per call at batch 1; throughput: "
       'samples/s at batch 256 (see `dnnr_jax.jobs.benchmark`).',
       '',
-      '| artifact | test accuracy | deep path | route agreement | parameters | non-zeros '
-      '| bytes | gzip bytes | x smaller | latency µs (b=1) | samples/s (b=256) |',
-      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+      'Validation drop: validation accuracy lost against the source model, in percentage '
+      'points (the accuracy guard, `compress.max_drop`).',
+      '',
+      '| artifact | test accuracy | validation drop | deep path | route agreement | parameters '
+      '| non-zeros | bytes | gzip bytes | x smaller | latency µs (b=1) | samples/s (b=256) |',
+      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
   ]
   for row in report['rows']:
     engine = 'jax' if row['format'] == 'orbax' else 'onnxruntime'
+    drop = row.get('validation_drop_pp')
+    drop = '' if drop is None else f"{drop:.2f} pp{' (over budget)' if row['over_budget'] else ''}"
     lines.append(
-        f"| {row['artifact']} | {row['test_accuracy']:.2%} | {row['deep_fraction']:.1%} "
+        f"| {row['artifact']} | {row['test_accuracy']:.2%} | {drop} | {row['deep_fraction']:.1%} "
         f"| {row['route_agreement']:.2%} | {row['parameters']:,} | {row['nonzeros']:,} "
         f"| {row['bytes']:,} | {row['gzip_bytes']:,} | {row['smaller_than_final']:.1f} "
         f"| {row[engine + '_latency_us']:.1f} ({engine}) "
@@ -170,8 +179,9 @@ def _prefix(engine: str, speed: dict[str, float]) -> dict[str, float]:
 
 def write_json(path: pathlib.Path, value: Any) -> None:
   """`value` as indented JSON, written whole or not at all."""
-  _write_text(path, json.dumps(value, indent=2) + '\n')
+  write_text(path, json.dumps(value, indent=2) + '\n')
 
 
-def _write_text(path: pathlib.Path, text: str) -> None:
+def write_text(path: pathlib.Path, text: str) -> None:
+  """`text` as UTF-8, written whole or not at all."""
   durable.write_bytes(path, text.encode())
