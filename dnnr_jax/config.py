@@ -382,6 +382,8 @@ class BudgetConfig:
     finetune_epochs: fine-tuning epochs of each pruning trial.
     quantize_mode: 'weight_only', 'dynamic' or 'qat' for the quantization.
     quantize_epochs: QAT epochs (quantize_mode 'qat').
+    in_pipeline: `dnnr pipeline` also runs the search on its final model
+      (stage 'budget', after the sweep) and reports the choice.
   """
   max_drop: float = 0.1
   method: str = 'global'
@@ -390,6 +392,7 @@ class BudgetConfig:
   finetune_epochs: int = 10
   quantize_mode: str = 'qat'
   quantize_epochs: int = 2
+  in_pipeline: bool = False
 
   def validate(self) -> None:
     key = 'compress.budget'

@@ -137,9 +137,9 @@ def _pruning_plan(
     steps = settings.finetune_epochs * steps_per_epoch
     end_step = gradual.pruning_end_step(steps, steps_per_epoch, settings.gradual_end)
     if settings.finetune_epochs < 2:
-      _warn(f'gradual pruning with finetune_epochs = {settings.finetune_epochs} leaves no '
-            'epoch to prune gradually in before the recovery epoch, so it prunes at once; '
-            'give finetune_epochs of at least 2 (more for high sparsities).')
+      _warn(f'gradual pruning with compress.prune.finetune_epochs = {settings.finetune_epochs} '
+            'prunes at once, since a whole epoch at the final sparsity is kept to recover; '
+            'give it at least 2 epochs to prune gradually (more for high sparsities).')
     schedule = gradual.cubic_sparsity_schedule(
         0.0, settings.sparsity, begin_step=0, end_step=end_step)
     scope, score = METHOD_SCORES[settings.method]

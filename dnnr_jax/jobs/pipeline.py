@@ -9,6 +9,8 @@ Stages, each a library job:
 4. export   -> the three `.onnx` files beside them, each checked in onnxruntime
 5. sweep    -> one pruned, fine-tuned model per `pipeline.sweep_sparsities`,
    for the accuracy-against-sparsity plot (results in the report folder)
+   budget   -> with `compress.budget.in_pipeline`: `dnnr compress`'s search on the
+   final model (`dnnr_jax.jobs.budget`), its choice in budget.json
 6. report   -> `<models>/reports/v{V}/`: report.md, report.json and PNG plots
    (`dnnr_jax.jobs.report`); and a model card beside each checkpoint
    (`dnnr_jax.io.model_card`)
@@ -80,7 +82,11 @@ def stage_hashes(config: Config) -> dict[str, str]:
                  if key not in ('sparsity', 'finetune_epochs')}
   sweep = _digest([training, sweep_prune, plain['pipeline']['sweep_sparsities'],
                    plain['pipeline']['sweep_finetune_epochs']])
-  return {'final': training, 'pruned': pruned, 'quantized': quantized, 'sweep': sweep}
+  # The budget's trials follow the final model's compress.prune and compress.quantize recipes.
+  budget = _digest([training, plain['compress']['budget'], plain['compress']['prune'],
+                    plain['compress']['quantize']])
+  return {'final': training, 'pruned': pruned, 'quantized': quantized, 'sweep': sweep,
+          'budget': budget}
 
 
 def run_pipeline(
@@ -168,6 +174,20 @@ def run_pipeline(
       write_json(sweep_file, {'hash': hashes['sweep'], 'results': results})
 
   stage('sweep', not rebuild['final'] and _json_hash(sweep_file) == hashes['sweep'], sweep)
+
+  budget_file = report_dir / 'budget.json'
+
+  def budget():
+    from dnnr_jax.jobs import budget as budget_jobs
+
+    result = budget_jobs.compress_to_budget(paths['final'], config.compress.budget,
+                                            data_dir=data_dir, models_dir=models_dir)
+    if distributed.is_primary():
+      write_json(budget_file, {'hash': hashes['budget'], 'result': result.to_dict()})
+
+  if config.compress.budget.in_pipeline:
+    # Its trials resume on their own; the chosen model is written once per settings.
+    stage('budget', not rebuild['final'] and _json_hash(budget_file) == hashes['budget'], budget)
 
   if not distributed.is_primary():  # Process 0 writes the report.
     return PipelineResult(report_dir, {'rows': []}, stage.ran, stage.skipped)

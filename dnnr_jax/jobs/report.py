@@ -61,6 +61,8 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
   pruned_metadata = models['pruned'].metadata
   sweep = json.loads((report_dir / 'sweep.json').read_text())['results'] if (
       report_dir / 'sweep.json').is_file() else []
+  budget = json.loads((report_dir / 'budget.json').read_text())['result'] if (
+      config.compress.budget.in_pipeline and (report_dir / 'budget.json').is_file()) else None
   return {
       'version': final_metadata['version'],
       'dataset': dataset.name,
@@ -73,6 +75,7 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
       'compression': {'pruned': pruned_metadata['compression'],
                       'quantized': models['quantized'].metadata['compression']},
       'sweep': sweep,
+      'budget': budget,
       'final_test_accuracy': rows[0]['test_accuracy'],
   }
 
@@ -152,6 +155,16 @@ def markdown(report: dict[str, Any]) -> str:
               '| ---: | ---: | ---: |']
     lines += [f"| {item['measured_sparsity']:.1%} | {item['test_accuracy']:.2%} "
               f"| {item['bytes']['raw']:,} |" for item in report['sweep']]
+  if report.get('budget'):
+    budget = report['budget']
+    chosen = budget['chosen']
+    lines += ['', '## Smallest model within the accuracy budget', '',
+              f"`compress.budget`: {len(budget['trials'])} trials (chosen on validation), "
+              f"every one in `{budget['report_dir']}/report.md`. Chosen: sparsity "
+              f"{chosen['sparsity']:.1%}, {chosen['bits'] or 'float'} bits, "
+              f"{budget['bytes']['raw']:,} bytes ({budget['smaller_than_dense']:.1f}x smaller "
+              f"than the dense model), validation drop {chosen['drop_pp']:.2f} pp, test "
+              f"accuracy {budget['test_accuracy']:.2%}: `{budget['path']}`."]
   lines += ['', '## Plots', '']
   lines += [f'![{name}]({file})' for name, file in report['plots'].items()]
   return '\n'.join(lines) + '\n'
