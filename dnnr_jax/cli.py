@@ -166,8 +166,8 @@ def _compress(args: argparse.Namespace) -> int:
   for column in ('sparsity', 'bits', 'bytes', 'validation', 'drop pp', ''):
     table.add_column(column, justify='right')
   for trial in result.trials:
-    mark = 'chosen' if trial == result.chosen else (
-        'within' if trial.within(args.max_drop) else 'over')
+    mark = ('chosen' if trial == result.chosen else '' if trial.bits not in settings.bits
+            else 'within' if trial.within(args.max_drop) else 'over')
     table.add_row(f'{trial.sparsity:.1%}', str(trial.bits or 'float'), f'{trial.bytes:,}',
                   f'{trial.validation_accuracy:.2%}', f'{trial.drop_pp:.2f}', mark)
   _stdout.print(table)

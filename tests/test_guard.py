@@ -12,6 +12,7 @@ from dnnr_jax.errors import AccuracyWarning, ConfigError, DnnrError
 from dnnr_jax.io.checkpoint import load_model, read_metadata
 from dnnr_jax.io.data import load_dataset
 from dnnr_jax.jobs import compress as compress_jobs
+from dnnr_jax.jobs import guard
 from dnnr_jax.jobs import train as jobs
 from dnnr_jax.train import evaluate
 from tests.cli_helpers import assert_one_line_error, compile_cache, one_json, run, run_all  # noqa: F401 (fixture)
@@ -88,6 +89,16 @@ def test_no_validation_split_warns_once_and_does_not_fail(root):
     result = compress_jobs.prune_checkpoint(path, HARSH, max_drop=0.0)
   assert len(caught) == 1
   assert result.validation_drop is None and not result.over_budget
+
+
+@pytest.mark.parametrize('max_drop, over', [(0.1, False), (0.09, True), (None, False)])
+def test_a_drop_equal_to_the_budget_is_within_it(max_drop, over):
+  # 98.5 % -> 98.4 % of 5,000 examples: 0.1 pp, 0.10000000000000009 in floats.
+  metrics = {'validation_before': {'accuracy': 4925 / 5000},
+             'validation': {'accuracy': 4920 / 5000}}
+  verdict = guard.accuracy_guard(metrics, max_drop)
+  assert verdict['drop_pp'] == pytest.approx(0.1)
+  assert verdict['over_budget'] is over
 
 
 @pytest.mark.parametrize('value', [-0.1, float('nan'), float('inf')])

@@ -4,10 +4,11 @@ Each job loads a dnnr_jax checkpoint, transforms its params pytree as one
 settings object says (`PruneConfig`, `QuantizeConfig`: a config's
 `compress.prune` and `compress.quantize` sections), fine-tunes where asked
 (with the checkpoint's thresholds held fixed), evaluates before and after on
-the test split, and writes a versioned Orbax checkpoint under
-`<models>/pruned/` or `<models>/quantized/` whose metadata records the source,
-the settings, sparsity per layer, bits, calibration, accuracy before and after,
-route agreement and bytes. Each returns a typed result (`PruneResult`,
+the test and validation splits (the accuracy guard, `jobs.guard`), and
+writes a versioned Orbax checkpoint under `<models>/pruned/` or
+`<models>/quantized/` whose metadata records the source, the settings,
+sparsity per layer, bits, calibration, accuracy before and after, the
+validation drop, route agreement and bytes. Each returns a typed result (`PruneResult`,
 `QuantizeResult`).
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -33,12 +33,12 @@ from dnnr_jax.config import (
   QuantizeConfig,
   ThresholdsConfig,
   ThresholdValues,
-  check_max_drop,
 )
-from dnnr_jax.errors import AccuracyWarning, DnnrError
+from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import durable, storage
 from dnnr_jax.io.data import Dataset, load_dataset
+from dnnr_jax.jobs import guard
 from dnnr_jax.jobs.fit import EpochCallback, fit
 from dnnr_jax.jobs.results import CompressResult as CompressResult  # Re-exported.
 from dnnr_jax.jobs.results import Footprint, PruneResult, QuantizeResult
@@ -51,13 +51,6 @@ DEFAULT_MAX_DROP = CompressConfig().max_drop
 # Pruning method -> (scope of the cut, score): LAMP is one global cut on per-layer scores.
 METHOD_SCORES = {'global': ('global', 'magnitude'), 'layer': ('layer', 'magnitude'),
                  'lamp': ('global', 'lamp')}
-# What to try when a result is over its accuracy budget.
-GUARD_FIXES = {
-    'pruned': 'fine-tune longer (compress.prune.finetune_epochs) or prune less '
-              '(compress.prune.sparsity)',
-    'quantized': 'quantize to 8 bits (compress.quantize.bits) or fine-tune with '
-                 'compress.quantize.mode qat',
-}
 
 
 @durable.holding_locks
@@ -90,7 +83,7 @@ def prune_checkpoint(
       a version that exists without `overwrite`.
   """
   settings.validate()
-  _check_guard(max_drop)
+  guard.check(max_drop)
   source, out_path, version = _prepare(path, 'pruned', models_dir, version, overwrite)
   if _is_quantized(source):
     raise DnnrError(f'{source.path} is quantized; prune a final or pruned model, '
@@ -137,9 +130,10 @@ def _pruning_plan(
     steps = settings.finetune_epochs * steps_per_epoch
     end_step = gradual.pruning_end_step(steps, steps_per_epoch, settings.gradual_end)
     if settings.finetune_epochs < 2:
-      _warn(f'gradual pruning with compress.prune.finetune_epochs = {settings.finetune_epochs} '
-            'prunes at once, since a whole epoch at the final sparsity is kept to recover; '
-            'give it at least 2 epochs to prune gradually (more for high sparsities).')
+      guard.accuracy_warning(
+          f'gradual pruning with compress.prune.finetune_epochs = {settings.finetune_epochs} '
+          'prunes at once, since a whole epoch at the final sparsity is kept to recover; '
+          'give it at least 2 epochs to prune gradually (more for high sparsities).')
     schedule = gradual.cubic_sparsity_schedule(
         0.0, settings.sparsity, begin_step=0, end_step=end_step)
     scope, score = METHOD_SCORES[settings.method]
@@ -185,7 +179,7 @@ def quantize_checkpoint(
     The new checkpoint, what its metadata records, and bytes on disk.
   """
   settings.validate()
-  _check_guard(max_drop)
+  guard.check(max_drop)
   source, out_path, version = _prepare(path, 'quantized', models_dir, version, overwrite)
   if _is_quantized(source):
     raise DnnrError(f'{source.path} is already quantized; quantize a final or pruned model.')
@@ -334,7 +328,7 @@ def _finish(result_type, source, out_path, version, config, variables, dataset, 
     metrics['validation_before'] = evaluate(source.model, source.variables, dataset.validation,
                                             batch_size)
     metrics['validation'] = evaluate(model, variables, dataset.validation, batch_size)
-  guard = accuracy_guard(metrics, max_drop)
+  verdict = guard.accuracy_guard(metrics, max_drop)
   arrays, _ = storage.encode_variables(variables)
   metadata = {
       'kind': result_type.KIND, 'version': version,
@@ -344,7 +338,7 @@ def _finish(result_type, source, out_path, version, config, variables, dataset, 
                  'version': source.metadata.get('version')},
       'compression': recorded,
       'metrics': metrics,
-      'accuracy_guard': guard,
+      'accuracy_guard': verdict,
       'routes': route_report(source, model, variables, dataset),
       'array_bytes': int(sum(leaf.nbytes for leaf in jax.tree.leaves(arrays))),
       'dataset': source.metadata.get('dataset'),
@@ -353,7 +347,7 @@ def _finish(result_type, source, out_path, version, config, variables, dataset, 
     metadata['quantization'] = quantization
   metadata.update(extra_metadata or {})
   saved = checkpoint_lib.save_checkpoint(out_path, variables, metadata, overwrite=overwrite)
-  _warn_guard(guard, saved, result_type.KIND, recorded)
+  guard.warn(verdict, saved, result_type.KIND, recorded)
   dense_path = _dense_float_path(source)
   return result_type(path=saved, metadata=metadata, size=Footprint.of(saved),
                      source_size=Footprint.of(source.path), dense_float_path=dense_path,
@@ -365,54 +359,3 @@ def _dense_float_path(source) -> pathlib.Path:
   return checkpoint_lib.lineage_root(source.path, source.metadata)
 
 
-
-def accuracy_guard(metrics: dict[str, Any], max_drop: float | None) -> dict[str, Any]:
-  """The validation drop of a compression job in percentage points, and its verdict.
-
-  Args:
-    metrics: 'validation_before' and 'validation' (evaluation records), or
-      neither when the data has no validation split.
-    max_drop: the budget in percentage points; None only reports the drop.
-
-  Returns:
-    {'split', 'accuracy_before', 'accuracy', 'drop_pp', 'max_drop_pp',
-    'over_budget'}; without a validation split the figures are None and
-    'over_budget' False.
-  """
-  if 'validation' not in metrics:
-    return {'split': None, 'accuracy_before': None, 'accuracy': None, 'drop_pp': None,
-            'max_drop_pp': max_drop, 'over_budget': False}
-  before = metrics['validation_before']['accuracy']
-  after = metrics['validation']['accuracy']
-  drop = 100.0 * (before - after)
-  # Accuracies are counts over the split: a drop equal to the budget is within it.
-  over = max_drop is not None and drop > max_drop + 1e-9
-  return {'split': 'validation', 'accuracy_before': before, 'accuracy': after, 'drop_pp': drop,
-          'max_drop_pp': max_drop, 'over_budget': over}
-
-
-def _check_guard(max_drop: float | None) -> None:
-  if max_drop is not None:
-    check_max_drop(max_drop, 'max_drop')
-
-
-def _warn_guard(guard: dict[str, Any], path: pathlib.Path, kind: str,
-                recorded: dict[str, Any]) -> None:
-  """Warns once when the guard cannot judge (no validation split) or the result is over budget."""
-  if guard['split'] is None:
-    _warn(f'{path.name} was not checked against an accuracy budget: its source has no '
-          'validation split; retrain with data.validation_size > 0 to have every prune '
-          'and quantize checked on validation.')
-  elif guard['over_budget']:
-    why = ''
-    if 'pruning_end_step' in recorded:  # Gradual: how long the recovery phase was.
-      end, steps = recorded['pruning_end_step'], recorded['finetune_steps']
-      why = (f': gradual pruning reached its sparsity at step {end} of {steps}, leaving '
-             f'{steps - end} steps at that sparsity to recover')
-    _warn(f"{path.name} lost {guard['drop_pp']:.2f} pp of validation accuracy "
-          f"({guard['accuracy_before']:.2%} -> {guard['accuracy']:.2%}), over the budget "
-          f"compress.max_drop = {guard['max_drop_pp']:g} pp{why}; {GUARD_FIXES[kind]}.")
-
-
-def _warn(message: str) -> None:
-  warnings.warn(message, AccuracyWarning, stacklevel=3)
