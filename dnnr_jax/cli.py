@@ -608,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
                       choices=('weight_only', 'dynamic', 'qat'), help='(default %(default)s)')
   budget.add_argument('--quantize-epochs', type=int, default=_BUDGET.quantize_epochs,
                       help='QAT epochs (default %(default)s)')
-  _add_output_arguments(budget, guard=False)
+  _add_output_arguments(budget, job=False)
   budget.set_defaults(handler=_compress)
 
   calibrate = commands.add_parser(
@@ -698,13 +698,14 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _add_output_arguments(parser: argparse.ArgumentParser, guard: bool = True) -> None:
-  if guard:
+def _add_output_arguments(parser: argparse.ArgumentParser, job: bool = True) -> None:
+  """Output options; with `job` (prune, quantize) also the guard and the learning rate."""
+  if job:
     parser.add_argument('--max-drop', type=float, default=_MAX_DROP, metavar='PP',
                         help='validation accuracy the result may lose, in percentage points; '
                              'more warns (default %(default)s)')
-  parser.add_argument('--learning-rate', type=float,
-                      help="fine-tuning's peak learning rate (default: the source's)")
+    parser.add_argument('--learning-rate', type=float,
+                        help="fine-tuning's peak learning rate (default: the source's)")
   parser.add_argument('--seed', type=int,
                       help="fine-tuning's shuffling seed (default: the source's training.seed)")
   parser.add_argument('--data-dir', help='directory with the MNIST IDX files')
