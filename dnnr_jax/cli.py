@@ -11,28 +11,33 @@ import json
 import pathlib
 import re
 import sys
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dnnr_jax.config import (
+  BUDGET_METHODS,
   CALIBRATION_METHODS,
   PRUNE_METHODS,
   PRUNE_SCHEDULES,
   QUANTIZE_MODES,
   ROUTING_MODES,
+  BudgetConfig,
+  CompressConfig,
   PruneConfig,
   QuantizeConfig,
 )
-from dnnr_jax.errors import DnnrError
+from dnnr_jax.errors import AccuracyWarning, DnnrError
 from dnnr_jax.io import durable
 
 # The library names its own arguments (`version = 'one'`, `overwrite=True`) and the
 # config keys its settings come from; the CLI says them as the flags that set them.
 ARGUMENT_FLAGS = {name: '--' + name.replace('_', '-') for name in (
-    'batch_size', 'data_dir', 'force', 'models_dir', 'output', 'overwrite', 'raw_uint8_input',
+    'batch_size', 'data_dir', 'force', 'max_drop', 'models_dir', 'output', 'overwrite',
+    'raw_uint8_input',
     'seed', 'version')}
 SETTING_FLAGS = {
     'prune': {f'compress.prune.{key}': '--' + key.replace('_', '-') for key in (
@@ -42,8 +47,15 @@ SETTING_FLAGS = {
         'mode', 'bits', 'calibration_batches', 'calibration_method', 'finetune_epochs',
         'learning_rate')},
 }
+for _flags in SETTING_FLAGS.values():
+  _flags['compress.max_drop'] = '--max-drop'
+SETTING_FLAGS['compress'] = {f'compress.budget.{key}': '--' + key.replace('_', '-') for key in (
+    'max_drop', 'method', 'sparsities', 'bits', 'finetune_epochs', 'quantize_mode',
+    'quantize_epochs')}
 _PRUNE = PruneConfig()
 _QUANTIZE = QuantizeConfig()
+_MAX_DROP = CompressConfig().max_drop
+_BUDGET = BudgetConfig()
 
 _stdout = Console(highlight=False)
 _stderr = Console(stderr=True, highlight=False)
@@ -108,7 +120,7 @@ def _prune(args: argparse.Namespace) -> int:
       distill=args.distill, distill_temperature=args.temperature, n=args.n, m=args.m)
   with _EpochProgress(args.finetune_epochs, label='fine-tune') as progress:
     result = jobs.prune_checkpoint(args.model_path, settings, on_epoch=progress.update,
-                                   **_output_options(args))
+                                   max_drop=args.max_drop, **_output_options(args))
   return _print_compression(result, args.json)
 
 
@@ -123,7 +135,7 @@ def _quantize(args: argparse.Namespace) -> int:
   epochs = args.finetune_epochs if args.mode == 'qat' else 0
   with _EpochProgress(epochs, label='QAT') as progress:
     result = jobs.quantize_checkpoint(args.model_path, settings, on_epoch=progress.update,
-                                      **_output_options(args))
+                                      max_drop=args.max_drop, **_output_options(args))
   return _print_compression(result, args.json)
 
 
@@ -131,6 +143,39 @@ def _output_options(args: argparse.Namespace) -> dict[str, Any]:
   """The job arguments `_add_output_arguments` adds, besides the settings."""
   return {'seed': args.seed, 'data_dir': args.data_dir, 'models_dir': args.models_dir,
           'version': args.version, 'overwrite': args.overwrite}
+
+
+def _compress(args: argparse.Namespace) -> int:
+  from dnnr_jax.jobs import budget as jobs
+
+  settings = BudgetConfig(
+      max_drop=args.max_drop, method=args.method, sparsities=tuple(args.sparsities),
+      bits=tuple(args.bits), finetune_epochs=args.finetune_epochs,
+      quantize_mode=args.quantize_mode, quantize_epochs=args.quantize_epochs)
+
+  def progress(trial, reused):
+    _stderr.print(f"{'reused' if reused else 'trial'}: {trial.label}: {trial.bytes:,} bytes, "
+                  f'validation {trial.validation_accuracy:.2%} ({trial.drop_pp:+.2f} pp drop)')
+
+  result = jobs.compress_to_budget(args.model_path, settings, on_trial=progress,
+                                   **_output_options(args))
+  if args.json:
+    print(json.dumps(result.to_dict()))
+    return 0
+  table = Table(title=f'{result.source_path} within {args.max_drop:g} pp: {result.path}')
+  for column in ('sparsity', 'bits', 'bytes', 'validation', 'drop pp', ''):
+    table.add_column(column, justify='right')
+  for trial in result.trials:
+    mark = ('chosen' if trial == result.chosen else '' if trial.bits not in settings.bits
+            else 'within' if trial.within(args.max_drop) else 'over')
+    table.add_row(f'{trial.sparsity:.1%}', str(trial.bits or 'float'), f'{trial.bytes:,}',
+                  f'{trial.validation_accuracy:.2%}', f'{trial.drop_pp:.2f}', mark)
+  _stdout.print(table)
+  _stdout.print(
+      f'{result.smaller_than_dense:.1f}x fewer bytes than the dense float32 checkpoint; test '
+      f'accuracy {result.test_accuracy:.2%} (source {result.source_test_accuracy:.2%}); '
+      f'{result.ran} trials run, {result.reused} reused; report: {result.report_dir}/report.md')
+  return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -346,17 +391,23 @@ def _print_compression(result: Any, as_json: bool) -> int:
   if as_json:
     print(json.dumps(result.to_dict()))
     return 0
-  metrics = result.metadata['metrics']
+  metrics, guard = result.metadata['metrics'], result.metadata['accuracy_guard']
   before, after = metrics['test_before'], metrics['test']
   sparsity = f'{result.sparsity:.2%}' if hasattr(result, 'sparsity') else ''
   table = Table(title=f"{result.metadata['source']['path']} -> {result.path}")
-  for column in ('', 'accuracy', 'deep fraction', 'sparsity', 'bytes', 'gzip bytes'):
+  for column in ('', 'test accuracy', 'validation', 'deep fraction', 'sparsity', 'bytes',
+                 'gzip bytes'):
     table.add_column(column, justify='right')
-  table.add_row('before', f"{before['accuracy']:.2%}", f"{before['deep_fraction']:.2%}", '',
-                f'{result.source_size.raw:,}', f'{result.source_size.gzip:,}')
-  table.add_row('after', f"{after['accuracy']:.2%}", f"{after['deep_fraction']:.2%}",
-                sparsity, f'{result.size.raw:,}', f'{result.size.gzip:,}')
+  validation = ('', '') if guard['split'] is None else (
+      f"{guard['accuracy_before']:.2%}", f"{guard['accuracy']:.2%}")
+  table.add_row('before', f"{before['accuracy']:.2%}", validation[0],
+                f"{before['deep_fraction']:.2%}", '', f'{result.source_size.raw:,}',
+                f'{result.source_size.gzip:,}')
+  table.add_row('after', f"{after['accuracy']:.2%}", validation[1],
+                f"{after['deep_fraction']:.2%}", sparsity, f'{result.size.raw:,}',
+                f'{result.size.gzip:,}')
   _stdout.print(table)
+  _stdout.print(_guard_line(guard))
   dense, size = result.dense_float_size, result.size
   routes = result.metadata['routes']
   per_route = ', '.join(f'{name} route {routes[key]:.2%}' for name, key in (
@@ -366,6 +417,16 @@ def _print_compression(result: Any, as_json: bool) -> int:
       f'dense float32 checkpoint {result.dense_float_path}: {dense.raw / size.raw:.1f}x fewer '
       f'bytes, {dense.gzip / size.gzip:.1f}x fewer gzip bytes')
   return 0
+
+
+def _guard_line(guard: dict[str, Any]) -> str:
+  """The accuracy guard's verdict, as the line under a compression table."""
+  if guard['split'] is None:
+    return 'validation drop: not measured (the source has no validation split)'
+  budget = ('' if guard['max_drop_pp'] is None else
+            f" (budget {guard['max_drop_pp']:g} pp: "
+            f"{'OVER BUDGET' if guard['over_budget'] else 'within'})")
+  return f"validation drop {guard['drop_pp']:.2f} pp{budget}"
 
 
 def in_flags(message: str, command: str) -> str:
@@ -547,6 +608,27 @@ def build_parser() -> argparse.ArgumentParser:
   _add_output_arguments(quantize)
   quantize.set_defaults(handler=_quantize)
 
+  budget = commands.add_parser(
+      'compress', help='the smallest pruned/quantized model within a validation accuracy budget')
+  budget.add_argument('model_path', metavar='MODEL_PATH')
+  budget.add_argument('--max-drop', type=float, default=_BUDGET.max_drop, metavar='PP',
+                      help='validation accuracy the model may lose, in percentage points '
+                           '(default %(default)s)')
+  budget.add_argument('--method', default=_BUDGET.method, choices=BUDGET_METHODS,
+                      help='pruning scores (default %(default)s)')
+  budget.add_argument('--sparsities', type=float, nargs='+', default=list(_BUDGET.sparsities),
+                      metavar='S', help='the ladder climbed (default %(default)s)')
+  budget.add_argument('--bits', type=int, nargs='+', default=list(_BUDGET.bits),
+                      metavar='B', help='bit widths tried, 0 for float (default %(default)s)')
+  budget.add_argument('--finetune-epochs', type=int, default=_BUDGET.finetune_epochs,
+                      help='gradual pruning epochs per sparsity (default %(default)s)')
+  budget.add_argument('--quantize-mode', default=_BUDGET.quantize_mode,
+                      choices=('weight_only', 'dynamic', 'qat'), help='(default %(default)s)')
+  budget.add_argument('--quantize-epochs', type=int, default=_BUDGET.quantize_epochs,
+                      help='QAT epochs (default %(default)s)')
+  _add_output_arguments(budget, job=False)
+  budget.set_defaults(handler=_compress)
+
   calibrate = commands.add_parser(
       'calibrate', help='choose routing thresholds for a compute budget on the validation split')
   calibrate.add_argument('model_path', metavar='MODEL_PATH')
@@ -639,9 +721,14 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument('--learning-rate', type=float,
-                      help="fine-tuning's peak learning rate (default: the source's)")
+def _add_output_arguments(parser: argparse.ArgumentParser, job: bool = True) -> None:
+  """Output options; with `job` (prune, quantize) also the guard and the learning rate."""
+  if job:
+    parser.add_argument('--max-drop', type=float, default=_MAX_DROP, metavar='PP',
+                        help='validation accuracy the result may lose, in percentage points; '
+                             'more warns (default %(default)s)')
+    parser.add_argument('--learning-rate', type=float,
+                        help="fine-tuning's peak learning rate (default: the source's)")
   parser.add_argument('--seed', type=int,
                       help="fine-tuning's shuffling seed (default: the source's training.seed)")
   parser.add_argument('--data-dir', help='directory with the MNIST IDX files')
@@ -654,7 +741,10 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
-    return args.handler(args)
+    with warnings.catch_warnings():
+      warnings.simplefilter('always', AccuracyWarning)
+      warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
+      return args.handler(args)
   except DnnrError as error:
     print(f'error: {in_flags(str(error), args.command)}', file=sys.stderr)
     return 2
@@ -662,6 +752,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print('interrupted; finished checkpoints are kept (dnnr train --resume, or the same '
           'dnnr pipeline command, continues).', file=sys.stderr)
     return 130
+
+
+def _warning_printer(command: str, fallback: Callable[..., None]) -> Callable[..., None]:
+  """`warnings.showwarning` that prints the project's warnings as `warning: ...` on stderr."""
+  def show(message, category, *rest, **options):
+    if issubclass(category, AccuracyWarning):
+      print(f'warning: {in_flags(str(message), command)}', file=sys.stderr)
+    else:
+      fallback(message, category, *rest, **options)
+  return show
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""The one exception type a user of dnnr_jax can meet."""
+"""The one exception type a user of dnnr_jax can meet, and its one warning type."""
 
 
 class DnnrError(Exception):
@@ -27,3 +27,11 @@ class IntegrityError(CheckpointError):
 
 class QuantizationError(DnnrError):
   """A quantization rule, layer or params tree the quantizer cannot use."""
+
+
+class AccuracyWarning(UserWarning):
+  """A result that works but is worse than asked (e.g. over its accuracy budget).
+
+  The message is one sentence naming the figure, the limit and what to do;
+  the CLI prints it as `warning: ...` on stderr.
+  """

@@ -150,10 +150,11 @@ def test_stage_hashes_follow_their_inputs():
     hashes = pipeline.stage_hashes(load_config(SMOKE_CONFIG, overrides))
     return {name for name in base if hashes[name] != base[name]}
 
-  assert changed('training.seed=1') == {'final', 'pruned', 'quantized', 'sweep'}
-  assert changed('compress.prune.sparsity=0.5') == {'pruned', 'quantized'}
-  assert changed('compress.quantize.bits=4') == {'quantized'}
-  assert changed('compress.quantize.source=final') == {'quantized'}
+  assert changed('training.seed=1') == {'final', 'pruned', 'quantized', 'sweep', 'budget'}
+  assert changed('compress.prune.sparsity=0.5') == {'pruned', 'quantized', 'budget'}
+  assert changed('compress.quantize.bits=4') == {'quantized', 'budget'}
+  assert changed('compress.quantize.source=final') == {'quantized', 'budget'}
+  assert changed('compress.budget.max_drop=0.5') == {'budget'}
   assert changed('pipeline.sweep_sparsities=[0.3]') == {'sweep'}
   assert changed('pipeline.benchmark_seconds=2.0') == set()
 

@@ -243,3 +243,32 @@ def test_registered_score_changes_which_weights_go():
     del prune.SCORES['negative_first']
   np.testing.assert_array_equal(np.asarray(masks['layer']['kernel'])[:, 0],
                                 [True, False, True, False])
+
+
+def test_lamp_scores_match_a_hand_computed_layer():
+  # |w| ascending: 0.5, 1, 2, 3 (squares 0.25, 1, 4, 9); each square over the
+  # squares at least as large: 0.25/14.25, 1/14, 4/13, 9/9.
+  weights = jnp.array([[1.0, -2.0], [3.0, 0.5]])
+  expected = np.array([[1 / 14, 4 / 13], [1.0, 0.25 / 14.25]])
+  np.testing.assert_allclose(jax.jit(prune.lamp_scores)(weights), expected, rtol=1e-6)
+
+
+def test_lamp_scores_of_ties_count_every_tied_weight_and_zeros_score_zero():
+  # Ties share one score: the denominator holds both (4 + 4 = 8); a zero layer scores 0.
+  np.testing.assert_allclose(prune.lamp_scores(jnp.array([2.0, -2.0, 1.0])),
+                             [4 / 8, 4 / 8, 1 / 9], rtol=1e-6)
+  np.testing.assert_array_equal(prune.lamp_scores(jnp.zeros((2, 3))), np.zeros((2, 3)))
+
+
+def test_lamp_cut_is_global_on_scores_not_on_magnitudes():
+  # Layer a holds small weights, layer b large ones: a global magnitude cut of 4
+  # empties layer a; LAMP prunes by scores, so each layer keeps its largest.
+  params = {'a': {'kernel': jnp.array([[0.1, 0.2], [0.3, 0.4]])},
+            'b': {'kernel': jnp.array([[1.0, 2.0], [3.0, 4.0]])}}
+  magnitude = prune.magnitude_masks(params, 0.5)
+  assert not np.asarray(magnitude['a']['kernel']).any()
+  lamp = prune.magnitude_masks(params, 0.5, score='lamp')
+  # Scores in both layers: 1/30, 4/29, 9/25, 1 (the same, scaled away): a tie per
+  # rank, broken by flattening order, so a loses its two smallest and b its two.
+  np.testing.assert_array_equal(lamp['a']['kernel'], [[False, False], [True, True]])
+  np.testing.assert_array_equal(lamp['b']['kernel'], [[False, False], [True, True]])

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -57,6 +58,37 @@ def cubic_sparsity_schedule(
   return optax.polynomial_schedule(
       init_value=initial_sparsity, end_value=final_sparsity, power=3,
       transition_steps=end_step - begin_step, transition_begin=begin_step)
+
+
+# Gradual pruning leaves at least this share of the fine-tuning steps, and at
+# least one epoch, to recover at the final sparsity (see `pruning_end_step`).
+RECOVERY_SHARE = 0.25
+
+
+def pruning_end_step(total_steps: int, steps_per_epoch: int, gradual_end: float) -> int:
+  """The step at which gradual pruning reaches its final sparsity.
+
+  The rule: the cubic schedule ends at min(gradual_end * T, T - R), where T
+  is the fine-tuning steps and R = max(one epoch, RECOVERY_SHARE * T) is the
+  recovery phase, so every gradual run fine-tunes at least one full epoch at
+  the final sparsity. With a single fine-tuning epoch nothing is left to prune
+  gradually: the schedule then ends at step 1, i.e. one-shot pruning followed
+  by a full epoch of recovery.
+
+  Args:
+    total_steps: fine-tuning steps T (epochs times steps per epoch).
+    steps_per_epoch: optimizer steps in one epoch.
+    gradual_end: the latest end, as a share of T, in (0, 1].
+
+  Returns:
+    The end step, at least 1.
+
+  Example:
+    >>> pruning_end_step(44, 22, 0.75)  # two epochs: prune in the first
+    22
+  """
+  recovery = max(steps_per_epoch, math.ceil(RECOVERY_SHARE * total_steps))
+  return max(1, min(int(gradual_end * total_steps), total_steps - recovery))
 
 
 class PruningState(NamedTuple):

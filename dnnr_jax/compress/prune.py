@@ -32,9 +32,36 @@ Pruner = Callable[[Params, Masks, jax.Array], Masks]
 
 SCOPES = ('global', 'layer')
 
+
+
+def lamp_scores(weights: jax.Array) -> jax.Array:
+  """LAMP scores of one layer (Lee et al. 2021): w^2 / sum of w'^2 over |w'| >= |w|.
+
+  The sum runs over the weights of the same layer at least as large as w
+  (w itself and its ties included), so the layer's largest weight scores 1
+  and every score is in [0, 1]. One global cut on these scores gives each
+  layer its own sparsity, chosen so that the model's output changes least
+  (the paper's distortion bound), without any tuning. A layer of zeros scores
+  0 everywhere.
+
+  Example:
+    >>> lamp_scores(jnp.array([1.0, -2.0, 3.0, 0.5]))  # squares 1, 4, 9, 0.25
+    # [1/14, 4/13, 9/9, 0.25/14.25]
+  """
+  squares = jnp.square(weights).ravel()
+  ascending = jnp.sort(squares)
+  # suffix[i]: the sum of ascending[i:], the squares at least ascending[i].
+  suffix = jnp.cumsum(ascending[::-1])[::-1]
+  larger_or_equal = suffix[jnp.searchsorted(ascending, squares, side='left')]
+  scores = jnp.where(larger_or_equal > 0, squares / jnp.where(larger_or_equal > 0,
+                                                              larger_or_equal, 1.0), 0.0)
+  return scores.reshape(jnp.shape(weights))
+
+
 # Higher means more important; the lowest scores are pruned first.
 SCORES: dict[str, ScoreFn] = {
     'magnitude': jnp.abs,
+    'lamp': lamp_scores,
 }
 
 

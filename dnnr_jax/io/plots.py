@@ -88,6 +88,30 @@ def accuracy_against_compute(curve: dict[str, Any], path: pathlib.Path) -> None:
   _save(figure, path)
 
 
+def bytes_against_accuracy(report: dict[str, Any], path: pathlib.Path) -> None:
+  """`dnnr compress`'s trials: bytes on disk against validation accuracy, the budget's floor."""
+  figure, axes = plt.subplots(figsize=(6.5, 4))
+  trials = report['trials']
+  for bits in sorted({trial['bits'] for trial in trials}):
+    chosen = [trial for trial in trials if trial['bits'] == bits]
+    axes.scatter([trial['bytes'] for trial in chosen],
+                 [trial['validation_accuracy'] for trial in chosen],
+                 label=f'{bits}-bit' if bits else 'float', zorder=3)
+  front = [trial for trial in sorted(trials, key=lambda trial: trial['bytes'])
+           if trial['path'] in report['pareto']]
+  axes.step([trial['bytes'] for trial in front], [trial['validation_accuracy'] for trial in front],
+            where='post', color='grey', alpha=0.6, label='Pareto front')
+  floor = report['source_validation_accuracy'] - report['settings']['max_drop'] / 100
+  axes.axhline(floor, color='red', linestyle='--', label='budget')
+  chosen = report['chosen']
+  axes.scatter([chosen['bytes']], [chosen['validation_accuracy']], s=150, facecolors='none',
+               edgecolors='black', zorder=4, label='chosen')
+  axes.set_xscale('log')
+  axes.set(xlabel='bytes on disk', ylabel='validation accuracy',
+           title='Compression trials (chosen on validation)')
+  _save(figure, path, [axes])
+
+
 def write_all(report: dict[str, Any], directory: pathlib.Path) -> dict[str, str]:
   """Draws every plot the report has data for; returns {name: file name}."""
   plots = {}

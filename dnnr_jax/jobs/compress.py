@@ -4,10 +4,11 @@ Each job loads a dnnr_jax checkpoint, transforms its params pytree as one
 settings object says (`PruneConfig`, `QuantizeConfig`: a config's
 `compress.prune` and `compress.quantize` sections), fine-tunes where asked
 (with the checkpoint's thresholds held fixed), evaluates before and after on
-the test split, and writes a versioned Orbax checkpoint under
-`<models>/pruned/` or `<models>/quantized/` whose metadata records the source,
-the settings, sparsity per layer, bits, calibration, accuracy before and after,
-route agreement and bytes. Each returns a typed result (`PruneResult`,
+the test and validation splits (the accuracy guard, `jobs.guard`), and
+writes a versioned Orbax checkpoint under `<models>/pruned/` or
+`<models>/quantized/` whose metadata records the source, the settings,
+sparsity per layer, bits, calibration, accuracy before and after, the
+validation drop, route agreement and bytes. Each returns a typed result (`PruneResult`,
 `QuantizeResult`).
 """
 
@@ -25,11 +26,19 @@ import optax
 
 from dnnr_jax import parallel
 from dnnr_jax.compress import gradual, prune, qat, quantize, structured
-from dnnr_jax.config import Config, PruneConfig, QuantizeConfig, ThresholdsConfig, ThresholdValues
+from dnnr_jax.config import (
+  CompressConfig,
+  Config,
+  PruneConfig,
+  QuantizeConfig,
+  ThresholdsConfig,
+  ThresholdValues,
+)
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import durable, storage
 from dnnr_jax.io.data import Dataset, load_dataset
+from dnnr_jax.jobs import guard
 from dnnr_jax.jobs.fit import EpochCallback, fit
 from dnnr_jax.jobs.results import CompressResult as CompressResult  # Re-exported.
 from dnnr_jax.jobs.results import Footprint, PruneResult, QuantizeResult
@@ -38,6 +47,10 @@ from dnnr_jax.train import Teacher, evaluate
 
 DEFAULT_PRUNE = PruneConfig()
 DEFAULT_QUANTIZE = QuantizeConfig()
+DEFAULT_MAX_DROP = CompressConfig().max_drop
+# Pruning method -> (scope of the cut, score): LAMP is one global cut on per-layer scores.
+METHOD_SCORES = {'global': ('global', 'magnitude'), 'layer': ('layer', 'magnitude'),
+                 'lamp': ('global', 'lamp')}
 
 
 @durable.holding_locks
@@ -45,7 +58,7 @@ def prune_checkpoint(
     path: str | os.PathLike, settings: PruneConfig = DEFAULT_PRUNE, *,
     seed: int | None = None, data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
-    extra_metadata: dict[str, Any] | None = None,
+    extra_metadata: dict[str, Any] | None = None, max_drop: float | None = DEFAULT_MAX_DROP,
 ) -> PruneResult:
   """Prunes a checkpoint and writes `<models>/pruned/pruned_model_v{version}`.
 
@@ -58,6 +71,9 @@ def prune_checkpoint(
     seed: fine-tuning's shuffling seed; None keeps the source's training.seed.
     data_dir, models_dir, version, overwrite, on_epoch, extra_metadata: as
       for training.
+    max_drop: the accuracy guard (`compress.max_drop`): percentage points
+      of validation accuracy the result may lose; more warns
+      (`AccuracyWarning`) and records `over_budget`. None: report only.
 
   Returns:
     The new checkpoint, what its metadata records, and bytes on disk.
@@ -67,6 +83,7 @@ def prune_checkpoint(
       a version that exists without `overwrite`.
   """
   settings.validate()
+  guard.check(max_drop)
   source, out_path, version = _prepare(path, 'pruned', models_dir, version, overwrite)
   if _is_quantized(source):
     raise DnnrError(f'{source.path} is quantized; prune a final or pruned model, '
@@ -91,7 +108,7 @@ def prune_checkpoint(
   variables = {**source.variables, 'params': params}
   recorded['sparsity_report'] = prune.sparsity_report(params)
   return _finish(PruneResult, source, out_path, version, config, variables, dataset, recorded,
-                 overwrite=overwrite, extra_metadata=extra_metadata,
+                 overwrite=overwrite, extra_metadata=extra_metadata, max_drop=max_drop,
                  sparsity_report=recorded['sparsity_report'])
 
 
@@ -109,17 +126,26 @@ def _pruning_plan(
     return (params, config.replace(model=model_config), None,
             {'kept_units': {name: len(units) for name, units in kept.items()}})
   if settings.schedule == 'gradual':
-    steps = settings.finetune_epochs * (
-        dataset.train.labels.shape[0] // config.training.batch_size)
+    steps_per_epoch = dataset.train.labels.shape[0] // config.training.batch_size
+    steps = settings.finetune_epochs * steps_per_epoch
+    end_step = gradual.pruning_end_step(steps, steps_per_epoch, settings.gradual_end)
+    if settings.finetune_epochs < 2:
+      guard.accuracy_warning(
+          f'gradual pruning with compress.prune.finetune_epochs = {settings.finetune_epochs} '
+          'prunes at once, since a whole epoch at the final sparsity is kept to recover; '
+          'give it at least 2 epochs to prune gradually (more for high sparsities).')
     schedule = gradual.cubic_sparsity_schedule(
-        0.0, settings.sparsity, begin_step=0, end_step=max(1, int(settings.gradual_end * steps)))
-    pruner = prune.magnitude_pruner(schedule, scope=settings.method)
+        0.0, settings.sparsity, begin_step=0, end_step=end_step)
+    scope, score = METHOD_SCORES[settings.method]
+    pruner = prune.magnitude_pruner(schedule, scope=scope, score=score)
     update_every = max(1, steps // settings.mask_updates)
-    return params, config, lambda tx: gradual.pruning(tx, pruner, update_every=update_every), {}
+    return params, config, lambda tx: gradual.pruning(tx, pruner, update_every=update_every), {
+        'pruning_end_step': end_step, 'finetune_steps': steps}
   if settings.method == 'nm':
     masks, plan = prune.nm_masks(params, settings.n, settings.m), {'n': settings.n, 'm': settings.m}
   else:
-    masks, plan = prune.magnitude_masks(params, settings.sparsity, scope=settings.method), {}
+    scope, score = METHOD_SCORES[settings.method]
+    masks, plan = prune.magnitude_masks(params, settings.sparsity, scope=scope, score=score), {}
   return (prune.apply_masks(params, masks), config,
           lambda tx: gradual.keep_masked(tx, masks), plan)
 
@@ -129,7 +155,7 @@ def quantize_checkpoint(
     path: str | os.PathLike, settings: QuantizeConfig = DEFAULT_QUANTIZE, *,
     seed: int | None = None, data_dir=None, models_dir=None, version: str | None = None,
     overwrite: bool = False, on_epoch: EpochCallback | None = None,
-    extra_metadata: dict[str, Any] | None = None,
+    extra_metadata: dict[str, Any] | None = None, max_drop: float | None = DEFAULT_MAX_DROP,
 ) -> QuantizeResult:
   """Quantizes a checkpoint's kernels; writes `<models>/quantized/quantized_model_v{version}`.
 
@@ -146,13 +172,14 @@ def quantize_checkpoint(
       epochs and rate (see `QuantizeConfig`; `source` is the pipeline's and
       is not used here). Checked with `settings.validate()` first.
     seed: QAT's shuffling seed; None keeps the source's training.seed.
-    data_dir, models_dir, version, overwrite, on_epoch, extra_metadata: as
-      for training.
+    data_dir, models_dir, version, overwrite, on_epoch, extra_metadata,
+      max_drop: as for `prune_checkpoint`.
 
   Returns:
     The new checkpoint, what its metadata records, and bytes on disk.
   """
   settings.validate()
+  guard.check(max_drop)
   source, out_path, version = _prepare(path, 'quantized', models_dir, version, overwrite)
   if _is_quantized(source):
     raise DnnrError(f'{source.path} is already quantized; quantize a final or pruned model.')
@@ -176,7 +203,7 @@ def quantize_checkpoint(
   recorded['bias_precision'] = 'float16'
   return _finish(QuantizeResult, source, out_path, version, config, variables, dataset,
                  recorded, overwrite=overwrite, extra_metadata=extra_metadata,
-                 quantization={'mode': settings.mode, 'bits': settings.bits})
+                 max_drop=max_drop, quantization={'mode': settings.mode, 'bits': settings.bits})
 
 
 def _quantization_aware_training(config, dataset, params, spec, on_epoch):
@@ -294,13 +321,19 @@ def _finetune_config(source, epochs: int, learning_rate: float | None = None,
 
 
 def _finish(result_type, source, out_path, version, config, variables, dataset, recorded, *,
-            overwrite, extra_metadata=None, quantization=None, **fields):
+            overwrite, max_drop, extra_metadata=None, quantization=None, **fields):
   """Evaluates, saves and measures the new checkpoint; its `result_type`."""
   weight_only = bool(quantization) and quantization['mode'] == 'weight_only'
   model = model_from_config(config, weight_only=weight_only)
   batch_size = config.training.eval_batch_size
   before = evaluate(source.model, source.variables, dataset.test, batch_size)
   after = evaluate(model, variables, dataset.test, batch_size)
+  metrics = {'test': after, 'test_before': before}
+  if dataset.validation is not None:
+    metrics['validation_before'] = evaluate(source.model, source.variables, dataset.validation,
+                                            batch_size)
+    metrics['validation'] = evaluate(model, variables, dataset.validation, batch_size)
+  verdict = guard.accuracy_guard(metrics, max_drop)
   arrays, _ = storage.encode_variables(variables)
   metadata = {
       'kind': result_type.KIND, 'version': version,
@@ -309,7 +342,8 @@ def _finish(result_type, source, out_path, version, config, variables, dataset, 
       'source': {'path': str(source.path), 'kind': source.metadata.get('kind'),
                  'version': source.metadata.get('version')},
       'compression': recorded,
-      'metrics': {'test': after, 'test_before': before},
+      'metrics': metrics,
+      'accuracy_guard': verdict,
       'routes': route_report(source, model, variables, dataset),
       'array_bytes': int(sum(leaf.nbytes for leaf in jax.tree.leaves(arrays))),
       'dataset': source.metadata.get('dataset'),
@@ -318,6 +352,7 @@ def _finish(result_type, source, out_path, version, config, variables, dataset, 
     metadata['quantization'] = quantization
   metadata.update(extra_metadata or {})
   saved = checkpoint_lib.save_checkpoint(out_path, variables, metadata, overwrite=overwrite)
+  guard.warn(verdict, saved, result_type.KIND, recorded)
   dense_path = _dense_float_path(source)
   return result_type(path=saved, metadata=metadata, size=Footprint.of(saved),
                      source_size=Footprint.of(source.path), dense_float_path=dense_path,
@@ -327,4 +362,5 @@ def _finish(result_type, source, out_path, version, config, variables, dataset, 
 def _dense_float_path(source) -> pathlib.Path:
   """The final (dense float32) checkpoint at the root of `source`'s lineage."""
   return checkpoint_lib.lineage_root(source.path, source.metadata)
+
 

@@ -9,6 +9,8 @@ Stages, each a library job:
 4. export   -> the three `.onnx` files beside them, each checked in onnxruntime
 5. sweep    -> one pruned, fine-tuned model per `pipeline.sweep_sparsities`,
    for the accuracy-against-sparsity plot (results in the report folder)
+   budget   -> with `compress.budget.in_pipeline`: `dnnr compress`'s search on the
+   final model (`dnnr_jax.jobs.budget`), its choice in budget.json
 6. report   -> `<models>/reports/v{V}/`: report.md, report.json and PNG plots
    (`dnnr_jax.jobs.report`); and a model card beside each checkpoint
    (`dnnr_jax.io.model_card`)
@@ -80,7 +82,11 @@ def stage_hashes(config: Config) -> dict[str, str]:
                  if key not in ('sparsity', 'finetune_epochs')}
   sweep = _digest([training, sweep_prune, plain['pipeline']['sweep_sparsities'],
                    plain['pipeline']['sweep_finetune_epochs']])
-  return {'final': training, 'pruned': pruned, 'quantized': quantized, 'sweep': sweep}
+  # The budget's trials follow the final model's compress.prune and compress.quantize recipes.
+  budget = _digest([training, plain['compress']['budget'], plain['compress']['prune'],
+                    plain['compress']['quantize']])
+  return {'final': training, 'pruned': pruned, 'quantized': quantized, 'sweep': sweep,
+          'budget': budget}
 
 
 def run_pipeline(
@@ -140,11 +146,11 @@ def run_pipeline(
   stage('prune', reuse['pruned'], lambda: compress_jobs.prune_checkpoint(
       paths['final'], prune, data_dir=data_dir, models_dir=models_dir, version=version,
       overwrite=rebuild['pruned'], on_epoch=epochs('prune'),
-      extra_metadata=pipeline_metadata('pruned')))
+      extra_metadata=pipeline_metadata('pruned'), max_drop=config.compress.max_drop))
   stage('quantize', reuse['quantized'], lambda: compress_jobs.quantize_checkpoint(
       paths[quantize.source], quantize, data_dir=data_dir, models_dir=models_dir,
       version=version, overwrite=rebuild['quantized'], on_epoch=epochs('quantize'),
-      extra_metadata=pipeline_metadata('quantized')))
+      extra_metadata=pipeline_metadata('quantized'), max_drop=config.compress.max_drop))
 
   check_inputs = np.asarray(dataset.test.images[:256])
   onnx_paths = {kind: export.default_output(paths[kind]) for kind in ARTIFACTS}
@@ -168,6 +174,20 @@ def run_pipeline(
       write_json(sweep_file, {'hash': hashes['sweep'], 'results': results})
 
   stage('sweep', not rebuild['final'] and _json_hash(sweep_file) == hashes['sweep'], sweep)
+
+  budget_file = report_dir / 'budget.json'
+
+  def budget():
+    from dnnr_jax.jobs import budget as budget_jobs
+
+    result = budget_jobs.compress_to_budget(paths['final'], config.compress.budget,
+                                            data_dir=data_dir, models_dir=models_dir)
+    if distributed.is_primary():
+      write_json(budget_file, {'hash': hashes['budget'], 'result': result.to_dict()})
+
+  if config.compress.budget.in_pipeline:
+    # Its trials resume on their own; the chosen model is written once per settings.
+    stage('budget', not rebuild['final'] and _json_hash(budget_file) == hashes['budget'], budget)
 
   if not distributed.is_primary():  # Process 0 writes the report.
     return PipelineResult(report_dir, {'rows': []}, stage.ran, stage.skipped)
@@ -279,7 +299,7 @@ def _sweep(config: Config, final_path, report_dir, data_dir, on_epoch) -> list[d
           distill=prune.distill if epochs else 0.0)
       result = compress_jobs.prune_checkpoint(
           final_path, settings, data_dir=data_dir, models_dir=scratch,
-          version=f'1.{index}', on_epoch=on_epoch)
+          version=f'1.{index}', on_epoch=on_epoch, max_drop=None)  # A sweep goes past it.
       results.append({'sparsity': sparsity, 'measured_sparsity': result.sparsity,
                       'test_accuracy': result.accuracy,
                       'bytes': dataclasses.asdict(result.size)})

@@ -57,6 +57,8 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
         **route_accuracy(logits, routes, labels),
         **counts, 'bytes': raw, 'gzip_bytes': packed,
         'smaller_than_final': final_bytes / raw,
+        'validation_drop_pp': model.metadata.get('accuracy_guard', {}).get('drop_pp'),
+        'over_budget': model.metadata.get('accuracy_guard', {}).get('over_budget', False),
         **_prefix('jax', speeds[kind]),
     })
   rows += [_onnx_row(onnx_paths[kind], kind, (images, labels), final_routes, final_bytes,
@@ -65,6 +67,8 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
   pruned_metadata = models['pruned'].metadata
   sweep = json.loads((report_dir / 'sweep.json').read_text())['results'] if (
       report_dir / 'sweep.json').is_file() else []
+  budget = json.loads((report_dir / 'budget.json').read_text())['result'] if (
+      config.compress.budget.in_pipeline and (report_dir / 'budget.json').is_file()) else None
   return {
       'version': final_metadata['version'],
       'dataset': dataset.name,
@@ -77,6 +81,7 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
       'compression': {'pruned': pruned_metadata['compression'],
                       'quantized': models['quantized'].metadata['compression']},
       'sweep': sweep,
+      'budget': budget,
       'final_test_accuracy': rows[0]['test_accuracy'],
       'dynamic': dynamic_section(config, paths['final'], dataset),
   }
@@ -118,6 +123,8 @@ def _onnx_row(path: pathlib.Path, kind: str, test: tuple[np.ndarray, np.ndarray]
       'parameters': source_row['parameters'], 'nonzeros': source_row['nonzeros'],
       'bytes': len(data), 'gzip_bytes': len(gzip.compress(data, 9, mtime=0)),
       'smaller_than_final': final_bytes / len(data),
+      'validation_drop_pp': source_row['validation_drop_pp'],
+      'over_budget': source_row['over_budget'],
       **_prefix('onnxruntime', speed),
   }
 
@@ -129,7 +136,7 @@ def write_report(report: dict[str, Any], report_dir: pathlib.Path) -> None:
   report_dir.mkdir(parents=True, exist_ok=True)
   report['plots'] = plots.write_all(report, report_dir)
   write_json(report_dir / 'report.json', report)
-  _write_text(report_dir / 'report.md', markdown(report))
+  write_text(report_dir / 'report.md', markdown(report))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -142,17 +149,22 @@ def markdown(report: dict[str, Any]) -> str:
       f"({machine['backend']}). Latency: median per call at batch 1; throughput: "
       'samples/s at batch 256 (see `dnnr_jax.jobs.benchmark`).',
       '',
-      '| artifact | test accuracy | deep path | route agreement | accuracy deep / shallow route '
-      '| parameters | non-zeros | bytes | gzip bytes | x smaller | latency µs (b=1) '
-      '| samples/s (b=256) |',
-      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+      'Validation drop: validation accuracy lost against the source model, in percentage '
+      'points (the accuracy guard, `compress.max_drop`).',
+      '',
+      '| artifact | test accuracy | validation drop | deep path | route agreement '
+      '| accuracy deep / shallow route | parameters | non-zeros | bytes | gzip bytes | x smaller '
+      '| latency µs (b=1) | samples/s (b=256) |',
+      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
   ]
   for row in report['rows']:
     engine = 'jax' if row['format'] == 'orbax' else 'onnxruntime'
     routes = ' / '.join(_percent(row.get(f'{name}_accuracy'))
                         for name in ('deep_route', 'shallow_route'))
+    drop = row.get('validation_drop_pp')
+    drop = '' if drop is None else f"{drop:.2f} pp{' (over budget)' if row['over_budget'] else ''}"
     lines.append(
-        f"| {row['artifact']} | {row['test_accuracy']:.2%} | {row['deep_fraction']:.1%} "
+        f"| {row['artifact']} | {row['test_accuracy']:.2%} | {drop} | {row['deep_fraction']:.1%} "
         f"| {row['route_agreement']:.2%} | {routes} | {row['parameters']:,} | {row['nonzeros']:,} "
         f"| {row['bytes']:,} | {row['gzip_bytes']:,} | {row['smaller_than_final']:.1f} "
         f"| {row[engine + '_latency_us']:.1f} ({engine}) "
@@ -176,6 +188,16 @@ def markdown(report: dict[str, Any]) -> str:
               'Thresholds for each budget chosen on the validation split, test figures '
               'reported; multiply-adds counted from the routes taken (see '
               '`dnnr_jax.jobs.dynamic`).', '', report['dynamic']['markdown'].rstrip('\n')]
+  if report.get('budget'):
+    budget = report['budget']
+    chosen = budget['chosen']
+    lines += ['', '## Smallest model within the accuracy budget', '',
+              f"`compress.budget`: {len(budget['trials'])} trials (chosen on validation), "
+              f"every one in `{budget['report_dir']}/report.md`. Chosen: sparsity "
+              f"{chosen['sparsity']:.1%}, {chosen['bits'] or 'float'} bits, "
+              f"{budget['bytes']['raw']:,} bytes ({budget['smaller_than_dense']:.1f}x smaller "
+              f"than the dense model), validation drop {chosen['drop_pp']:.2f} pp, test "
+              f"accuracy {budget['test_accuracy']:.2%}: `{budget['path']}`."]
   lines += ['', '## Plots', '']
   lines += [f'![{name}]({file})' for name, file in report['plots'].items()]
   return '\n'.join(lines) + '\n'
@@ -207,8 +229,9 @@ def _prefix(engine: str, speed: dict[str, float]) -> dict[str, float]:
 
 def write_json(path: pathlib.Path, value: Any) -> None:
   """`value` as indented JSON, written whole or not at all."""
-  _write_text(path, json.dumps(value, indent=2) + '\n')
+  write_text(path, json.dumps(value, indent=2) + '\n')
 
 
-def _write_text(path: pathlib.Path, text: str) -> None:
+def write_text(path: pathlib.Path, text: str) -> None:
+  """`text` as UTF-8, written whole or not at all."""
   durable.write_bytes(path, text.encode())

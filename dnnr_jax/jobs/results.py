@@ -37,8 +37,9 @@ class CompressResult:
   Attributes:
     path: the new checkpoint.
     metadata: its metadata as saved: kind, version, config, source, the
-      `compression` settings, test metrics before and after, routes,
-      array_bytes (JSON-ready).
+      `compression` settings, test (and validation) metrics before and
+      after, the `accuracy_guard` (validation drop in percentage points, the
+      budget, `over_budget`), routes, array_bytes (JSON-ready).
     size: the new checkpoint's bytes.
     source_size: the source checkpoint's bytes.
     dense_float_path: the final (dense float32) checkpoint at the root of the
@@ -65,6 +66,16 @@ class CompressResult:
   def accuracy_before(self) -> float:
     """Test accuracy of the source checkpoint."""
     return self.metadata['metrics']['test_before']['accuracy']
+
+  @property
+  def validation_drop(self) -> float | None:
+    """Validation accuracy lost against the source, in percentage points (None: no split)."""
+    return self.metadata['accuracy_guard']['drop_pp']
+
+  @property
+  def over_budget(self) -> bool:
+    """True when the validation drop exceeds the job's `max_drop`."""
+    return self.metadata['accuracy_guard']['over_budget']
 
   @property
   def route_agreement(self) -> float:
