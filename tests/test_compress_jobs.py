@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dnnr_jax.compress import prune, quantize, structured
+from dnnr_jax.compress.rules import Rule
 from dnnr_jax.config import PruneConfig, QuantizeConfig, RoutingConfig, load_config
 from dnnr_jax.errors import CheckpointError, DnnrError
 from dnnr_jax.io import storage
@@ -350,7 +351,7 @@ def test_dynamic_quantization(final_path, source, quantized):
   path, summary, loaded = quantized('dynamic')
   assert (summary.mode, summary.bits) == ('dynamic', 8)
   assert loaded.metadata['quantization'] == {'mode': 'dynamic', 'bits': 8}
-  assert loaded.model.weight_only is False
+  assert loaded.model.quantization == (Rule('.*', mode='dynamic', bits=8),)
   for name, kernel in _kernels(loaded.variables).items():
     assert isinstance(kernel, quantize.QArray), name
     assert kernel.value.dtype == np.int8 and kernel.bits == 8 and kernel.axis == 1
@@ -375,7 +376,7 @@ def test_dynamic_quantization(final_path, source, quantized):
 def test_weight_only_int4_quantization(source, dataset, quantized):
   _, summary, loaded = quantized('weight_only')
   assert loaded.metadata['quantization'] == {'mode': 'weight_only', 'bits': 4}
-  assert loaded.model.weight_only is True
+  assert loaded.model.quantization == (Rule('.*', mode='weight_only', bits=4),)
   kernels = _kernels(loaded.variables)
   for name, kernel in kernels.items():
     assert isinstance(kernel, quantize.QArray) and kernel.bits == 4, name
@@ -419,6 +420,7 @@ def test_static_quantization_calibrates_every_dense_input(source, dataset, quant
 def test_qat_quantization_trains_then_converts(source, quantized):
   _, summary, loaded = quantized('qat')
   assert summary.metadata['compression']['finetune_epochs'] == 1
+  assert loaded.model.quantization == (Rule('.*', mode='dynamic', bits=8),)  # Deployed.
   kernels = _kernels(loaded.variables)
   direct = _kernels({'params': quantize.quantize_params(source.variables['params'])})
   for kernel in kernels.values():
