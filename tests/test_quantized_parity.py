@@ -44,18 +44,23 @@ from tests.conftest import SMOKE_CONFIG
 
 GOLDEN = pathlib.Path(__file__).parent / 'golden' / 'quantized_parity.npz'
 ROWS = 128
+# One export per graph form (each costs seconds): the float Gemm, the dequantized
+# weight-only Gemm, MatMulInteger at per-row and at calibrated scales, and the
+# early exit's two composed stages. The recording also holds weight_only_8,
+# qat_8, early_exit_static_8 and early_exit_float.
+EXPORTED = ('weight_only_4', 'dynamic_8', 'static_8')
 # name: (config overrides, settings, exported to ONNX).
 RUNS = {
     **{f'{mode}_{bits}': ([], QuantizeConfig(mode=mode, bits=bits, calibration_batches=3,
-                                             finetune_epochs=1), bits == 8 or mode == 'weight_only')
+                                             finetune_epochs=1), f'{mode}_{bits}' in EXPORTED)
        for mode in ('weight_only', 'dynamic', 'static', 'qat') for bits in (8, 4)},
     'early_exit_dynamic_8': (['model.family=early_exit', 'model.exit_after=1'],
                              QuantizeConfig(mode='dynamic', bits=8), True),
     'early_exit_static_8': (['model.family=early_exit', 'model.exit_after=1',
                              'model.exit_width=16'],
-                            QuantizeConfig(mode='static', bits=8, calibration_batches=3), True),
+                            QuantizeConfig(mode='static', bits=8, calibration_batches=3), False),
 }
-FLOAT_EXPORTS = ('float', 'early_exit_float')
+FLOAT_EXPORTS = ('float',)
 
 
 def _final(models_dir: pathlib.Path, overrides: list[str]) -> pathlib.Path:
@@ -130,7 +135,8 @@ def measure(root: pathlib.Path) -> tuple[dict[str, np.ndarray], dict]:
     facts[name] = {'digest': _digest(loaded.variables)}
     if exported:
       facts[name]['ops'], arrays[f'{name}/onnx'] = _onnx(result.path, images)
-  for name, family in zip(FLOAT_EXPORTS, ('', 'early_exit_'), strict=True):
+  for name in FLOAT_EXPORTS:
+    family = 'early_exit_' if name.startswith('early_exit') else ''
     facts[name] = {}
     facts[name]['ops'], arrays[f'{name}/onnx'] = _onnx(sources[family], images)
   return arrays, facts
@@ -150,7 +156,7 @@ def golden():
 
 def test_the_recording_covers_every_mode_and_width(golden):
   arrays, facts = golden
-  assert set(facts) == {*RUNS, *FLOAT_EXPORTS}
+  assert set(facts) >= {*RUNS, *FLOAT_EXPORTS}
   for name in RUNS:
     routes = arrays[f'{name}/routes']
     assert 0 < routes.mean() < 1, name  # Both routes are taken.
