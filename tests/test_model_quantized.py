@@ -89,3 +89,29 @@ def test_quantization_rules_cover_every_layer_and_deploy_qat_as_dynamic():
   (rule,) = quantization_rules('qat', 4, per_channel=False)
   assert (rule.pattern, rule.mode, rule.bits, rule.per_channel) == ('.*', 'dynamic', 4, False)
   assert quantization_rules('static')[0].mode == 'static'
+
+
+@pytest.mark.parametrize('quantization, words', [
+    ({'mode': 'dynamic', 'bits': 8}, None),
+    ({'mode': 'fast', 'bits': 8}, "has mode 'fast'"),
+    ({'bits': 8}, 'KeyError'),
+])
+def test_a_checkpoint_runs_with_the_rule_its_metadata_records(tmp_path, quantization, words):
+  from dnnr_jax.config import Config, ModelConfig
+  from dnnr_jax.errors import CheckpointError
+  from dnnr_jax.io.checkpoint import load_model, save_checkpoint
+
+  variables, inputs = _setup()
+  quantized = {**variables, 'params': quantize_params(variables['params'], QuantSpec(bits=8))}
+  config = Config(model=ModelConfig(hidden_sizes=(64, 48), deep_size=32))
+  path = save_checkpoint(tmp_path / 'ckpt', quantized, {
+      'kind': 'quantized', 'config': config.to_dict(), 'num_features': 40,
+      'quantization': quantization})
+  if words:
+    with pytest.raises(CheckpointError, match=f'malformed quantization metadata.*{words}'):
+      load_model(path)
+    return
+  loaded = load_model(path)
+  assert loaded.model.quantization == quantization_rules('dynamic', 8)
+  expected, _ = jax.jit(_model('dynamic').apply)(quantized, inputs)
+  np.testing.assert_array_equal(loaded.predict(inputs), expected)
