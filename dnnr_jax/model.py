@@ -16,16 +16,18 @@ collections:
   (when `exit_width` > 0), `exit` and `head` ('early_exit');
 * 'thresholds': float32 scalars keyed by metric (and 'confidence').
 
-A kernel may also be a `QArray` (see `dnnr_jax.compress.quantize`): the layer
-then multiplies in integers (activations quantized per row, or at the
-calibrated scale in the 'activation_scales' collection when one is present),
-or with dequantized weights when the model is `weight_only`.
+A quantized checkpoint runs with `quantization` rules (see
+`compress.rules`): `apply` then goes through `compress.quantized_apply`,
+which intercepts the plain `nn.Dense` layers, so a user's model and ours
+share one quantized path. A 'static' model's calibrated input scales travel
+in the variables as an 'activation_scales' collection,
+`{layer: {'input': scale}}`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,39 +35,8 @@ import jax.numpy as jnp
 
 from dnnr_jax import complexity as complexity_lib
 from dnnr_jax import routing as routing_lib
-from dnnr_jax.compress.quantize import (
-    QArray,
-    int8_matmul,
-    static_int8_matmul,
-    weight_only_matmul,
-)
-
-
-class Dense(nn.Module):
-  """`nn.Dense` (same parameters and initialisers) that also takes a QArray kernel.
-
-  Attributes:
-    features: output width.
-    weight_only: for a QArray kernel, multiply by the dequantized weights
-      instead of in integers.
-  """
-  features: int
-  weight_only: bool = False
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    kernel = self.param(
-        'kernel', nn.initializers.lecun_normal(), (inputs.shape[-1], self.features))
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    bias = bias.reshape((1,) * (inputs.ndim - 1) + (-1,))
-    if not isinstance(kernel, QArray):
-      return inputs @ kernel + bias
-    if self.weight_only:
-      return weight_only_matmul(inputs, kernel) + bias
-    activation_scale = self.get_variable('activation_scales', 'input')
-    if activation_scale is not None:
-      return static_int8_matmul(inputs, activation_scale, kernel) + bias
-    return int8_matmul(inputs, kernel) + bias
+from dnnr_jax.compress.linen_quant import quantized_apply
+from dnnr_jax.compress.rules import Rule
 
 
 class DynamicMLP(nn.Module):
@@ -83,27 +54,30 @@ class DynamicMLP(nn.Module):
     routing: 'per_sample' (both paths run, each example keeps its own: a
       `Where` in ONNX), 'batch' (one decision per batch, only the taken path
       runs: an `If` in ONNX), 'deep' or 'shallow'.
-    weight_only: quantized kernels compute with dequantized weights.
+    quantization: rules for a quantized checkpoint's QArray kernels; empty
+      for float params.
   """
   hidden_sizes: Sequence[int] = (256, 256)
   deep_size: int = 128
   num_classes: int = 10
   routing: str = 'per_sample'
-  weight_only: bool = False
+  quantization: tuple[Rule, ...] = ()
 
   def setup(self):
-    def dense(features):
-      return Dense(features, weight_only=self.weight_only)
-
-    self.trunk = [dense(size) for size in self.hidden_sizes]
-    self.deep = dense(self.deep_size)
-    self.shortcut = dense(self.deep_size)
-    self.head = dense(self.num_classes)
+    self.trunk = [nn.Dense(size) for size in self.hidden_sizes]
+    self.deep = nn.Dense(self.deep_size)
+    self.shortcut = nn.Dense(self.deep_size)
+    self.head = nn.Dense(self.num_classes)
     self.threshold_variables = {
         name: self.variable(
             'thresholds', name, lambda: jnp.zeros((), jnp.float32))
         for name in complexity_lib.METRICS
     }
+
+  @nn.nowrap
+  def apply(self, variables, *args, **kwargs) -> Any:
+    """`nn.Module.apply`, through `compress.quantized_apply` with `quantization` rules."""
+    return _apply(self, variables, args, kwargs)
 
   def __call__(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Logits [B, num_classes] and routes bool [B] of normalised inputs [B, F]."""
@@ -162,7 +136,7 @@ class EarlyExitMLP(nn.Module):
       `routing.run_on_routed`), 'batch' (one `cond` per batch), 'deep'
       (the stem, trunk and head only: the static model) or 'shallow' (the
       cheap stage only).
-    weight_only: quantized kernels compute with dequantized weights.
+    quantization: as `DynamicMLP`'s.
   """
   hidden_sizes: Sequence[int] = (256, 256)
   num_classes: int = 10
@@ -170,20 +144,22 @@ class EarlyExitMLP(nn.Module):
   exit_width: int = 0
   router: str = 'complexity'
   routing: str = 'per_sample'
-  weight_only: bool = False
+  quantization: tuple[Rule, ...] = ()
 
   def setup(self):
-    def dense(features):
-      return Dense(features, weight_only=self.weight_only)
-
-    self.trunk = [dense(size) for size in self.hidden_sizes]
-    self.exit_hidden = dense(self.exit_width) if self.exit_width else None
-    self.exit = dense(self.num_classes)
-    self.head = dense(self.num_classes)
+    self.trunk = [nn.Dense(size) for size in self.hidden_sizes]
+    self.exit_hidden = nn.Dense(self.exit_width) if self.exit_width else None
+    self.exit = nn.Dense(self.num_classes)
+    self.head = nn.Dense(self.num_classes)
     self.threshold_variables = {
         name: self.variable('thresholds', name, lambda: jnp.zeros((), jnp.float32))
         for name in (*complexity_lib.METRICS, 'confidence')
     }
+
+  @nn.nowrap
+  def apply(self, variables, *args, **kwargs) -> Any:
+    """`nn.Module.apply`, through `compress.quantized_apply` with `quantization` rules."""
+    return _apply(self, variables, args, kwargs)
 
   def stem(self, inputs: jax.Array) -> jax.Array:
     """The trunk layers before the exit: inputs [B, F] -> hidden [B, H]."""
@@ -258,11 +234,42 @@ def _expensive_only(module: EarlyExitMLP, hidden: jax.Array) -> jax.Array:
   return module.expensive(hidden)
 
 
-def model_from_config(config, *, weight_only: bool = False) -> nn.Module:
+def _apply(model: nn.Module, variables, args, kwargs) -> Any:
+  if not model.quantization:
+    return nn.Module.apply(model, variables, *args, **kwargs)
+  scales = {name: layer['input'] for name, layer in variables.get('activation_scales', {}).items()}
+  plain = model.clone(quantization=())
+  return quantized_apply(plain, model.quantization, scales or None)(variables, *args, **kwargs)
+
+
+def quantization_rules(mode: str | None, bits: int = 8,
+                       per_channel: bool = True) -> tuple[Rule, ...]:
+  """The rules our models run with once quantized in `mode`: one for every Dense layer.
+
+  'qat' trains with fake quantization and deploys as 'dynamic'; None (a float
+  model) gives no rules.
+  """
+  if mode is None:
+    return ()
+  return (Rule('.*', mode='dynamic' if mode == 'qat' else mode, bits=bits,
+               per_channel=per_channel),)
+
+
+def every_layer(model: nn.Module) -> tuple[nn.Module, str | None]:
+  """The model and method whose one call runs every Dense layer on every row.
+
+  `DynamicMLP` routed 'per_sample' (both paths run); `EarlyExitMLP.joint`.
+  """
+  if isinstance(model, EarlyExitMLP):
+    return model, 'joint'
+  return model.clone(routing='per_sample'), None
+
+
+def model_from_config(config, *, quantization: tuple[Rule, ...] = ()) -> nn.Module:
   """The module a `Config` describes (family, widths, router and routing mode)."""
   common = dict(hidden_sizes=tuple(config.model.hidden_sizes),
                 num_classes=config.model.num_classes, routing=config.routing.mode,
-                weight_only=weight_only)
+                quantization=tuple(quantization))
   if config.model.family == 'early_exit':
     return EarlyExitMLP(exit_after=config.model.exit_after, exit_width=config.model.exit_width,
                         router=config.routing.router, **common)

@@ -3,11 +3,13 @@
 import dataclasses
 import pathlib
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from dnnr_jax.compress import prune, quantize, structured
+from dnnr_jax.compress.rules import Rule
 from dnnr_jax.config import PruneConfig, QuantizeConfig, RoutingConfig, load_config
 from dnnr_jax.errors import CheckpointError, DnnrError
 from dnnr_jax.io import storage
@@ -55,6 +57,20 @@ def _assert_zeros_kept(pruned_path, quantized_path) -> None:
     zero = np.asarray(floats[name]) == 0
     assert zero.sum() > 0
     assert np.all(np.asarray(codes[name].value)[zero] == 0), name
+
+
+def _dense_inputs(model, variables, inputs) -> dict:
+  """Each nn.Dense layer's input by name: the calibration's reference, recorded by hand."""
+  captured = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dense) and context.method_name == '__call__':
+      captured[context.module.name] = args[0]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    model.apply(variables, inputs)
+  return captured
 
 
 def _array_bytes(variables) -> int:
@@ -335,7 +351,7 @@ def test_dynamic_quantization(final_path, source, quantized):
   path, summary, loaded = quantized('dynamic')
   assert (summary.mode, summary.bits) == ('dynamic', 8)
   assert loaded.metadata['quantization'] == {'mode': 'dynamic', 'bits': 8}
-  assert loaded.model.weight_only is False
+  assert loaded.model.quantization == (Rule('.*', mode='dynamic', bits=8),)
   for name, kernel in _kernels(loaded.variables).items():
     assert isinstance(kernel, quantize.QArray), name
     assert kernel.value.dtype == np.int8 and kernel.bits == 8 and kernel.axis == 1
@@ -360,7 +376,7 @@ def test_dynamic_quantization(final_path, source, quantized):
 def test_weight_only_int4_quantization(source, dataset, quantized):
   _, summary, loaded = quantized('weight_only')
   assert loaded.metadata['quantization'] == {'mode': 'weight_only', 'bits': 4}
-  assert loaded.model.weight_only is True
+  assert loaded.model.quantization == (Rule('.*', mode='weight_only', bits=4),)
   kernels = _kernels(loaded.variables)
   for name, kernel in kernels.items():
     assert isinstance(kernel, quantize.QArray) and kernel.bits == 4, name
@@ -387,7 +403,7 @@ def test_static_quantization_calibrates_every_dense_input(source, dataset, quant
       'batches': 4, 'batch_size': 32, 'method': 'minmax'}
   model = model_from_config(source.config.replace(routing=RoutingConfig('per_sample')))
   images = np.asarray(dataset.train.images)
-  inputs = [compress_jobs.dense_inputs(model, source.variables, images[i * 32:(i + 1) * 32])
+  inputs = [_dense_inputs(model, source.variables, images[i * 32:(i + 1) * 32])
             for i in range(4)]
   for name in LAYERS:
     values = np.concatenate([np.asarray(batch[name]) for batch in inputs])
@@ -404,6 +420,7 @@ def test_static_quantization_calibrates_every_dense_input(source, dataset, quant
 def test_qat_quantization_trains_then_converts(source, quantized):
   _, summary, loaded = quantized('qat')
   assert summary.metadata['compression']['finetune_epochs'] == 1
+  assert loaded.model.quantization == (Rule('.*', mode='dynamic', bits=8),)  # Deployed.
   kernels = _kernels(loaded.variables)
   direct = _kernels({'params': quantize.quantize_params(source.variables['params'])})
   for kernel in kernels.values():
@@ -469,9 +486,9 @@ def test_quantize_refuses_a_quantized_checkpoint(root, quantized):
 # Calibration inputs.
 
 
-def test_dense_inputs_are_each_layers_input(source, dataset):
+def test_reference_dense_inputs_are_each_layers_input(source, dataset):
   images = dataset.test.images[:5]
-  inputs = compress_jobs.dense_inputs(source.model, source.variables, images)
+  inputs = _dense_inputs(source.model, source.variables, images)
   assert {name: value.shape for name, value in inputs.items()} == {
       'trunk_0': (5, 64), 'trunk_1': (5, 32), 'deep': (5, 32), 'shortcut': (5, 32),
       'head': (5, 16)}

@@ -178,6 +178,8 @@ def as_matrix(q: quantize.QArray, out_ndim: int) -> quantize.QArray:
   """A QArray kernel [*in, *out] (scaled per tensor or along its last axis) as the
   [prod(in), prod(out)] QArray the matmuls take, one scale per column."""
   ndim = q.value.ndim
+  if ndim == 2 and out_ndim == 1 and q.axis in (None, 1):
+    return q  # Already the matrix: no reshapes, so the traced graph has none.
   if q.axis is not None and q.axis < ndim - out_ndim:
     raise QuantizationError(
         f'a kernel of shape {q.shape} is scaled along input axis {q.axis}; quantize it per '
@@ -197,7 +199,10 @@ def as_matrix(q: quantize.QArray, out_ndim: int) -> quantize.QArray:
 
 def _dense_rows(spec: LayerSpec, inputs: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
   count = len(spec.contracted)
-  moved = jnp.moveaxis(inputs, spec.contracted, tuple(range(-count, 0)))
+  trailing = tuple(range(-count, 0))
+  # No identity moveaxis: traced for ONNX, it would leave a Transpose in the graph.
+  moved = inputs if spec.contracted == trailing else jnp.moveaxis(inputs, spec.contracted,
+                                                                  trailing)
   batch_shape = moved.shape[:-count]
   return moved.reshape(math.prod(batch_shape), -1), batch_shape
 

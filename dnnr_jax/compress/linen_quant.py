@@ -21,7 +21,7 @@ user's own jitted train step; `quantize_linen` with the same rules in
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,8 +33,10 @@ from dnnr_jax.compress.rules import Rule
 from dnnr_jax.errors import QuantizationError
 
 
-def linen_layers(model: nn.Module, params: Any, *args) -> dict[str, str]:
-  """{module path: class name} of every module that owns a 'kernel' param."""
+def linen_layers(model: nn.Module, params: Any, *args, collections: Mapping | None = None,
+                 method: str | Callable | None = None) -> dict[str, str]:
+  """{module path: class name} of every module that owns a 'kernel' param and that
+  `model.apply(..., method=method)` calls."""
   found: dict[str, str] = {}
 
   def record(next_fun, call_args, kwargs, context):
@@ -45,7 +47,7 @@ def linen_layers(model: nn.Module, params: Any, *args) -> dict[str, str]:
 
   def run(float_params):
     with nn.intercept_methods(record):
-      return model.apply({'params': float_params}, *args)
+      return model.apply({**(collections or {}), 'params': float_params}, *args, method=method)
 
   jax.eval_shape(run, quantize.dequantize_params(params))
   return found
@@ -66,7 +68,9 @@ def check_params(model: nn.Module, params: Any, *args) -> None:
           'inputs like these.')
 
 
-def quantize_linen(model: nn.Module, params: Any, rules: Sequence[Rule], *args) -> Any:
+def quantize_linen(model: nn.Module, params: Any, rules: Sequence[Rule], *args,
+                   collections: Mapping | None = None,
+                   method: str | Callable | None = None) -> Any:
   """The params with the kernels of rule-matched layers as QArrays.
 
   Args:
@@ -74,6 +78,10 @@ def quantize_linen(model: nn.Module, params: Any, rules: Sequence[Rule], *args) 
     params: its float params (the 'params' collection).
     rules: see `compress.rules`; 'qat' rules leave their kernels float.
     *args: example inputs, used only for their shapes.
+    collections: the model's other variable collections, if its apply reads
+      any (e.g. {'batch_stats': ...}).
+    method: the method to call instead of `__call__`; the layers it calls
+      are the ones quantized, so choose one that runs every layer.
 
   Raises:
     QuantizationError: a bad rule, a pattern that matches no layer, a matched
@@ -81,7 +89,7 @@ def quantize_linen(model: nn.Module, params: Any, rules: Sequence[Rule], *args) 
   """
   rules = rules_lib.check_rules(rules)
   check_params(model, params, *args)
-  found = linen_layers(model, params, *args)
+  found = linen_layers(model, params, *args, collections=collections, method=method)
   rules_lib.check_coverage(rules, found, layers.LINEN_KINDS, 'nn')
   params = jax.tree.map(lambda leaf: leaf, params, is_leaf=_is_qarray)  # A copy to edit.
   for path in found:
@@ -166,18 +174,27 @@ def calibrate_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
 
   Runs the float model (`params` may already hold QArrays: they are
   dequantized) on `batches` and reuses `quantize.calibrate` (its `method`
-  and `percentile` pass through `calibration`).
+  and `percentile` pass through `calibration`); `collections` and
+  `apply_method` are as `quantize_linen`'s `collections` and `method`.
   """
-  float_params = quantize.dequantize_params(params)
+  ranges = calibrate_ranges_linen(model, params, rules, batches, **calibration)
+  return {path: value.scale() for path, value in ranges.items()}
+
+
+def calibrate_ranges_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
+                           batches: Iterable[Any], *, collections: Mapping | None = None,
+                           apply_method: str | Callable | None = None,
+                           **calibration) -> dict[str, quantize.ActivationRange]:
+  """`calibrate_linen`'s ranges, {module path: ActivationRange}, before they become scales."""
+  variables = {**(collections or {}), 'params': quantize.dequantize_params(params)}
 
   def inputs_of(batch):
     record: dict[str, jax.Array] = {}
     with intercept(rules, record=record):
-      model.apply({'params': float_params}, batch)
+      model.apply(variables, batch, method=apply_method)
     return record
 
-  ranges = quantize.calibrate(inputs_of, batches, **calibration)
-  return {path: value.scale() for path, value in ranges.items()}
+  return quantize.calibrate(inputs_of, batches, **calibration)
 
 
 def _check_kernel(spec, module, inputs, kernel, rule, path) -> None:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dnnr_jax.compress.paths import DEFAULT_PATTERNS, select
-from dnnr_jax.config import CALIBRATION_METHODS, QuantizeConfig
+from dnnr_jax.config import CALIBRATION_METHODS
 from dnnr_jax.errors import DnnrError, QuantizationError
 
 BITS = (4, 8)  # Supported widths; codes of either are stored one per int8.
@@ -59,11 +59,6 @@ class QuantSpec:
   def axis(self) -> int | None:
     """The axis with its own scales: -1 per output channel, None per tensor."""
     return -1 if self.per_channel else None
-
-  @classmethod
-  def from_config(cls, settings: QuantizeConfig) -> QuantSpec:
-    """The spec of a config's `compress.quantize` section (Dense kernels, symmetric)."""
-    return cls(bits=settings.bits, per_channel=settings.per_channel)
 
 
 DEFAULT_SPEC = QuantSpec()  # Symmetric int8 per output channel, every Dense kernel.

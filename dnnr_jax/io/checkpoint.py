@@ -42,10 +42,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from dnnr_jax.compress.quantize import QArray
+from dnnr_jax.compress.rules import check_rules
 from dnnr_jax.config import Config, config_from_dict
-from dnnr_jax.errors import CheckpointError, ConfigError, IntegrityError
+from dnnr_jax.errors import CheckpointError, ConfigError, IntegrityError, QuantizationError
 from dnnr_jax.io import durable, integrity, storage
-from dnnr_jax.model import DynamicMLP, init_variables, model_from_config
+from dnnr_jax.model import DynamicMLP, init_variables, model_from_config, quantization_rules
 
 FORMAT = 'dnnr_jax'
 # 2: arrays packed into one blob per dtype (io.storage); 3: float32 arrays
@@ -408,14 +410,36 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     raise CheckpointError(
         f'{path} has incomplete metadata ({_short(error)}); write it again '
         'with dnnr.') from None
-  weight_only = metadata.get('quantization', {}).get('mode') == 'weight_only'
-  model = model_from_config(config, weight_only=weight_only)
   _check_layout(path, layout, model_from_config(config), int(metadata['num_features']))
   variables = restore_variables(path, layout, metadata)
   if not {'params', 'thresholds'} <= set(variables):
     raise CheckpointError(
         f'{path} holds no params or thresholds; pass a checkpoint written by dnnr.')
+  model = model_from_config(config, quantization=_quantization_rules(path, metadata, variables))
   return LoadedModel(path, model, variables, config, metadata)
+
+
+def _quantization_rules(path: pathlib.Path, metadata: dict[str, Any], variables) -> tuple:
+  """The `compress.Rule`s a quantized checkpoint runs with, from its metadata; () if float.
+
+  QArray kernels without quantization metadata (saved by `save_checkpoint`
+  directly) run in integers: 'static' where activation scales are stored,
+  else 'dynamic'.
+  """
+  quantization = metadata.get('quantization')
+  if not quantization:
+    if not any(isinstance(leaf, QArray) for leaf in jax.tree.leaves(
+        variables['params'], is_leaf=lambda leaf: isinstance(leaf, QArray))):
+      return ()
+    return quantization_rules('static' if 'activation_scales' in variables else 'dynamic')
+  try:
+    per_channel = metadata.get('compression', {}).get('per_channel', True)
+    return check_rules(quantization_rules(str(quantization['mode']), int(quantization['bits']),
+                                          bool(per_channel)))
+  except (KeyError, TypeError, ValueError, AttributeError, QuantizationError) as error:
+    raise CheckpointError(
+        f'{path} has malformed quantization metadata ({_short(error)}); write it again '
+        'with dnnr quantize.') from None
 
 
 def lineage(path: str | os.PathLike,

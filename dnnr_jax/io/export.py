@@ -34,10 +34,12 @@ import os
 import pathlib
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dnnr_jax.compress.quantize import QArray
 from dnnr_jax.config import PIXEL_MAX, ROUTING_MODES
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import durable, integrity, onnx_passes, onnx_routed, onnx_storage
@@ -174,7 +176,7 @@ def export_onnx(
   batch = jax.export.symbolic_shape('B')[0]
   input_spec = (jax.ShapeDtypeStruct((batch, side, side), jnp.uint8) if raw_uint8_input
                 else jax.ShapeDtypeStruct((batch, model.num_features), jnp.float32))
-  with _jax_and_flax_plugins_only():
+  with _jax_plugins_only(), nn.intercept_methods(_float_dense):
     if skips_rows(model):
       onnx_model = _routed_graph(model, raw_uint8_input, input_spec)
     else:
@@ -211,18 +213,41 @@ def _compute_kind(model: LoadedModel) -> str:
   return 'float'
 
 
+def _float_dense(next_fun, args, kwargs, context):
+  """Computes a float `nn.Dense` from its params as `x @ kernel + bias`, as Flax does.
+
+  Flax's `nn.Dense.__call__` checks its kernel's shape with `jnp.shape(x)`, which
+  jax2onnx's JAX plugins turn into a traced value, so it cannot be traced for
+  export; the same product, written out, can. Quantized layers (QArray
+  kernels) are left to `compress.quantized_apply`'s interception.
+  """
+  module = context.module
+  if (type(module) is not nn.Dense or context.method_name != '__call__'
+      or not module.has_variable('params', 'kernel')
+      or isinstance(module.get_variable('params', 'kernel'), QArray)):
+    return next_fun(*args, **kwargs)
+  inputs = args[0]
+  outputs = inputs @ module.get_variable('params', 'kernel')
+  if module.use_bias:
+    bias = module.get_variable('params', 'bias')
+    outputs = outputs + bias.reshape((1,) * (outputs.ndim - 1) + (-1,))
+  return outputs
+
+
 @contextlib.contextmanager
-def _jax_and_flax_plugins_only(trees=('jax', 'flax')):
-  """Lets jax2onnx load only its JAX and Flax plugins for one conversion.
+def _jax_plugins_only(trees=('jax',)):
+  """Lets jax2onnx load only its JAX plugins for one conversion.
 
   A process's first `to_onnx` imports every plugin jax2onnx ships, and its
   Equinox plugins build and compile example modules as they are imported:
   a fresh `dnnr export` of the smoke model took a median 56 s with them and
   9.3 s without (docs/jax2onnx-plugins.md). The graphs exported here need only
-  JAX and Flax primitives (and every export is checked in onnxruntime, so a
-  missing one would fail loudly). Afterwards jax2onnx is left to import the
-  rest on its next conversion, so other users of it in the same process see
-  no difference.
+  JAX primitives (and every export is checked in onnxruntime, so a missing
+  one would fail loudly). Its Flax plugins are left out too: they replace
+  `nn.Dense.__call__` and friends while tracing, which would bypass the
+  method interception that runs a quantized model (`compress.quantized_apply`).
+  Afterwards jax2onnx is left to import the rest on its next conversion, so
+  other users of it in the same process see no difference.
 
   jax2onnx has no public switch for this (one is worth proposing upstream:
   a list of plugin packages to load), so this sets two of its module

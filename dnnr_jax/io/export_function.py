@@ -30,7 +30,7 @@ import numpy as np
 
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import onnx_passes, onnx_storage
-from dnnr_jax.io.export import OPSET, _jax_and_flax_plugins_only
+from dnnr_jax.io.export import OPSET, _jax_plugins_only
 
 
 def export_onnx_function(
@@ -96,7 +96,7 @@ def export_onnx_function(
 def _to_onnx(function, spec, name):
   from jax2onnx import to_onnx
 
-  with _jax_and_flax_plugins_only(trees=('jax',)):
+  with _jax_plugins_only():
     return to_onnx(function, inputs=[spec], model_name=name, opset=OPSET,
                    input_names=['input'], output_names=['output'])
 

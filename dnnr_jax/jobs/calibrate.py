@@ -219,7 +219,7 @@ def calibrate_checkpoint(
   version = version or checkpoint_lib.next_version(models_dir, 'calibrated')
   out_path = checkpoint_lib.checkpoint_path(models_dir, 'calibrated', version)
   checkpoint_lib.ensure_writable(out_path, overwrite)
-  model = model_from_config(config)
+  model = model_from_config(config, quantization=source.model.quantization)
   dataset = load_dataset(config.data, data_dir)
   validation = dataset.validation
   # Both routes of the original cost the same: it has no compute to budget.

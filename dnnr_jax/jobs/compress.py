@@ -21,11 +21,13 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from dnnr_jax import parallel
-from dnnr_jax.compress import gradual, prune, qat, quantize, structured
+from dnnr_jax.compress import gradual, linen_quant, prune, quantize, structured
+from dnnr_jax.compress.rules import Rule
 from dnnr_jax.config import (
   CompressConfig,
   Config,
@@ -42,7 +44,7 @@ from dnnr_jax.jobs import guard
 from dnnr_jax.jobs.fit import EpochCallback, fit
 from dnnr_jax.jobs.results import CompressResult as CompressResult  # Re-exported.
 from dnnr_jax.jobs.results import Footprint, PruneResult, QuantizeResult
-from dnnr_jax.model import Dense, EarlyExitMLP, model_from_config
+from dnnr_jax.model import EarlyExitMLP, every_layer, model_from_config, quantization_rules
 from dnnr_jax.train import Teacher, evaluate
 
 DEFAULT_PRUNE = PruneConfig()
@@ -185,39 +187,42 @@ def quantize_checkpoint(
     raise DnnrError(f'{source.path} is already quantized; quantize a final or pruned model.')
   config = _finetune_config(source, settings.finetune_epochs, settings.learning_rate, seed)
   dataset = load_dataset(source.config.data, data_dir)  # After every cheap check.
-  spec = quantize.QuantSpec.from_config(settings)
+  # One rule for every Dense layer; QAT's deploys as 'dynamic'.
+  rules = quantization_rules(settings.mode, settings.bits, settings.per_channel)
   params = source.variables['params']
   recorded: dict[str, Any] = {
       'mode': settings.mode, 'bits': settings.bits, 'per_channel': settings.per_channel}
   variables = dict(source.variables)
   if settings.mode == 'qat':
-    params = _quantization_aware_training(config, dataset, params, spec, on_epoch)
+    params = _quantization_aware_training(config, dataset, params, settings, on_epoch)
     recorded['finetune_epochs'] = settings.finetune_epochs
   if settings.mode == 'static':
     variables['activation_scales'], recorded['calibration'] = _calibrate(
-        source, config, dataset, settings)
-  # For QAT, `convert` is this call: the weights land on the trained grid.
+        source, config, dataset, settings, rules)
+  # For QAT this is the conversion: the weights land on the trained grid.
   # The biases are rounded to float16 values, as the weight scales are: each
   # is then two bytes on disk, and moves by at most 2**-11 of itself.
-  variables['params'] = quantize.float16_round(qat.convert(params, spec))
+  model, method = every_layer(model_from_config(config))
+  variables['params'] = quantize.float16_round(linen_quant.quantize_linen(
+      model, params, rules, jnp.zeros((1, source.num_features), jnp.float32),
+      collections={'thresholds': variables['thresholds']}, method=method))
   recorded['bias_precision'] = 'float16'
   return _finish(QuantizeResult, source, out_path, version, config, variables, dataset,
                  recorded, overwrite=overwrite, extra_metadata=extra_metadata,
                  max_drop=max_drop, quantization={'mode': settings.mode, 'bits': settings.bits})
 
 
-def _quantization_aware_training(config, dataset, params, spec, on_epoch):
+def _quantization_aware_training(config, dataset, params, settings, on_epoch):
   """The params fine-tuned under fake quantization (a pruned source keeps its zeros).
 
   An early-exit model trains both exits jointly, as in training (its `joint`).
   """
-  model = model_from_config(config)
-  method = 'joint' if isinstance(model, EarlyExitMLP) else None
+  fake_quantized = model_from_config(config, quantization=(
+      Rule('.*', mode='qat', bits=settings.bits, per_channel=settings.per_channel),))
+  method = 'joint' if isinstance(fake_quantized, EarlyExitMLP) else None
 
   def fake_quantized_apply(variables, inputs):
-    return model.apply(
-        {**variables, 'params': qat.fake_quantize_params(variables['params'], spec)}, inputs,
-        method=method)
+    return fake_quantized.apply(variables, inputs, method=method)
 
   # A pruned source's exact zeros are its mask.
   zeros = prune.zero_masks(params)
@@ -226,7 +231,7 @@ def _quantization_aware_training(config, dataset, params, spec, on_epoch):
              apply_fn=fake_quantized_apply, wrap_optimizer=wrap).state.params
 
 
-def _calibrate(source, config: Config, dataset: Dataset, settings: QuantizeConfig):
+def _calibrate(source, config: Config, dataset: Dataset, settings: QuantizeConfig, rules):
   """Static activation scales of every Dense input, and what to record of them."""
   batch_size = config.training.batch_size
   available = dataset.train.labels.shape[0] // batch_size
@@ -237,31 +242,17 @@ def _calibrate(source, config: Config, dataset: Dataset, settings: QuantizeConfi
         f'{available}.')
   batches = [dataset.train.images[i * batch_size:(i + 1) * batch_size]
              for i in range(settings.calibration_batches)]
-  per_sample = model_from_config(config.replace(
-      routing=dataclasses.replace(config.routing, mode='per_sample')))
-  ranges = quantize.calibrate(lambda batch: dense_inputs(per_sample, source.variables, batch),
-                              batches, method=settings.calibration_method)
+  model, method = every_layer(model_from_config(config))
+  ranges = linen_quant.calibrate_ranges_linen(
+      model, source.variables['params'], rules, batches,
+      collections={'thresholds': source.variables['thresholds']}, apply_method=method,
+      method=settings.calibration_method)
   scales = {name: {'input': value.scale()} for name, value in ranges.items()}
   return scales, {
       'batches': settings.calibration_batches, 'batch_size': batch_size,
       'method': settings.calibration_method,
       'ranges': {name: [float(value.minimum), float(value.maximum)]
                  for name, value in ranges.items()}}
-
-
-def dense_inputs(model: nn.Module, variables: Any, inputs: jax.Array) -> dict[str, jax.Array]:
-  """The input of every Dense layer of `model` on `inputs`, by layer name."""
-  captured = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, Dense) and context.method_name == '__call__':
-      captured[context.module.name] = args[0]
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    # An early-exit model runs every layer on every row in `joint`.
-    model.apply(variables, inputs, method='joint' if hasattr(model, 'joint') else None)
-  return captured
 
 
 def route_report(source, model: nn.Module, variables: Any, dataset: Dataset) -> dict[str, Any]:
@@ -323,8 +314,9 @@ def _finetune_config(source, epochs: int, learning_rate: float | None = None,
 def _finish(result_type, source, out_path, version, config, variables, dataset, recorded, *,
             overwrite, max_drop, extra_metadata=None, quantization=None, **fields):
   """Evaluates, saves and measures the new checkpoint; its `result_type`."""
-  weight_only = bool(quantization) and quantization['mode'] == 'weight_only'
-  model = model_from_config(config, weight_only=weight_only)
+  rules = (quantization_rules(quantization['mode'], quantization['bits'], recorded['per_channel'])
+           if quantization else ())
+  model = model_from_config(config, quantization=rules)
   batch_size = config.training.eval_batch_size
   before = evaluate(source.model, source.variables, dataset.test, batch_size)
   after = evaluate(model, variables, dataset.test, batch_size)
