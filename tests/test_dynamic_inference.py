@@ -261,7 +261,7 @@ def test_qat_trains_both_exits_jointly(trained, tmp_path):
   assert trained_qat.metadata['metrics']['test']['deep_fraction'] == 1.0
   # The source's weights converted as they are: what QAT would give with no gradient.
   untrained = qat.convert(checkpoint_lib.load_model(all_deep).variables['params'],
-                          quantize.QuantSpec.from_config(settings))
+                          quantize.QuantSpec(bits=settings.bits, per_channel=settings.per_channel))
   params = checkpoint_lib.load_model(trained_qat.path).variables['params']
   for layer in ('exit', 'exit_hidden', 'head'):
     assert not np.array_equal(params[layer]['kernel'].value, untrained[layer]['kernel'].value)

@@ -434,7 +434,12 @@ def _quantization_rules(path: pathlib.Path, metadata: dict[str, Any], variables)
     return quantization_rules('static' if 'activation_scales' in variables else 'dynamic')
   try:
     per_channel = metadata.get('compression', {}).get('per_channel', True)
-    return check_rules(quantization_rules(str(quantization['mode']), int(quantization['bits']),
+    # Metadata written before bits were recorded: the width the kernels carry.
+    bits = quantization.get('bits') or next(
+        (leaf.bits for leaf in jax.tree.leaves(
+            variables['params'], is_leaf=lambda leaf: isinstance(leaf, QArray))
+         if isinstance(leaf, QArray)), 8)
+    return check_rules(quantization_rules(str(quantization['mode']), int(bits),
                                           bool(per_channel)))
   except (KeyError, TypeError, ValueError, AttributeError, QuantizationError) as error:
     raise CheckpointError(
