@@ -1,11 +1,15 @@
 """Quantized execution of Linen nn.Einsum layers, through the same rules as Dense and Conv."""
 
+import collections
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 import pytest
 
+import dnnr_jax
 from dnnr_jax import compress
 from dnnr_jax.errors import QuantizationError
 
@@ -108,3 +112,17 @@ def test_unsupported_equation_names_module_and_fix(equation):
   quantized = compress.quantize_linen(model, params, rules, inputs)
   with pytest.raises(QuantizationError, match=r"layer '' \(Einsum\).*exclude it from the rules"):
     compress.quantized_apply(model, rules)({'params': quantized}, inputs)
+
+
+def test_int8_einsum_exports_as_integer_matmuls(heads, tmp_path):
+  """Both Einsums and the Dense run as MatMulInteger in onnxruntime, equal to JAX."""
+  model, params, inputs = heads
+  rules = [compress.Rule('.*', mode='dynamic')]
+  quantized = compress.quantize_linen(model, params, rules, inputs)
+  apply = compress.quantized_apply(model, rules)
+  path, report = dnnr_jax.export_onnx_function(
+      tmp_path / 'heads.onnx', lambda p, x: apply({'params': p}, x), quantized,
+      np.asarray(inputs))
+  assert report['argmax_agreement'] == 1.0 and report['max_abs_difference'] < 1e-4
+  ops = collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+  assert ops['MatMulInteger'] == 3
