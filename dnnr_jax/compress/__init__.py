@@ -1,5 +1,8 @@
 """Compression: pruning, quantization and their schedules, on params pytrees."""
 
+from dnnr_jax.compress.channels import ChannelRule as ChannelRule
+from dnnr_jax.compress.channels import channel_masks as channel_masks
+from dnnr_jax.compress.channels import pruned_channels as pruned_channels
 from dnnr_jax.compress.gradual import cubic_sparsity_schedule as cubic_sparsity_schedule
 from dnnr_jax.compress.gradual import final_masks as final_masks
 from dnnr_jax.compress.gradual import keep_masked as keep_masked

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from dnnr_jax.compress import quantize
 from dnnr_jax.errors import QuantizationError
 
-LINEN_KINDS = ('Dense', 'DenseGeneral', 'Conv')
+LINEN_KINDS = ('Dense', 'DenseGeneral', 'Conv', 'Einsum')  # Einsum: compress.einsum
 NNX_KINDS = ('Linear', 'LinearGeneral', 'Conv')
 
 
@@ -124,15 +124,16 @@ def forward(spec: LayerSpec, mode: str, kernel: Any, bias: Any, inputs: jax.Arra
   ndim = len(kernel.shape)
   out_ndim = 1 if spec.kind == 'conv' else ndim - len(spec.contracted)
   features = tuple(kernel.shape[ndim - out_ndim:])
-  outputs = _matmul(mode, rows, kernel, out_ndim, activation_scale)
+  outputs = matmul(mode, rows, kernel, out_ndim, activation_scale)
   outputs = outputs.reshape(*out_shape, *features)
   if bias is not None:
     outputs = outputs + jnp.reshape(bias, (1,) * (outputs.ndim - bias.ndim) + bias.shape)
   return outputs
 
 
-def _matmul(mode: str, rows: jax.Array, kernel: Any, out_ndim: int,
-            activation_scale) -> jax.Array:
+def matmul(mode: str, rows: jax.Array, kernel: Any, out_ndim: int,
+           activation_scale) -> jax.Array:
+  """rows [N, F] times the kernel [*in, *out] read as [F, prod(out)], as `mode` says."""
   rows = rows.astype(jnp.float32)
   if mode == 'qat':
     return rows @ kernel.reshape(rows.shape[-1], -1)

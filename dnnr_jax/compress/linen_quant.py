@@ -1,8 +1,9 @@
 """Quantized execution of any Linen model, by method interception (as qwix does).
 
 The user's module code is untouched: `flax.linen.intercept_methods` routes the
-`__call__` of every `nn.Dense`, `nn.DenseGeneral` and `nn.Conv` whose module
-path a rule matches through `compress.layers.forward`, with the kernel
+`__call__` of every `nn.Dense`, `nn.DenseGeneral`, `nn.Conv` and `nn.Einsum`
+whose module path a rule matches through `compress.layers.forward` (Einsum:
+`compress.einsum.forward`), with the kernel
 read from the params as it is (a QArray, or a float kernel for QAT). Every
 other call, unmatched layers included, runs Flax's own code, so their
 outputs are bit-identical to the float model's.
@@ -27,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dnnr_jax.compress import layers, quantize
+from dnnr_jax.compress import einsum, layers, quantize
 from dnnr_jax.compress import rules as rules_lib
 from dnnr_jax.compress.rules import Rule
 from dnnr_jax.errors import QuantizationError
@@ -148,7 +149,7 @@ def intercept(rules: Sequence[Rule], activation_scales=None, record: dict | None
           f'layer {path!r} is a nn.{kind}, which the quantizer does not support; narrow rule '
           f'pattern {rule.pattern!r} to exclude it.')
     inputs = jnp.asarray(args[0])
-    spec = layers.spec_of(module, path)
+    spec = _spec(module, path, args, kwargs)
     if record is not None:
       record[path] = inputs
       return next_fun(*args, **kwargs)
@@ -162,7 +163,8 @@ def intercept(rules: Sequence[Rule], activation_scales=None, record: dict | None
         raise QuantizationError(f'layer {path!r} has a static rule but no activation scale; '
                                 'pass activation_scales from calibrate_linen.')
       scale = activation_scales[path]
-    return layers.forward(spec, rule.mode, kernel, bias, inputs, scale)
+    forward = einsum.forward if kind == 'Einsum' else layers.forward
+    return forward(spec, rule.mode, kernel, bias, inputs, scale)
 
   with nn.intercept_methods(interceptor):
     yield
@@ -197,8 +199,19 @@ def calibrate_ranges_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
   return quantize.calibrate(inputs_of, batches, **calibration)
 
 
+def _spec(module: nn.Module, path: str, args, kwargs) -> Any:
+  """The layer's LayerSpec, or EinsumSpec (the equation given to the call wins)."""
+  if type(module).__name__ != 'Einsum':
+    return layers.spec_of(module, path)
+  equation = args[1] if len(args) > 1 else kwargs.get('einsum_str')
+  return einsum.spec_of(equation or module.einsum_str, path)
+
+
 def _check_kernel(spec, module, inputs, kernel, rule, path) -> None:
-  expected = layers.expected_kernel_shape(spec, module, inputs)
+  if isinstance(spec, einsum.EinsumSpec):
+    expected = tuple(module.shape)
+  else:
+    expected = layers.expected_kernel_shape(spec, module, inputs)
   if tuple(kernel.shape) != tuple(expected):
     raise QuantizationError(
         f'params do not match the model at layer {path!r}: kernel shape {tuple(kernel.shape)}, '
