@@ -439,8 +439,14 @@ def _quantization_rules(path: pathlib.Path, metadata: dict[str, Any], variables)
         (leaf.bits for leaf in jax.tree.leaves(
             variables['params'], is_leaf=lambda leaf: isinstance(leaf, QArray))
          if isinstance(leaf, QArray)), 8)
-    return check_rules(quantization_rules(str(quantization['mode']), int(bits),
-                                          bool(per_channel)))
+    rules = quantization_rules(str(quantization['mode']), int(bits), bool(per_channel))
+    # Only the layers stored quantized run quantized (float layers stay float).
+    quantized = sorted(name for name, layer in variables['params'].items()
+                       if isinstance(layer, dict) and isinstance(layer.get('kernel'), QArray))
+    if quantized and len(quantized) < len(variables['params']):
+      pattern = '|'.join(re.escape(name) for name in quantized)
+      rules = tuple(dataclasses.replace(rule, pattern=pattern) for rule in rules)
+    return check_rules(rules)
   except (KeyError, TypeError, ValueError, AttributeError, QuantizationError) as error:
     raise CheckpointError(
         f'{path} has malformed quantization metadata ({_short(error)}); write it again '
