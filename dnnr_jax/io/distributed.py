@@ -19,6 +19,7 @@ import socket
 import time
 
 import jax
+from jax.experimental import multihost_utils
 
 from dnnr_jax.errors import DnnrError
 
@@ -72,6 +73,10 @@ def initialize(group: ProcessGroup) -> None:
     raise DnnrError(
         f'could not join the run at {where} within {group.timeout_s} s ({first}); start '
         'process 0 first and check the address, or raise the timeout.') from None
+  # The first collective sets up the CPU collectives' context, which waits only
+  # about 30 s for the other processes; here they have just joined together,
+  # not minutes apart on a busy machine.
+  multihost_utils.sync_global_devices('dnnr_jax: every process joined')
 
 
 def _wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
