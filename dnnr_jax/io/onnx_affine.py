@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from dnnr_jax.io.onnx_rewrite import NodeRewritePass, constant, constant_value, substitute
+from dnnr_jax.io.onnx_rewrite import NodeRewritePass, constant, constant_value, reshape, substitute
 
 
 class ChannelAffinePass(NodeRewritePass):
@@ -56,14 +56,14 @@ class ChannelAffinePass(NodeRewritePass):
       parameters.append(filled.outputs[0])
     rows = source
     if len(shape) > 2:
-      rows = _reshape_to(node, source, [-1, channels], 'rows', new_nodes)
+      rows = reshape(node, source, [-1, channels], 'rows', new_nodes)
     affine = ir.node('BatchNormalization', [rows, *parameters], {'epsilon': 0.0},
                      name=f'{name}_channel_affine')
     affine.outputs[0].dtype = ir.DataType.FLOAT
     new_nodes.append(affine)
     result = affine.outputs[0]
     if len(shape) > 2:
-      result = _reshape_to(node, result, [-1, *shape[1:]], 'restored', new_nodes)
+      result = reshape(node, result, [-1, *shape[1:]], 'restored', new_nodes)
     substitute(node, new_nodes, result)
     return True
 
@@ -72,13 +72,3 @@ def _per_channel(array: np.ndarray, rank: int, channels: int) -> bool:
   """A float array that broadcasts along the last of `rank` axes only."""
   return (array.dtype == np.float32 and array.ndim <= rank and array.size in (1, channels)
           and all(dim == 1 for dim in array.shape[:-1]))
-
-
-def _reshape_to(node: ir.Node, value: ir.Value, shape: list[int], suffix: str,
-                new_nodes: list) -> ir.Value:
-  reshape = ir.node('Reshape', [value, constant(node.graph, f'{node.name}_{suffix}_shape',
-                                                np.array(shape, np.int64))],
-                    name=f'{node.name}_{suffix}')
-  reshape.outputs[0].dtype = value.dtype
-  new_nodes.append(reshape)
-  return reshape.outputs[0]

@@ -45,7 +45,7 @@ from dnnr_jax.io.onnx_integer import (
   to_uint8,
   weight_halves,
 )
-from dnnr_jax.io.onnx_rewrite import NodeRewritePass, constant, constant_value, replace
+from dnnr_jax.io.onnx_rewrite import NodeRewritePass, constant, constant_value, replace, reshape
 
 # Fewer input channels than this: a float Conv on the codes. The one-channel first layer of
 # scripts/compress_cnn.py gathered its windows in 34 ms of a 120 ms batch-256 call (a byte
@@ -131,7 +131,7 @@ def _float_conv(node, codes, kernel, new_nodes) -> ir.Value:
   source = whole if whole is not None else cast(node, rows, ir.DataType.FLOAT,
                                                   'codes_to_float', new_nodes)
   if rows is not codes:
-    source = _reshape(node, source, [0, *codes.shape[1:]], 'float_codes', new_nodes)
+    source = reshape(node, source, [0, *codes.shape[1:]], 'float_codes', new_nodes)
   rank = kernel.ndim
   first = ir.node('Transpose', [source], {'perm': [0, rank - 1, *range(1, rank - 1)]},
                   name=f'{node.name}_channels_first')
@@ -218,7 +218,7 @@ def _restore_shape(node: ir.Node, codes: ir.Value, unsigned: ir.Value,
   that nothing reads the int8 codes any more."""
   if _row_codes(codes) is codes:
     return unsigned
-  return _reshape(node, unsigned, [0, *codes.shape[1:]], 'unsigned', new_nodes)
+  return reshape(node, unsigned, [0, *codes.shape[1:]], 'unsigned', new_nodes)
 
 
 def _windows(node, activations, zero_point, shape, kernel_size, geometry, repeats, new_nodes):
@@ -232,7 +232,7 @@ def _windows(node, activations, zero_point, shape, kernel_size, geometry, repeat
   graph, name = node.graph, node.name
   sizes, channels = shape[:-1], shape[-1]
   positions = math.prod(sizes)
-  flat = _reshape(node, activations, [0, positions, channels], 'positions', new_nodes)
+  flat = reshape(node, activations, [0, positions, channels], 'positions', new_nodes)
   out, terms = _window_indices(sizes, kernel_size, geometry)
   if any(np.max(term) >= positions for term in terms):
     pads = constant(graph, f'{name}_pads', np.array([0, 0, 0, 0, 1, 0], np.int64))
@@ -246,8 +246,8 @@ def _windows(node, activations, zero_point, shape, kernel_size, geometry, repeat
                    {'axis': 1}, name=f'{name}_windows')
   gather.outputs[0].dtype = ir.DataType.UINT8
   new_nodes.append(gather)
-  return _reshape(node, gather.outputs[0],
-                  [0, *out, repeats * math.prod(kernel_size) * channels], 'patches', new_nodes)
+  return reshape(node, gather.outputs[0],
+                 [0, *out, repeats * math.prod(kernel_size) * channels], 'patches', new_nodes)
 
 
 def _window_indices(sizes, kernel_size, geometry) -> tuple[list[int], list[np.ndarray]]:
@@ -282,7 +282,7 @@ def _index_constant(node, out, terms, positions, repeats, new_nodes) -> ir.Value
   if any(np.max(term) >= positions for term in terms):
     total = _binary(node, 'Min', total, constant(graph, f'{name}_padding_index',
                                                  np.int32(positions)), 'window_cap', new_nodes)
-  total = _reshape(node, total, [*out, -1], 'window_indices', new_nodes)
+  total = reshape(node, total, [*out, -1], 'window_indices', new_nodes)
   if repeats > 1:
     twice = ir.node('Concat', [total] * repeats, {'axis': -1}, name=f'{name}_windows_twice')
     twice.outputs[0].dtype = ir.DataType.INT32
@@ -296,13 +296,3 @@ def _binary(node, op_type, left, right, suffix, new_nodes) -> ir.Value:
   result.outputs[0].dtype = ir.DataType.INT32
   new_nodes.append(result)
   return result.outputs[0]
-
-
-def _reshape(node, value, shape, suffix, new_nodes) -> ir.Value:
-  """`Reshape(value, shape)`; a 0 keeps the batch size (allowzero 0)."""
-  reshape = ir.node('Reshape', [value, constant(node.graph, f'{node.name}_{suffix}_shape',
-                                                np.array(shape, np.int64))],
-                    name=f'{node.name}_{suffix}')
-  reshape.outputs[0].dtype = value.dtype
-  new_nodes.append(reshape)
-  return reshape.outputs[0]

@@ -68,3 +68,15 @@ def constant(graph: ir.Graph, name: str, value: np.ndarray) -> ir.Value:
   initializer.shape = ir.Shape(value.shape)
   graph.register_initializer(initializer)
   return initializer
+
+
+def reshape(node: ir.Node, value: ir.Value, shape: list[int], suffix: str,
+            new_nodes: list) -> ir.Value:
+  """`Reshape(value, shape)` named after `node`, appended to `new_nodes`; a 0 keeps
+  that input dimension (allowzero 0)."""
+  reshaped = ir.node('Reshape', [value, constant(node.graph, f'{node.name}_{suffix}_shape',
+                                                 np.array(shape, np.int64))],
+                     name=f'{node.name}_{suffix}')
+  reshaped.outputs[0].dtype = value.dtype
+  new_nodes.append(reshaped)
+  return reshaped.outputs[0]
