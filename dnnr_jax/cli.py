@@ -37,7 +37,7 @@ from dnnr_jax.io import durable
 # config keys its settings come from; the CLI says them as the flags that set them.
 ARGUMENT_FLAGS = {name: '--' + name.replace('_', '-') for name in (
     'batch_size', 'data_dir', 'force', 'max_drop', 'models_dir', 'output', 'overwrite',
-    'raw_uint8_input',
+    'primary_timeout', 'raw_uint8_input',
     'seed', 'version')}
 SETTING_FLAGS = {
     'prune': {f'compress.prune.{key}': '--' + key.replace('_', '-') for key in (
@@ -349,7 +349,8 @@ def _mesh_overrides(args: argparse.Namespace) -> list[str]:
   if args.coordinator or args.distributed:
     distributed.initialize(distributed.ProcessGroup(
         coordinator=args.coordinator, num_processes=args.num_processes,
-        process_id=args.process_id, timeout_s=args.distributed_timeout))
+        process_id=args.process_id, timeout_s=args.distributed_timeout,
+        primary_timeout=args.primary_timeout))
   return [] if args.devices is None else [f'training.mesh.devices={args.devices}']
 
 
@@ -366,6 +367,9 @@ def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
                            '(SLURM, Open MPI, TPU, GKE)')
   parser.add_argument('--distributed-timeout', type=int, default=120, metavar='S',
                       help='seconds to wait for every process to join (default: %(default)s)')
+  parser.add_argument('--primary-timeout', type=int, default=3600, metavar='S',
+                      help="seconds the other processes wait for process 0's own stages "
+                           '(ONNX export, report) before stopping (default: %(default)s)')
 
 
 def _checked_output(output: str | None, overwrite: bool, flag: str = '--output'):

@@ -216,11 +216,24 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _local_reader() -> ocp.Checkpointer:
+  """A Checkpointer for reads into this process alone.
+
+  Orbax ends every restore with a barrier over all processes (a collective);
+  a read onto this process's own device needs none, and process 0 reads
+  alone while the others wait (`distributed.on_primary`).
+  """
+  here = jax.process_index()
+  return ocp.Checkpointer(
+      ocp.CompositeCheckpointHandler(), multiprocessing_options=ocp.options.MultiprocessingOptions(
+          primary_host=here, active_processes={here}))
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   """The metadata of a dnnr_jax checkpoint, checked to be ours."""
   path = _existing_checkpoint_dir(path)
   try:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    with _local_reader() as checkpointer:
       restored = checkpointer.restore(
           path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
     metadata = restored['metadata']
@@ -325,7 +338,7 @@ def restore_sharded(path: str | os.PathLike, target: Any) -> Any:
 
 def _restore_item(path: pathlib.Path, abstract: Any) -> Any:
   """The `variables` item, however it was sharded when saved, on the default device."""
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+  with _local_reader() as checkpointer:
     restored = checkpointer.restore(
         path, args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract)))
   return restored['variables']

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from dnnr_jax.config import BudgetConfig
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
-from dnnr_jax.io import durable
+from dnnr_jax.io import distributed, durable
 from dnnr_jax.jobs import budget_report
 from dnnr_jax.jobs import compress as compress_jobs
 from dnnr_jax.jobs.results import Footprint
@@ -166,7 +166,7 @@ def compress_to_budget(
         'rerun.')
   chosen = min(within, key=lambda trial: (trial.bytes, -trial.validation_accuracy))
   result = _write_chosen(source, chosen, search, models_dir, version, overwrite)
-  budget_report.write(result, settings)
+  distributed.on_primary('budget report', lambda: budget_report.write(result, settings))
   return result
 
 
@@ -211,6 +211,10 @@ class _Search:
                                   overwrite=True, max_drop=None)))
     return rung
 
+  def _write_records(self) -> None:
+    self.report_dir.mkdir(parents=True, exist_ok=True)
+    durable.write_bytes(self.file, (json.dumps(self.records, indent=2) + '\n').encode())
+
   def _trial(self, sparsity: float, bits: int, recipe: dict[str, Any], run) -> Trial:
     recipe = {**recipe, 'seed': self.seed, 'source': str(self.source.path)}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -226,8 +230,7 @@ class _Search:
                     drop_pp=100.0 * (_budget_source(result.metadata)['accuracy_guard'][
                         'accuracy_before'] - accuracy))
       self.records[key] = dataclasses.asdict(trial)
-      self.report_dir.mkdir(parents=True, exist_ok=True)
-      durable.write_bytes(self.file, (json.dumps(self.records, indent=2) + '\n').encode())
+      distributed.on_primary('budget trial record', self._write_records)
       self.ran += 1
     self.trials.append(trial)
     if self.on_trial:

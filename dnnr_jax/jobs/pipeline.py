@@ -159,19 +159,23 @@ def run_pipeline(
            if rebuild[kind] or not _onnx_matches(onnx_paths[kind], hashes[kind])]
 
   def export_all():
-    for kind in stale if distributed.is_primary() else ():  # One copy of each file.
+    for kind in stale:
       export.export_onnx(paths[kind], check_inputs=check_inputs, overwrite=True,
                          extra_metadata={'dnnr_jax.pipeline_hash': hashes[kind]})
 
-  stage('export', not stale, export_all)
+  # One copy of each file; the other processes wait for it (`distributed.on_primary`).
+  stage('export', not stale, lambda: distributed.on_primary('export', export_all))
 
   sweep_file = report_dir / 'sweep.json'
 
   def sweep():
     results = _sweep(config, paths['final'], report_dir, data_dir, epochs('sweep'))
-    if distributed.is_primary():
+
+    def write():
       report_dir.mkdir(parents=True, exist_ok=True)
       write_json(sweep_file, {'hash': hashes['sweep'], 'results': results})
+
+    distributed.on_primary('sweep', write)
 
   stage('sweep', not rebuild['final'] and _json_hash(sweep_file) == hashes['sweep'], sweep)
 
@@ -182,21 +186,24 @@ def run_pipeline(
 
     result = budget_jobs.compress_to_budget(paths['final'], config.compress.budget,
                                             data_dir=data_dir, models_dir=models_dir)
-    if distributed.is_primary():
-      write_json(budget_file, {'hash': hashes['budget'], 'result': result.to_dict()})
+    distributed.on_primary('budget', lambda: write_json(
+        budget_file, {'hash': hashes['budget'], 'result': result.to_dict()}))
 
   if config.compress.budget.in_pipeline:
     # Its trials resume on their own; the chosen model is written once per settings.
     stage('budget', not rebuild['final'] and _json_hash(budget_file) == hashes['budget'], budget)
 
-  if not distributed.is_primary():  # Process 0 writes the report.
-    return PipelineResult(report_dir, {'rows': []}, stage.ran, stage.skipped)
+  def write_all():
+    report = build_report(config, paths, onnx_paths, dataset, report_dir, hashes)
+    report.update(stage_seconds=stage.seconds, ran=stage.ran, skipped=stage.skipped)
+    write_report(report, report_dir)
+    for kind in ARTIFACTS:  # After the report, so each card cites its ONNX accuracy.
+      model_card.write_card(models_dir, str(paths[kind]))
+    return report
+
   stage.on_stage('report', 'start')
-  report = build_report(config, paths, onnx_paths, dataset, report_dir, hashes)
-  report.update(stage_seconds=stage.seconds, ran=stage.ran, skipped=stage.skipped)
-  write_report(report, report_dir)
-  for kind in ARTIFACTS:  # After the report, so each card cites its ONNX accuracy.
-    model_card.write_card(models_dir, str(paths[kind]))
+  # Process 0 writes the report (the others return no rows), and every process ends with it.
+  report = distributed.on_primary('report', write_all) or {'rows': []}
   stage.on_stage('report', 'done')
   return PipelineResult(report_dir, report, stage.ran, stage.skipped)
 
@@ -288,7 +295,8 @@ def _sweep(config: Config, final_path, report_dir, data_dir, on_epoch) -> list[d
 
   prune = config.compress.prune
   scratch = report_dir / '.sweep'
-  shutil.rmtree(scratch, ignore_errors=True)
+  # A killed run's leftovers, removed before any process writes there.
+  distributed.on_primary('sweep', lambda: shutil.rmtree(scratch, ignore_errors=True))
   results = []
   try:
     for index, sparsity in enumerate(config.pipeline.sweep_sparsities):

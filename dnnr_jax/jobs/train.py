@@ -18,7 +18,7 @@ from dnnr_jax import parallel
 from dnnr_jax.config import Config
 from dnnr_jax.errors import CheckpointError, DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
-from dnnr_jax.io import durable
+from dnnr_jax.io import distributed, durable
 from dnnr_jax.io.data import load_dataset
 from dnnr_jax.jobs.fit import EpochCallback, FitResult, fit
 from dnnr_jax.thresholds import thresholds_to_floats
@@ -107,8 +107,8 @@ def _train_and_save(config, path, version, periodic_dir, *, data_dir, overwrite,
   metadata.update(extra_metadata or {})
   saved = checkpoint_lib.save_checkpoint(
       path, result.state.variables, metadata, overwrite=overwrite)
-  if jax.process_index() == 0:  # The others wrote their shards; one removes them.
-    shutil.rmtree(periodic_dir, ignore_errors=True)
+  # The others wrote their shards; one removes them while they wait, so all end together.
+  distributed.on_primary('clean-up', lambda: shutil.rmtree(periodic_dir, ignore_errors=True))
   return saved, result
 
 
