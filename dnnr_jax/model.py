@@ -216,7 +216,7 @@ class EarlyExitMLP(nn.Module):
       logits = nn.cond(deep_path[0], _expensive_rows, _keep_exit, self, hidden, exit_logits)
       return logits, deep_path
     logits = routing_lib.run_on_routed(
-        _expensive_only, deep_path, hidden, exit_logits, cond=nn.cond, context=(self,))
+        _expensive_only, deep_path, hidden, exit_logits, switch=nn.switch, context=(self,))
     return logits, deep_path
 
 

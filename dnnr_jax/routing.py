@@ -78,17 +78,18 @@ def confidence_route(exit_logits: jax.Array, threshold: jax.Array, mode: str) ->
   return fixed_route(mode, batch_size)
 
 
-# Bucket capacities in sixteenths of the batch: fine where deep fractions of
-# 5-40 % fall, so a batch rarely runs many more rows than it routes.
-BUCKET_SIXTEENTHS = (1, 2, 3, 4, 6, 8, 16)
+# Bucket capacities in 32nds of the batch: every 32nd up to 3/16, then steps of
+# at most a quarter, so a batch runs at most a quarter more rows than it routes
+# (past B/32) and the expensive stage compiles for 13 sizes, not 32.
+BUCKET_32NDS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
 
 
 def bucket_sizes(batch_size: int) -> tuple[int, ...]:
-  """The static capacities tried for the routed rows: B/16, B/8, 3B/16, B/4, 3B/8, B/2, B.
+  """The static capacities for the routed rows: B/32, 2B/32, ..., 6B/32, 8B/32, ..., B.
 
-  Rounded up, duplicates dropped; the last is always B.
+  `BUCKET_32NDS` of the batch, rounded up, duplicates dropped; the last is always B.
   """
-  return tuple(sorted({-(-batch_size * sixteenths // 16) for sixteenths in BUCKET_SIXTEENTHS}))
+  return tuple(sorted({-(-batch_size * parts // 32) for parts in BUCKET_32NDS}))
 
 
 def run_on_routed(
@@ -97,7 +98,7 @@ def run_on_routed(
     hidden: jax.Array,
     shallow: jax.Array,
     *,
-    cond: Callable[..., jax.Array] = jax.lax.cond,
+    switch: Callable[..., jax.Array] = jax.lax.switch,
     context: tuple[Any, ...] = (),
 ) -> jax.Array:
   """Runs `stage` only on the routed rows, under static shapes.
@@ -106,20 +107,20 @@ def run_on_routed(
   its rank among the routed rows, a cumulative sum: no sort), gathered into
   the smallest capacity of `bucket_sizes(B)` that holds them all, passed
   through `stage`, and scattered back over `shallow` (a bucket's unused
-  slots are scattered out of range and dropped). The
-  capacity is picked by nested conditionals, so only one bucket runs and no
-  bucket ever overflows: a batch with more routed rows than B/16 takes the
-  B/8 bucket, and so on up to B. No routed row skips the stage and each row's
-  result is the stage's on that row, so the output equals running the stage
-  on every row and keeping it where routed (up to the matmul's rounding for
-  a different row count). With no routed row the stage does not run at all.
+  slots are scattered out of range and dropped). One `switch` on the routed
+  count picks the bucket, so only one bucket runs and no bucket ever
+  overflows: a batch with more routed rows than B/32 takes the next bucket,
+  and so on up to B. No routed row skips the stage and each row's result is
+  the stage's on that row, so the output equals running the stage on every
+  row and keeping it where routed (up to the matmul's rounding for a
+  different row count). With no routed row the stage does not run at all.
 
   Args:
     stage: `stage(*context, rows [N, H]) -> [N, C]`, row-wise.
     deep_path: bool [B], the rows to run the stage on.
     hidden: [B, H], the stage's inputs.
     shallow: [B, C], the result of the other rows.
-    cond: `jax.lax.cond`, or `flax.linen.cond` with the module in `context`.
+    switch: `jax.lax.switch`, or `flax.linen.switch` with the module in `context`.
     context: leading operands of every branch (the Flax module).
 
   Returns:
@@ -142,19 +143,13 @@ def run_on_routed(
       return shallow.at[targets].set(outputs, mode='drop')
     return run
 
-  def ladder(level: int):
-    if level == len(sizes) - 1:
-      return bucket(sizes[level])
-
-    def choose(*operands):
-      return cond(operands[-2] <= sizes[level], bucket(sizes[level]), ladder(level + 1),
-                  *operands)
-    return choose
-
   def skip(*operands):
     return operands[-1]
 
-  return cond(count == 0, skip, ladder(0), *context, hidden, order, count, shallow)
+  # Branch 0 skips; branch i > 0 runs bucket sizes[i - 1], the first that holds `count`.
+  index = jnp.where(count == 0, 0,
+                    1 + jnp.sum(count > jnp.asarray(sizes, jnp.int32), dtype=jnp.int32))
+  return switch(index, [skip, *map(bucket, sizes)], *context, hidden, order, count, shallow)
 
 
 def fixed_route(mode: str, batch_size: int) -> jax.Array:

@@ -2,6 +2,11 @@
 
 See docs/dynamic_inference.md for the figures and how they are measured.
 
+It ends with the three wall-time ratios the early exit is held to, each per
+sample over the same model always-deep: JAX throughput at batch 256 (at least
+2×), onnxruntime throughput at batch 256 and onnxruntime batch-1 median
+latency over the test set (at least 2.5× each).
+
 Usage:
   python scripts/dynamic_inference.py MODEL [--data-dir DIR] [--output JSON] [--plot PNG]
       [--no-timing]
@@ -35,7 +40,28 @@ def main() -> int:
   if args.plot and report['curve']:
     dynamic.write_plot(report['curve'], args.plot)
   print(report['markdown'])
+  if report['timing']:
+    print(targets(report['timing']['ratios']))
   return 0
+
+
+# The wall-time targets: (engine, figure, label, at least).
+TARGETS = (
+    ('jax', 'throughput_batch_256', 'JAX throughput at batch 256', 2.0),
+    ('onnxruntime', 'throughput_batch_256', 'onnxruntime throughput at batch 256', 2.5),
+    ('onnxruntime', 'latency_us_all', 'onnxruntime batch-1 median latency, all test images', 2.5),
+)
+
+
+def targets(ratios: dict[str, dict[str, float]]) -> str:
+  """The three wall-time ratios the early exit is held to, per sample over always-deep."""
+  lines = ['Per sample over always-deep, against the targets (default session; one thread):']
+  for engine, key, label, least in TARGETS:
+    measured = ratios[engine][key]
+    one_thread = ratios.get(f'{engine} 1 thread', {}).get(key)
+    extra = '' if one_thread is None else f' (one thread {one_thread:.2f}×)'
+    lines.append(f'- {label}: {measured:.2f}×{extra}, target ≥ {least:g}×')
+  return '\n'.join(lines)
 
 
 if __name__ == '__main__':

@@ -117,8 +117,11 @@ def test_the_per_sample_graph_gathers_and_scatters_routed_rows(routed_onnx):
   (branch,) = [node for node in graph.node if node.op_type == 'If']
   branches = {attribute.name: {node.op_type for node in attribute.g.node}
               for attribute in branch.attribute}
-  assert {'NonZero', 'Gather', 'Gemm', 'ScatterND'} <= branches['then_branch']
+  assert {'NonZero', 'GatherND', 'Gemm', 'ScatterND'} <= branches['then_branch']
   assert branches['else_branch'] == {'Identity'}  # no routed row: the exit's logits
+  # The condition, any row routed, is one node on the routes.
+  (condition,) = [node for node in graph.node if node.output[0] == branch.input[0]]
+  assert (condition.op_type, list(condition.input)) == ('ReduceMax', ['deep_path'])
   # The expensive stage's weights are only in the branch that runs on routed rows.
   assert not any(tensor.name.startswith('deep/') for tensor in graph.initializer)
 

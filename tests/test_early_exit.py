@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 from dnnr_jax import routing
 from dnnr_jax.config import load_config
@@ -60,15 +61,15 @@ def _assert_same_result(logits, reference):
 
 
 def test_bucket_sizes():
-  assert routing.bucket_sizes(256) == (16, 32, 48, 64, 96, 128, 256)
-  assert routing.bucket_sizes(64) == (4, 8, 12, 16, 24, 32, 64)
-  assert routing.bucket_sizes(7) == (1, 2, 3, 4, 7)
+  assert routing.bucket_sizes(256) == (8, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256)
+  assert routing.bucket_sizes(64) == (2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
+  assert routing.bucket_sizes(7) == (1, 2, 3, 4, 5, 6, 7)
   assert routing.bucket_sizes(1) == (1,)
 
 
-# 0 and 64: none and all deep; 4 fills the smallest bucket; 5 overflows it into
-# the next; 33 overflows B/2 into the whole batch.
-@pytest.mark.parametrize('count', [0, 1, 4, 5, 16, 17, 33, 64])
+# 0 and 64: none and all deep; 2 fills the smallest bucket; 3 overflows it into
+# the next; 13 overflows 12 into 16; 49 overflows 3B/4 into the whole batch.
+@pytest.mark.parametrize('count', [0, 1, 2, 3, 13, 17, 33, 49, 64])
 def test_per_sample_equals_the_run_everything_reference(setup, count):
   variables, inputs = setup
   model = _model()
@@ -80,7 +81,8 @@ def test_per_sample_equals_the_run_everything_reference(setup, count):
   _assert_same_result(logits, reference)
 
 
-@pytest.mark.parametrize('count, bucket', [(0, None), (3, 4), (8, 8), (9, 12), (40, 64)])
+@pytest.mark.parametrize('count, bucket', [
+    (0, None), (1, 2), (2, 2), (3, 4), (9, 10), (13, 16), (40, 40), (41, 48), (64, 64)])
 def test_the_expensive_stage_runs_on_one_bucket_of_routed_rows(count, bucket):
   rows_seen = []
   weights = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)), jnp.float32)
@@ -132,17 +134,28 @@ def digits_inputs():
   return load_dataset(config.data).test.images[:96]
 
 
-def test_batch_mode_is_one_conditional_and_per_sample_a_ladder(setup):
+def test_batch_mode_is_one_conditional_and_per_sample_one_switch(setup):
   variables, inputs = setup
 
-  def conds(mode):
+  def branches(mode):
+    """The number of branches of each conditional in the model's jaxpr."""
     jaxpr = jax.make_jaxpr(_model(routing=mode).apply)(variables, inputs)
-    return str(jaxpr).count('cond[')
+    return [len(eqn.params['branches']) for eqn in _equations(jaxpr.jaxpr)
+            if eqn.primitive.name == 'cond']
 
-  assert conds('batch') == 1
-  # The first cond skips when none is routed; then one per bucket below B.
-  assert conds('per_sample') == len(routing.bucket_sizes(BATCH))
-  assert conds('deep') == conds('shallow') == 0
+  assert branches('batch') == [2]
+  # One switch: skip when none is routed, else one branch per bucket.
+  assert branches('per_sample') == [len(routing.bucket_sizes(BATCH)) + 1]
+  assert branches('deep') == branches('shallow') == []
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr, inside nested calls but not inside cond branches."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    if eqn.primitive.name != 'cond':
+      for sub in jaxprs_in_params(eqn.params):
+        yield from _equations(sub)
 
 
 def test_deep_mode_never_runs_the_exit(setup):

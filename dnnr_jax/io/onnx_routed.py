@@ -6,16 +6,24 @@ separately (each a plain jax2onnx graph over a symbolic batch) and composed
 here with the `onnx` helpers:
 
     input -> cheap stage -> exit_logits [B, C], deep_path bool [B] (, hidden)
-    logits = If(ReduceSum(Cast(deep_path)) > 0,
+    logits = If(ReduceMax(deep_path),                  # any row routed
                 then: routed = Transpose(NonZero(deep_path))   # [K, 1], K routed rows
                       ScatterND(exit_logits, routed,
-                                expensive(Gather(hidden, routed rows))),
-                else: exit_logits)
+                                expensive(GatherND(hidden, routed))),
+                else: Identity(exit_logits))
 
 A batch with no routed row runs no expensive node; at batch 1 the graph is
 an `If` between the exit's answer and the expensive stage. The expensive
 stage's names are prefixed with 'deep/' and its initializers stay in its
 branch.
+
+At small batches the graph's cost is per node, not arithmetic (a batch-1
+easy input spends about as long in the routing nodes as in the exit's two
+`Gemm`s), so the routing takes as few nodes as the operators allow: the
+`If` condition is one boolean `ReduceMax` (opset 20), and the routed rows'
+`[K, 1]` indices serve both `GatherND` and `ScatterND`. A boolean
+`ReduceMax` is undefined on an empty set, so the graph takes batches of at
+least one row (as the JAX model does).
 """
 
 from __future__ import annotations
@@ -49,9 +57,7 @@ def compose_routed(cheap: onnx.ModelProto, expensive: onnx.ModelProto, *,
       helper.make_node('NonZero', ['deep_path'], ['routed_positions'], name='routed_positions'),
       helper.make_node('Transpose', ['routed_positions'], ['routed_rows'], perm=[1, 0],
                        name='routed_rows'),
-      helper.make_node('Squeeze', ['routed_rows', 'routed_axis'], ['routed_index'],
-                       name='routed_index'),
-      helper.make_node('Gather', [hidden, 'routed_index'], [stage_input], axis=0,
+      helper.make_node('GatherND', [hidden, 'routed_rows'], [stage_input],
                        name='gather_routed'),
       *stage.graph.node,
       helper.make_node('ScatterND', ['exit_logits', 'routed_rows', stage_output],
@@ -60,8 +66,7 @@ def compose_routed(cheap: onnx.ModelProto, expensive: onnx.ModelProto, *,
   then_graph = helper.make_graph(
       then_nodes, 'expensive_stage', inputs=[],
       outputs=[helper.make_tensor_value_info('routed_logits', TensorProto.FLOAT, None)],
-      initializer=[*stage.graph.initializer,
-                   helper.make_tensor('routed_axis', TensorProto.INT64, [1], [1])])
+      initializer=list(stage.graph.initializer))
   else_graph = helper.make_graph(
       [helper.make_node('Identity', ['exit_logits'], ['exit_only'], name='exit_only')],
       'exit_only', inputs=[],
@@ -69,11 +74,7 @@ def compose_routed(cheap: onnx.ModelProto, expensive: onnx.ModelProto, *,
   graph = cheap.graph
   kept_outputs = [output for output in graph.output if output.name != hidden]
   routing_nodes = [
-      helper.make_node('Cast', ['deep_path'], ['deep_path_int'], to=TensorProto.INT64,
-                       name='deep_path_int'),
-      helper.make_node('ReduceSum', ['deep_path_int'], ['routed_count'], keepdims=0,
-                       name='routed_count'),
-      helper.make_node('Greater', ['routed_count', 'no_rows'], ['any_routed'],
+      helper.make_node('ReduceMax', ['deep_path'], ['any_routed'], keepdims=0,
                        name='any_routed'),
       helper.make_node('If', ['any_routed'], ['logits'], then_branch=then_graph,
                        else_branch=else_graph, name='run_expensive_stage'),
@@ -84,7 +85,7 @@ def compose_routed(cheap: onnx.ModelProto, expensive: onnx.ModelProto, *,
   outputs = [logits, *[output for output in kept_outputs if output.name == 'deep_path']]
   composed = helper.make_graph(
       [*graph.node, *routing_nodes], graph.name, inputs=list(graph.input), outputs=outputs,
-      initializer=[*graph.initializer, helper.make_tensor('no_rows', TensorProto.INT64, [], [0])])
+      initializer=list(graph.initializer))
   model = helper.make_model(composed, opset_imports=list(cheap.opset_import),
                             producer_name=cheap.producer_name)
   model.ir_version = cheap.ir_version
