@@ -23,6 +23,7 @@ from dnnr_jax.config import (
   CALIBRATION_METHODS,
   PRUNE_METHODS,
   PRUNE_SCHEDULES,
+  QUANTIZE_ACTIVATIONS,
   QUANTIZE_MODES,
   ROUTING_MODES,
   BudgetConfig,
@@ -44,8 +45,8 @@ SETTING_FLAGS = {
         'method', 'sparsity', 'schedule', 'finetune_epochs', 'learning_rate', 'distill', 'n',
         'm')} | {'compress.prune.distill_temperature': '--temperature'},
     'quantize': {f'compress.quantize.{key}': '--' + key.replace('_', '-') for key in (
-        'mode', 'bits', 'calibration_batches', 'calibration_method', 'finetune_epochs',
-        'learning_rate')},
+        'mode', 'bits', 'activations', 'calibration_batches', 'calibration_method',
+        'finetune_epochs', 'learning_rate')},
 }
 for _flags in SETTING_FLAGS.values():
   _flags['compress.max_drop'] = '--max-drop'
@@ -129,7 +130,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
   settings = QuantizeConfig(
       mode=args.mode, bits=args.bits, per_channel=not args.per_tensor,
-      calibration_batches=args.calibration_batches,
+      activations=args.activations, calibration_batches=args.calibration_batches,
       calibration_method=args.calibration_method, finetune_epochs=args.finetune_epochs,
       learning_rate=args.learning_rate)
   epochs = args.finetune_epochs if args.mode == 'qat' else 0
@@ -602,6 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
   quantize.add_argument('--per-tensor', action='store_true',
                         default=not _QUANTIZE.per_channel,
                         help='one scale per kernel instead of per output channel')
+  quantize.add_argument('--activations', default=_QUANTIZE.activations,
+                        choices=QUANTIZE_ACTIVATIONS,
+                        help='per_row: one scale per example; per_batch: one per batch, '
+                             "onnxruntime's fastest int8 form, batch-dependent "
+                             '(default: %(default)s)')
   quantize.add_argument('--calibration-batches', type=int,
                         default=_QUANTIZE.calibration_batches,
                         help='training batches that calibrate static (default %(default)s)')

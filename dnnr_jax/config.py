@@ -35,6 +35,7 @@ PRUNE_METHODS = ('global', 'layer', 'lamp', 'structured', 'nm')
 PRUNE_SCHEDULES = ('oneshot', 'gradual')
 QUANTIZE_MODES = ('weight_only', 'dynamic', 'static', 'qat')
 CALIBRATION_METHODS = ('minmax', 'percentile')
+QUANTIZE_ACTIVATIONS = ('per_row', 'per_batch')
 QUANTIZE_SOURCES = ('final', 'pruned')
 BUDGET_METHODS = ('global', 'lamp')
 # Bounds that keep a typo from overflowing int64 or float32 deep inside JAX.
@@ -328,6 +329,11 @@ class QuantizeConfig:
     mode: 'weight_only', 'dynamic', 'static' or 'qat'.
     bits: 8 or 4.
     per_channel: one scale per output channel, else per tensor.
+    activations: how 'dynamic' and 'qat' quantize activations at run time:
+      'per_row' (one scale per example, so a prediction does not depend on
+      its batch) or 'per_batch' (one uint8 scale and zero point per batch,
+      ONNX's `DynamicQuantizeLinear`: the form onnxruntime fuses into its
+      fastest int8 kernel, but a prediction depends on the rest of its batch).
     calibration_batches: training batches that calibrate 'static'.
     calibration_method: 'minmax' or 'percentile'.
     finetune_epochs: QAT epochs.
@@ -337,6 +343,7 @@ class QuantizeConfig:
   mode: str = 'dynamic'
   bits: int = 8
   per_channel: bool = True
+  activations: str = 'per_row'
   calibration_batches: int = 10
   calibration_method: str = 'minmax'
   finetune_epochs: int = 2
@@ -347,6 +354,11 @@ class QuantizeConfig:
     _check_choice('compress.quantize.mode', self.mode, QUANTIZE_MODES)
     if self.bits not in (4, 8):
       raise ConfigError(f'compress.quantize.bits = {self.bits!r} must be 4 or 8.')
+    _check_choice('compress.quantize.activations', self.activations, QUANTIZE_ACTIVATIONS)
+    if self.activations == 'per_batch' and self.mode not in ('dynamic', 'qat'):
+      raise ConfigError(
+          f"compress.quantize.activations = per_batch applies to mode dynamic or qat only; "
+          f"set it to per_row for compress.quantize.mode = {self.mode}.")
     _check_at_least('compress.quantize.calibration_batches', self.calibration_batches, 1)
     _check_choice('compress.quantize.calibration_method', self.calibration_method,
                   CALIBRATION_METHODS)

@@ -242,17 +242,18 @@ def _apply(model: nn.Module, variables, args, kwargs) -> Any:
   return quantized_apply(plain, model.quantization, scales or None)(variables, *args, **kwargs)
 
 
-def quantization_rules(mode: str | None, bits: int = 8,
-                       per_channel: bool = True) -> tuple[Rule, ...]:
+def quantization_rules(mode: str | None, bits: int = 8, per_channel: bool = True,
+                       activations: str = 'per_row') -> tuple[Rule, ...]:
   """The rules our models run with once quantized in `mode`: one for every Dense layer.
 
   'qat' trains with fake quantization and deploys as 'dynamic'; None (a float
-  model) gives no rules.
+  model) gives no rules. `activations` ('per_row' or 'per_batch') is how
+  'dynamic' quantizes the inputs of each layer.
   """
   if mode is None:
     return ()
   return (Rule('.*', mode='dynamic' if mode == 'qat' else mode, bits=bits,
-               per_channel=per_channel),)
+               per_channel=per_channel, activations=activations),)
 
 
 def every_layer(model: nn.Module) -> tuple[nn.Module, str | None]:

@@ -92,11 +92,13 @@ def main() -> None:
              'checkpoint_accuracy': checkpoint_accuracy.get(name),
              'portable': portable(path, images[:7]), **speeds[name]}
             for name, path in files.items()]
-  dense = rows[0]
+  dense, theirs = rows[0], rows[-1]
   for row in rows:
     row['smaller'] = dense['bytes'] / row['bytes']
     row['throughput_vs_float'] = row['throughput'] / dense['throughput']
     row['latency_vs_float'] = row['latency_us'] / dense['latency_us']
+    row['throughput_vs_quantize_dynamic'] = row['throughput'] / theirs['throughput']
+    row['latency_vs_quantize_dynamic'] = row['latency_us'] / theirs['latency_us']
   facts = {**machine(), 'onnxruntime': onnxruntime.__version__,
            'intra_op_threads': args.intra_op_threads,
            'cpu_flags': sorted(_flags() & {'avx2', 'avx512f', 'avx512_vnni', 'avx_vnni',
@@ -108,15 +110,16 @@ def main() -> None:
         f"onnxruntime {facts['onnxruntime']}, intra-op threads "
         f"{args.intra_op_threads or 'default'}")
   print('| model | bytes | x smaller | accuracy (checkpoint) | portable | batch 1, µs '
-        '| batch 256, samples/s | vs float |')
-  print('| --- | ---: | ---: | ---: | :---: | ---: | ---: | ---: |')
+        '| batch 256, samples/s | vs float | vs quantize_dynamic |')
+  print('| --- | ---: | ---: | ---: | :---: | ---: | ---: | ---: | ---: |')
   for row in rows:
     stored = row['checkpoint_accuracy']
     print(f"| {row['model']} | {row['bytes']:,} | {row['smaller']:.1f} | "
           f"{row['onnx_accuracy']:.2%} ({'-' if stored is None else f'{stored:.2%}'}) | "
           f"{'yes' if row['portable'] else 'no'} | {row['latency_us']:.1f} | "
           f"{row['throughput']:,.0f} | {row['throughput_vs_float']:.2f}x, "
-          f"{row['latency_vs_float']:.2f}x latency |")
+          f"{row['latency_vs_float']:.2f}x latency | {row['throughput_vs_quantize_dynamic']:.2f}x, "
+          f"{row['latency_vs_quantize_dynamic']:.2f}x latency |")
 
 
 def _flags() -> set[str]:

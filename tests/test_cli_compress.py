@@ -45,6 +45,10 @@ def first(sources):
       'sparsity': ((*MODULE, 'prune', final, '--sparsity', '1.5'), ['sparsity 1.5', '[0, 1)']),
       'distill': ((*MODULE, 'prune', final, '--distill', '2'), ['--distill 2.0', '[0, 1]']),
       'bits': ((*MODULE, 'quantize', final, '--bits', '3'), None),
+      'per_batch_static': ((*MODULE, 'quantize', final, '--mode', 'static', '--activations',
+                            'per_batch'),
+                           ['--activations per_batch applies to mode dynamic or qat only',
+                            'set it to per_row for --mode static']),
       'missing': ((*MODULE, 'prune', tmp / 'absent'), [str(tmp / 'absent')]),
       'quantized_again': ((*MODULE, 'quantize', quantized_path),
                           [str(quantized_path), 'already quantized']),
@@ -141,7 +145,8 @@ def test_prune_refuses_an_existing_version(second):
   assert snapshot(pruned.parent) == before
 
 
-@pytest.mark.parametrize('name', ['sparsity', 'distill', 'missing', 'quantized_again'])
+@pytest.mark.parametrize('name', ['sparsity', 'distill', 'missing', 'quantized_again',
+                                  'per_batch_static'])
 def test_bad_input(first, name):
   result, words, models_dir = first[name]
   assert_one_line_error(result, words)

@@ -71,7 +71,8 @@ def spec_of(equation: str | None, path: str) -> EinsumSpec:
 
 
 def forward(spec: EinsumSpec, mode: str, kernel: Any, bias: Any, inputs: jax.Array,
-            activation_scale: jax.Array | None = None) -> jax.Array:
+            activation_scale: jax.Array | None = None,
+            activations: str = 'per_row') -> jax.Array:
   """The layer's output, with `kernel` (a QArray, or a float one for 'qat') used as `mode`
   says; as `layers.forward`."""
   moved = _move(inputs, spec.inputs, spec.batch + spec.contracted)
@@ -79,7 +80,8 @@ def forward(spec: EinsumSpec, mode: str, kernel: Any, bias: Any, inputs: jax.Arr
   rows = moved.reshape(math.prod(batch_shape), -1)
   matrix_kernel = _move_kernel(kernel, spec.kernel, spec.contracted + spec.features)
   feature_shape = tuple(matrix_kernel.shape[len(spec.contracted):])
-  outputs = layers.matmul(mode, rows, matrix_kernel, len(spec.features), activation_scale)
+  outputs = layers.matmul(mode, rows, matrix_kernel, len(spec.features), activation_scale,
+                          activations)
   outputs = _move(outputs.reshape(*batch_shape, *feature_shape), spec.batch + spec.features,
                   tuple(spec.output))
   if bias is None:

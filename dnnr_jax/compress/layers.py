@@ -100,7 +100,8 @@ def expected_kernel_shape(spec: LayerSpec, module: Any, inputs: jax.Array) -> tu
 
 
 def forward(spec: LayerSpec, mode: str, kernel: Any, bias: Any, inputs: jax.Array,
-            activation_scale: jax.Array | None = None) -> jax.Array:
+            activation_scale: jax.Array | None = None,
+            activations: str = 'per_row') -> jax.Array:
   """The layer's output with `kernel` used as `mode` says.
 
   Args:
@@ -111,8 +112,13 @@ def forward(spec: LayerSpec, mode: str, kernel: Any, bias: Any, inputs: jax.Arra
     bias: None or the float bias, [*features].
     inputs: dense: [..., *in]; conv: [*batch, *spatial, in] channels last.
     activation_scale: the calibrated scalar scale, for 'static'.
+    activations: 'per_row' or 'per_batch', for 'dynamic' (see `compress.rules`).
   """
   if spec.kind == 'conv' and mode in ('dynamic', 'static'):
+    if activations != 'per_row':
+      raise QuantizationError(
+          f"activations {activations!r} apply to Dense layers only; give the convolutions a "
+          "rule with activations='per_row'.")
     outputs = _integer_conv(spec, mode, kernel, inputs, activation_scale)
     if bias is None:
       return outputs
@@ -124,7 +130,7 @@ def forward(spec: LayerSpec, mode: str, kernel: Any, bias: Any, inputs: jax.Arra
   ndim = len(kernel.shape)
   out_ndim = 1 if spec.kind == 'conv' else ndim - len(spec.contracted)
   features = tuple(kernel.shape[ndim - out_ndim:])
-  outputs = matmul(mode, rows, kernel, out_ndim, activation_scale)
+  outputs = matmul(mode, rows, kernel, out_ndim, activation_scale, activations)
   outputs = outputs.reshape(*out_shape, *features)
   if bias is not None:
     outputs = outputs + jnp.reshape(bias, (1,) * (outputs.ndim - bias.ndim) + bias.shape)
@@ -132,7 +138,7 @@ def forward(spec: LayerSpec, mode: str, kernel: Any, bias: Any, inputs: jax.Arra
 
 
 def matmul(mode: str, rows: jax.Array, kernel: Any, out_ndim: int,
-           activation_scale) -> jax.Array:
+           activation_scale, activations: str = 'per_row') -> jax.Array:
   """rows [N, F] times the kernel [*in, *out] read as [F, prod(out)], as `mode` says."""
   rows = rows.astype(jnp.float32)
   if mode == 'qat':
@@ -142,6 +148,8 @@ def matmul(mode: str, rows: jax.Array, kernel: Any, out_ndim: int,
     return quantize.weight_only_matmul(rows, matrix)
   if mode == 'static':
     return quantize.static_int8_matmul(rows, activation_scale, matrix)
+  if activations == 'per_batch':
+    return quantize.batch_int8_matmul(rows, matrix)
   return quantize.int8_matmul(rows, matrix)
 
 

@@ -164,7 +164,7 @@ def intercept(rules: Sequence[Rule], activation_scales=None, record: dict | None
                                 'pass activation_scales from calibrate_linen.')
       scale = activation_scales[path]
     forward = einsum.forward if kind == 'Einsum' else layers.forward
-    return forward(spec, rule.mode, kernel, bias, inputs, scale)
+    return forward(spec, rule.mode, kernel, bias, inputs, scale, rule.activations)
 
   with nn.intercept_methods(interceptor):
     yield

@@ -52,7 +52,8 @@ class QuantizedLayer(nnx.Module):
       kernel = rules_lib.fake_quantize_kernel(kernel, self.rule)
     scale = None if self.activation_scale is None else self.activation_scale.value
     bias = None if self.bias is None else self.bias.value
-    return layers.forward(self.spec, self.rule.mode, kernel, bias, inputs, scale)
+    return layers.forward(self.spec, self.rule.mode, kernel, bias, inputs, scale,
+                          self.rule.activations)
 
 
 class _InputRecorder(nnx.Module):

@@ -259,6 +259,43 @@ def int8_matmul(x: jax.Array, q: QArray) -> jax.Array:
   return _integer_matmul(x_int8, q).astype(jnp.float32) * row_scale * q.scale
 
 
+def quantize_batch(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-batch activation quantization, ONNX's `DynamicQuantizeLinear` exactly.
+
+  One asymmetric uint8 scale for the whole of `x` (every row of a batch), as
+  `onnxruntime.quantization.quantize_dynamic` quantizes activations:
+  scale = (max(0, max x) - min(0, min x)) / 255 (1 where that range is 0, as
+  onnxruntime does), zero point = round(-min(0, min x) / scale) in [0, 255],
+  codes = clip(round(x / scale) + zero point, 0, 255), rounding half to even.
+  A prediction then depends on the rest of its batch.
+
+  Returns:
+    (uint8 codes, the float32 scale, the uint8 zero point), the scalars 0-D.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  low = jnp.minimum(jnp.min(x), 0.0)
+  high = jnp.maximum(jnp.max(x), 0.0)
+  # A true division, as onnxruntime's: XLA turns a division by a constant into
+  # a product by its reciprocal, which rounds differently; the barrier hides it.
+  steps = jax.lax.optimization_barrier(np.float32(255))
+  scale = jnp.where(high > low, (high - low) / steps, np.float32(1))
+  zero_point = jnp.clip(jnp.round(-low / scale), 0, 255)
+  codes = jnp.clip(jnp.round(x / scale) + zero_point, 0, 255)
+  return codes.astype(jnp.uint8), scale, zero_point.astype(jnp.uint8)
+
+
+def batch_int8_matmul(x: jax.Array, q: QArray) -> jax.Array:
+  """Like `int8_matmul`, with x [B, F] quantized per batch (`quantize_batch`).
+
+  The product (codes - zero point) @ kernel is exact in int32 for F up to
+  66,000 (255 * 127 * F < 2**31); then one float product by
+  (scale * column scales), as `quantize_dynamic`'s graph computes it.
+  """
+  codes, scale, zero_point = quantize_batch(x)
+  centred = codes.astype(jnp.int32) - zero_point.astype(jnp.int32)
+  return _integer_matmul(centred, q).astype(jnp.float32) * (scale * q.scale)
+
+
 def weight_only_matmul(x: jax.Array, q: QArray) -> jax.Array:
   """float32 x [B, F] times the dequantized [F, out] weights."""
   return jnp.asarray(x, jnp.float32) @ dequantize(q)

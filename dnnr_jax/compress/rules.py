@@ -8,7 +8,10 @@ pattern matches a layer decides for it; unmatched layers run untouched.
 Modes:
   weight_only: int kernels, dequantized and multiplied in float.
   dynamic: int8 kernels times int8 activations quantized per row at run time,
-    accumulated in int32 (`preferred_element_type=jnp.int32`).
+    accumulated in int32 (`preferred_element_type=jnp.int32`); with
+    `activations='per_batch'`, uint8 activations with one scale and zero point
+    per batch (ONNX's `DynamicQuantizeLinear`, as onnxruntime's
+    `quantize_dynamic` does it), so a prediction depends on its batch.
   static: like dynamic, with one activation scale per layer from calibration.
   qat: float kernels fake-quantized in the forward pass, identity gradient
     (straight-through), for training; `dynamic` rules then deploy the result.
@@ -21,6 +24,7 @@ import re
 from typing import Sequence
 
 from dnnr_jax.compress import qat, quantize
+from dnnr_jax.config import QUANTIZE_ACTIVATIONS as ACTIVATIONS
 from dnnr_jax.errors import QuantizationError
 
 MODES = ('weight_only', 'dynamic', 'static', 'qat')
@@ -35,11 +39,15 @@ class Rule:
     mode: one of MODES.
     bits: 8 or 4 (4-bit codes multiply on the int8 kernels too).
     per_channel: one scale per output channel, else one per kernel.
+    activations: how 'dynamic' (and 'qat', deployed as 'dynamic') quantizes a
+      Dense layer's inputs: 'per_row', one scale per example, or
+      'per_batch', one per batch (`quantize.quantize_batch`).
   """
   pattern: str = '.*'
   mode: str = 'dynamic'
   bits: int = 8
   per_channel: bool = True
+  activations: str = 'per_row'
 
   @property
   def axis(self) -> int | None:
@@ -63,6 +71,12 @@ def check_rules(rules: Sequence[Rule]) -> tuple[Rule, ...]:
       raise QuantizationError(f'rule pattern {rule.pattern!r} is not a regular expression '
                               f'({error}); fix it.') from None
     quantize.code_range(rule.bits, True)
+    if rule.activations not in ACTIVATIONS:
+      raise QuantizationError(f'rule {rule.pattern!r} has activations {rule.activations!r}; '
+                              f'pass one of {", ".join(ACTIVATIONS)}.')
+    if rule.activations == 'per_batch' and rule.mode not in ('dynamic', 'qat'):
+      raise QuantizationError(f"rule {rule.pattern!r} has activations 'per_batch', which only "
+                              f"modes dynamic and qat use; drop it for mode {rule.mode!r}.")
   return tuple(rules)
 
 

@@ -452,7 +452,8 @@ def _quantization_rules(path: pathlib.Path, metadata: dict[str, Any], variables)
         (leaf.bits for leaf in jax.tree.leaves(
             variables['params'], is_leaf=lambda leaf: isinstance(leaf, QArray))
          if isinstance(leaf, QArray)), 8)
-    rules = quantization_rules(str(quantization['mode']), int(bits), bool(per_channel))
+    rules = quantization_rules(str(quantization['mode']), int(bits), bool(per_channel),
+                               str(quantization.get('activations', 'per_row')))
     # Only the layers stored quantized run quantized (float layers stay float).
     quantized = sorted(name for name, layer in variables['params'].items()
                        if isinstance(layer, dict) and isinstance(layer.get('kernel'), QArray))

@@ -32,6 +32,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 
 from dnnr_jax.io.onnx_affine import ChannelAffinePass
+from dnnr_jax.io.onnx_batch_quant import BatchQuantizeLinearPass, CentredMatMulPass
 from dnnr_jax.io.onnx_conv import IntegerConvPass
 from dnnr_jax.io.onnx_integer import (
     IntegerMatMulPass,
@@ -209,6 +210,8 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
   ir_model = ir.from_proto(model)
   ir.passes.Sequential(
       IntegerMatMulPass(),
+      CentredMatMulPass(),
+      BatchQuantizeLinearPass(),
       IntegerConvPass(),
       RowQuantizeLinearPass(),
       ScaleFloorPass(),

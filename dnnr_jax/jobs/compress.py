@@ -188,7 +188,8 @@ def quantize_checkpoint(
   config = _finetune_config(source, settings.finetune_epochs, settings.learning_rate, seed)
   dataset = load_dataset(source.config.data, data_dir)  # After every cheap check.
   # One rule for every Dense layer; QAT's deploys as 'dynamic'.
-  rules = quantization_rules(settings.mode, settings.bits, settings.per_channel)
+  rules = quantization_rules(settings.mode, settings.bits, settings.per_channel,
+                             settings.activations)
   params = source.variables['params']
   recorded: dict[str, Any] = {
       'mode': settings.mode, 'bits': settings.bits, 'per_channel': settings.per_channel}
@@ -209,7 +210,16 @@ def quantize_checkpoint(
   recorded['bias_precision'] = 'float16'
   return _finish(QuantizeResult, source, out_path, version, config, variables, dataset,
                  recorded, overwrite=overwrite, extra_metadata=extra_metadata,
-                 max_drop=max_drop, quantization={'mode': settings.mode, 'bits': settings.bits})
+                 max_drop=max_drop, quantization=_quantization_metadata(settings))
+
+
+def _quantization_metadata(settings: QuantizeConfig) -> dict[str, Any]:
+  """The metadata's 'quantization': mode and bits, and the activations when not per row
+  (so checkpoints that predate the setting read back alike)."""
+  recorded = {'mode': settings.mode, 'bits': settings.bits}
+  if settings.activations != 'per_row':
+    recorded['activations'] = settings.activations
+  return recorded
 
 
 def _quantization_aware_training(config, dataset, params, settings, on_epoch):
@@ -314,7 +324,8 @@ def _finetune_config(source, epochs: int, learning_rate: float | None = None,
 def _finish(result_type, source, out_path, version, config, variables, dataset, recorded, *,
             overwrite, max_drop, extra_metadata=None, quantization=None, **fields):
   """Evaluates, saves and measures the new checkpoint; its `result_type`."""
-  rules = (quantization_rules(quantization['mode'], quantization['bits'], recorded['per_channel'])
+  rules = (quantization_rules(quantization['mode'], quantization['bits'], recorded['per_channel'],
+                              quantization.get('activations', 'per_row'))
            if quantization else ())
   model = model_from_config(config, quantization=rules)
   batch_size = config.training.eval_batch_size
