@@ -220,9 +220,10 @@ def storage_options(items: ocp.args.Composite
   """How Orbax stores `checkpoint_items`: plain zarr where the layers are entropy-coded.
 
   A compressed model's variables are saved without OCDBT and without zarr's
-  zstd (the frames are Brotli already): its manifests and B-tree cost 2.7 kB
-  of a 20 kB model, a `.zarray` and a data file per array 1.2 kB. Plain
-  Orbax restores either. A dense model keeps OCDBT and zstd, and
+  zstd (the frames are Brotli already): beside the arrays, OCDBT's manifests,
+  B-trees and zarr metadata cost 2.6 kB in the 97 %-sparse 4-bit MNIST
+  model, plain zarr's six `.zarray` files 0.9 kB. Plain Orbax restores
+  either. A dense model keeps OCDBT and zstd, and
   `restore_sharded` reads it into any mesh's shardings.
   """
   arrays = items['variables'].item
