@@ -156,21 +156,25 @@ def test_an_earlier_format_still_loads(tmp_path, trained, format_version, bits):
   tree_allclose(loaded.variables, variables, rtol=0, atol=0)
 
 
-FORMAT5 = pathlib.Path(__file__).parent / 'data' / 'format5'
+DATA = pathlib.Path(__file__).parent / 'data'
 
 
-def test_a_format_5_checkpoint_still_loads_exactly():
-  """tests/data/format5 was written by the format-5 writer (tests/data/make_format5.py)."""
+@pytest.mark.parametrize('format_version', [5, 6])
+def test_a_committed_earlier_format_still_loads_exactly(format_version):
+  """tests/data/format5 and format6 were written by their formats' writers (make_format.py)."""
   from dnnr_jax.compress.quantize import QArray
 
-  path = FORMAT5 / 'checkpoint'
-  # Format 5: each encoding's arrays as named leaves under the layer.
+  path = DATA / f'format{format_version}' / 'checkpoint'
   restored = ocp.StandardCheckpointer().restore(path / 'variables')
-  assert sorted(restored['params']['trunk_0']['kernel']) == ['gaps', 'scale', 'values']
-  assert sorted(restored['params']['shortcut']['kernel']) == ['packed', 'scale']
+  if format_version == 5:  # Each encoding's arrays as named leaves under the layer.
+    assert sorted(restored['params']['trunk_0']['kernel']) == ['gaps', 'scale', 'values']
+    assert sorted(restored['params']['shortcut']['kernel']) == ['packed', 'scale']
+  else:  # Only the layers with an encoded leaf coded, the thresholds plain.
+    assert sorted(restored['params']['trunk_0']) == [storage.CODED]
+    assert sorted(restored['thresholds']) == ['entropy', 'sparsity', 'variance']
   loaded = checkpoint.load_model(path)
-  assert loaded.metadata['format_version'] == 5
-  with np.load(FORMAT5 / 'expected.npz') as expected:
+  assert loaded.metadata['format_version'] == format_version
+  with np.load(DATA / f'format{format_version}' / 'expected.npz') as expected:
     expected = dict(expected)
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(
       loaded.variables, is_leaf=lambda leaf: isinstance(leaf, QArray))[0]:
@@ -187,16 +191,47 @@ def test_a_format_5_checkpoint_still_loads_exactly():
   assert loaded.predict(np.ones((2, 64), np.float32)).shape == (2, 10)
 
 
-def test_a_format_5_checkpoint_saved_again_is_format_6_and_equal(tmp_path):
-  source = checkpoint.load_model(FORMAT5 / 'checkpoint')
+@pytest.mark.parametrize('format_version', [5, 6])
+def test_an_earlier_format_saved_again_is_format_7_equal_and_smaller(tmp_path, format_version):
+  source_path = DATA / f'format{format_version}' / 'checkpoint'
+  source = checkpoint.load_model(source_path)
   kept = {key: value for key, value in source.metadata.items()
           if key not in ('format', 'format_version', 'created', 'library_versions', 'layout',
                          'integrity')}
   path = checkpoint.save_checkpoint(tmp_path / 'again', source.variables, kept)
   again = checkpoint.load_model(path)
-  assert again.metadata['format_version'] == checkpoint.FORMAT_VERSION == 6
+  assert again.metadata['format_version'] == checkpoint.FORMAT_VERSION == 7
   tree_allclose(again.variables, source.variables, rtol=0, atol=0)
-  assert storage.directory_bytes(path) < storage.directory_bytes(FORMAT5 / 'checkpoint')
+  assert storage.directory_bytes(path) < storage.directory_bytes(source_path)
+
+
+def test_a_compressed_checkpoint_is_plain_zarr_with_short_digests(tmp_path, trained):
+  """Format 7: a compressed model without OCDBT, with 16-digit digests; a dense one keeps OCDBT."""
+  from dnnr_jax.compress.quantize import QuantSpec, quantize_params
+
+  variables = _host(trained.result.state.variables)
+  params = quantize_params(variables['params'], QuantSpec(bits=4))
+  path = checkpoint.save_checkpoint(tmp_path / 'model', {**variables, 'params': params},
+                                    checkpoint.read_metadata(trained.path))
+  files = {str(f.relative_to(path)) for f in path.rglob('*') if f.is_file()}
+  assert not any('ocdbt' in name or '/d/' in name for name in files)
+  # One `.zarray` and one data file per coded leaf: 5 layers and the thresholds.
+  assert sorted(name for name in files if name.endswith('.zarray')) == [
+      f'variables/{group}.{storage.CODED}/.zarray'
+      for group in ('params.deep', 'params.head', 'params.shortcut', 'params.trunk_0',
+                    'params.trunk_1', 'thresholds')]
+  assert 'variables/manifest.ocdbt' in {str(f.relative_to(trained.path))
+                                        for f in trained.path.rglob('*') if f.is_file()}
+  record = checkpoint.read_metadata(path)['integrity']
+  assert len(record['metadata']) == 16
+  assert all(len(digest) == 16 for digest in record['arrays'].values())
+  # A flipped byte of a coded leaf is refused by its digest, in one sentence.
+  target = path / 'variables' / f'params.trunk_0.{storage.CODED}' / '0'
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  target.write_bytes(bytes(data))
+  with pytest.raises(CheckpointError, match=f'{storage.CODED}.*no longer matches'):
+    checkpoint.load_model(path)
 
 
 @pytest.mark.parametrize('bits', [None, 8, 4])
@@ -215,15 +250,16 @@ def test_plain_orbax_restore_shows_the_model(tmp_path, trained, bits):
   restored = ocp.StandardCheckpointer().restore(path / 'variables')
 
   assert sorted(restored) == ['params', 'thresholds']
-  assert sorted(restored['thresholds']) == ['entropy', 'sparsity', 'variance']
   assert sorted(restored['params']) == ['deep', 'head', 'shortcut', 'trunk_0', 'trunk_1']
   if bits is None:
+    assert sorted(restored['thresholds']) == ['entropy', 'sparsity', 'variance']
     for layer in restored['params'].values():
       assert sorted(layer) == ['bias', 'kernel']
     np.testing.assert_array_equal(restored['params']['trunk_0']['kernel'],
                                   params['trunk_0']['kernel'])
     return
-  # Each compressed layer: one uint8 leaf of its entropy-coded streams, bias included.
+  # Each layer, and the thresholds: one uint8 leaf of its entropy-coded streams.
+  assert sorted(restored['thresholds']) == [storage.CODED]
   for layer in restored['params'].values():
     assert sorted(layer) == [storage.CODED]
     assert layer[storage.CODED].dtype == np.uint8

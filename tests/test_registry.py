@@ -45,7 +45,8 @@ def checkpoint(models, kind, version, *, parent=None, accuracy=0.9, created=None
   if parent is not None:
     metadata['source'] = {'path': str(parent), 'kind': parent.parent.name, 'version': version}
     metadata['compression'] = {'method': 'global', 'sparsity': 0.8}
-  for name in artifact_state.REQUIRED_FILES[:1] + artifact_state.REQUIRED_FILES[2:]:
+  for name in (*artifact_state.REQUIRED_FILES[:1], *artifact_state.REQUIRED_FILES[2:],
+               'variables/manifest.ocdbt'):
     (path / name).parent.mkdir(parents=True, exist_ok=True)
     (path / name).write_text('{}')
   (path / 'variables' / 'd').mkdir()
@@ -140,6 +141,23 @@ def test_a_moved_or_copied_folder_keeps_its_own_lineage(lineage, tmp_path, reloc
   assert rows['final:1.0.onnx']['parent'] == str(elsewhere / 'final' / 'model_v1.0_final')
   refused = dnnr('models', 'rm', 'pruned:1.0', '--yes', '--models-dir', elsewhere)
   assert_one_line_error(refused, ['quantized:1.0'])
+
+
+def test_a_compressed_checkpoint_in_plain_zarr_is_sound_until_a_chunk_is_missing(tmp_path):
+  """Format 7 stores a compressed model's coded leaves without OCDBT: `.zarray` and `0` each."""
+  path = checkpoint(tmp_path / 'models', 'quantized', '1.0')
+  shutil.rmtree(path / 'variables' / 'd')
+  (path / 'variables' / 'manifest.ocdbt').unlink()
+  for leaf in ('params.trunk_0.entropy_coded', 'thresholds.entropy_coded'):
+    (path / 'variables' / leaf).mkdir()
+    (path / 'variables' / leaf / '.zarray').write_text('{}')
+    (path / 'variables' / leaf / '0').write_bytes(b'\0' * 8)
+  files = {str(file.relative_to(path)) for file in path.rglob('*') if file.is_file()}
+  assert artifact_state.checkpoint_state(path, files)[:2] == ('ok', '')
+  files.discard('variables/thresholds.entropy_coded/0')
+  state, problem, _ = artifact_state.checkpoint_state(path, files)
+  assert state == 'incomplete'
+  assert problem == 'missing variables/thresholds.entropy_coded/0 (the array data)'
 
 
 def test_damaged_and_half_written_versions_are_listed_as_such(lineage):

@@ -148,7 +148,12 @@ def test_each_compressed_layer_is_one_coded_leaf_of_its_streams():
   variables['params'] = quantize_params(variables['params'], QuantSpec(bits=4))
   arrays, layout = storage.encode_variables(variables)
   assert sorted(arrays) == ['params', 'thresholds']
-  assert arrays['thresholds']['entropy'].shape == ()  # dense: plain leaves
+  # Format 7: in a compressed model the thresholds are one coded leaf too (raw frames:
+  # a float16 or float32 scalar does not shrink), each layout row says how to decode it.
+  assert sorted(arrays['thresholds']) == [storage.CODED]
+  assert arrays['thresholds'][storage.CODED].size == sum(
+      np.dtype(spec['arrays']['dense'][1]).itemsize
+      for path, spec in layout.items() if path.startswith('thresholds/'))
   for layer in ('trunk_0', 'trunk_1', 'deep', 'shortcut', 'head'):
     assert sorted(arrays['params'][layer]) == [storage.CODED]
     assert arrays['params'][layer][storage.CODED].dtype == np.uint8

@@ -19,8 +19,7 @@ from dnnr_jax.io import integrity, onnx_props
 FORMAT = 'dnnr_jax'
 STATES = ('ok', 'damaged', 'incomplete')
 # Files every complete checkpoint has (Orbax writes them last, on commit).
-REQUIRED_FILES = ('_CHECKPOINT_METADATA', 'metadata/metadata', 'variables/_METADATA',
-                  'variables/manifest.ocdbt')
+REQUIRED_FILES = ('_CHECKPOINT_METADATA', 'metadata/metadata', 'variables/_METADATA')
 # Metadata entries that are mappings when present (whose own values are mappings too).
 MAPPINGS = {'config': ('data', 'model', 'thresholds', 'routing', 'training'),
             'metrics': None, 'dataset': (), 'source': (), 'compression': (), 'routes': (),
@@ -37,9 +36,7 @@ def checkpoint_state(path: pathlib.Path, files: set[str]) -> tuple[str, str, dic
   """
   if path.name.startswith('.') and path.name.endswith(UNFINISHED_SUFFIXES):
     return 'incomplete', 'an unfinished or interrupted save left it under a hidden name', {}
-  missing = [name for name in REQUIRED_FILES if name not in files]
-  if not any(name.startswith('variables/') and '/d/' in f'/{name}' for name in files):
-    missing.append('variables/d/ (the array data)')
+  missing = [name for name in REQUIRED_FILES if name not in files] + _missing_arrays(files)
   if missing:
     return 'incomplete', f"missing {', '.join(missing)}", {}
   try:
@@ -61,6 +58,19 @@ def checkpoint_state(path: pathlib.Path, files: set[str]) -> tuple[str, str, dic
     return 'damaged', 'its metadata no longer matches the digest recorded when it was saved', (
         metadata)
   return 'ok', '', metadata
+
+
+def _missing_arrays(files: set[str]) -> list[str]:
+  """The array files `files` lacks: OCDBT's, or plain zarr's (a compressed model, format 7)."""
+  zarr = {name.rsplit('/', 1)[0] for name in files
+          if name.startswith('variables/') and name.endswith('/.zarray')}
+  if zarr and 'variables/manifest.ocdbt' not in files:
+    chunks = {name.rsplit('/', 1)[0] for name in files if not name.endswith('/.zarray')}
+    return [f'{folder}/0 (the array data)' for folder in sorted(zarr - chunks)]
+  missing = [] if 'variables/manifest.ocdbt' in files else ['variables/manifest.ocdbt']
+  if not any(name.startswith('variables/') and '/d/' in f'/{name}' for name in files):
+    missing.append('variables/d/ (the array data)')
+  return missing
 
 
 def export_state(path: pathlib.Path) -> tuple[str, str, dict[str, str]]:

@@ -12,11 +12,13 @@ instead of 4·n; for int8 weights (1 + 1)·(1 − s)·n.
 pytree (QArrays included), keeping the model's tree, and `decode_variables`
 restores it exactly. A float32 array whose every value float16 holds exactly
 (quantization scales and the biases of quantized models are rounded so) is
-stored as float16. A layer with an encoded leaf is stored as one uint8 leaf,
-`params/trunk_0/entropy_coded`, of its arrays' entropy-coded frames
-(`dnnr_jax.io.entropy`, checkpoint format 6); format 5 kept each encoding's
-arrays as named leaves (`params/trunk_0/kernel/{gaps, values}`), which
-`decode_variables` still reads. Checkpoint formats 2 to 4 packed all arrays
+stored as float16. In a model with an encoded leaf, each layer (and the
+thresholds) is stored as one uint8 leaf, `params/trunk_0/entropy_coded`, of
+its arrays' entropy-coded frames (`dnnr_jax.io.entropy`; checkpoint format 6
+coded only the layers with an encoded leaf, format 7 every group); format 5
+kept each encoding's arrays as named leaves
+(`params/trunk_0/kernel/{gaps, values}`), which `decode_variables` still
+reads. Checkpoint formats 2 to 4 packed all arrays
 into one blob per dtype; `decode_blobs` reads them.
 """
 
@@ -117,12 +119,12 @@ def encode_variables(
   This is the one step between a model and what Orbax writes: the result
   keeps the variables' tree ('params/trunk_0/kernel', ...). A leaf stored
   dense stays a leaf (a `jax.Array` stays one, with its sharding, so every
-  process writes its own shards). A layer with an encoded leaf (a sparse
-  kernel `{'gaps', 'values'}`, a QArray `{'codes' | 'packed' | 'gaps',
-  'values', 'scale'[, 'zero_point']}`) becomes one uint8 leaf named
-  `CODED` under the layer (`params/trunk_0/entropy_coded`): the frames of
-  every array of its leaves, bias included, each entropy-coded on its own
-  (`dnnr_jax.io.entropy`).
+  process writes its own shards). Where a leaf is encoded (a sparse kernel
+  `{'gaps', 'values'}`, a QArray `{'codes' | 'packed' | 'gaps', 'values',
+  'scale'[, 'zero_point']}`), every layer, and the thresholds, becomes one
+  uint8 leaf named `CODED` under it (`params/trunk_0/entropy_coded`): the
+  frames of every array of its leaves, bias included, each entropy-coded on
+  its own (`dnnr_jax.io.entropy`).
 
   Args:
     variables: params and thresholds (QArrays allowed).
@@ -200,20 +202,23 @@ def encode_leaves(variables: Any, compact: bool = True
 def _coded_layers(entries: dict[str, dict], layout: dict[str, dict]) -> dict[str, list[str]]:
   """The layers to entropy-code, each with its leaves' paths in layout order.
 
-  A layer is coded when one of its leaves is encoded (sparse, int4 or a
-  QArray): each array costs ~470 bytes of Orbax metadata, ~100 of digest. A
-  dense layer keeps plain leaves, so a dense model restores into shardings
-  and the thresholds stay readable by name.
+  Where a layer has an encoded leaf (sparse, int4 or a QArray), every group
+  of leaves is coded, the thresholds and float layers too (format 7): each
+  array costs ~400 bytes of Orbax metadata and ~50 of digest. A model with
+  no encoded leaf (a final or periodic checkpoint) keeps plain leaves, so it
+  restores into shardings.
   """
   layers: dict[str, list[str]] = {}
   for path in layout:
     if '/' in path:
       layers.setdefault(path.rsplit('/', 1)[0], []).append(path)
   taken = {name for path in layout for name in _prefixes(path)}
-  return {parent: paths for parent, paths in layers.items()
-          if any(not _is_dense(layout[path]) for path in paths)
-          and all(_on_this_host(array) for path in paths for array in entries[path].values())
-          and f'{parent}/{CODED}' not in taken}
+  codable = {parent: paths for parent, paths in layers.items()
+             if all(_on_this_host(array) for path in paths for array in entries[path].values())
+             and f'{parent}/{CODED}' not in taken}
+  if not any(not _is_dense(layout[path]) for paths in codable.values() for path in paths):
+    return {}
+  return codable
 
 
 def _prefixes(path: str) -> list[str]:

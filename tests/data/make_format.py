@@ -1,12 +1,13 @@
-"""Writes tests/data/format5: a real format-5 checkpoint, and the variables it must load as.
+"""Writes tests/data/formatN: a real format-N checkpoint, and the variables it must load as.
 
-Run once with the format-5 writer (commit cf6867e); the test that reads it
-(tests/test_checkpoint.py) needs only the written files. Every encoding of
-format 5 occurs: a float sparse kernel, int4 codes sparse and packed, int8
-codes dense and asymmetric with a zero point, float16-narrowed and float32
-biases, and an all-zero kernel.
+N is the format of the `dnnr_jax` it runs with. Run once per format with its
+writer: format 5 with commit cf6867e, format 6 with commit b265141; the test
+that reads them (tests/test_checkpoint.py) needs only the written files.
+Every encoding occurs: a float sparse kernel, int4 codes sparse and packed,
+int8 codes dense and asymmetric with a zero point, float16-narrowed and
+float32 biases, and an all-zero kernel.
 
-  PYTHONPATH=. python tests/data/make_format5.py
+  PYTHONPATH=/path/to/that/checkout python tests/data/make_format.py
 """
 
 import pathlib
@@ -19,7 +20,7 @@ from dnnr_jax.compress import quantize
 from dnnr_jax.compress.paths import path_name
 from dnnr_jax.compress.prune import apply_masks, magnitude_masks
 from dnnr_jax.config import load_config
-from dnnr_jax.io.checkpoint import save_checkpoint
+from dnnr_jax.io.checkpoint import FORMAT_VERSION, save_checkpoint
 from dnnr_jax.model import init_variables, model_from_config
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -44,7 +45,7 @@ def variables() -> dict:
 
 def main() -> None:
   config, tree = variables()
-  target = HERE / 'format5'
+  target = HERE / f'format{FORMAT_VERSION}'
   shutil.rmtree(target, ignore_errors=True)
   save_checkpoint(target / 'checkpoint', tree, {
       'kind': 'quantized', 'version': '1.0', 'config': config.to_dict(), 'num_features': 64,
