@@ -22,7 +22,7 @@ float `Gemm`s in every form, so the ratios are those of the convolutions:
 Further ONNX files with an input [B, 28, 28, 1] (e.g. `compress_cnn.py`'s
 cnn_float.onnx and cnn_int8.onnx) are timed in the same rounds. Every built
 file passes `onnx.checker.check_model(full_check=True)`; `qlinear_exact`
-says whether onnxruntime's first QLinearConv equals the NumPy reference
+says whether onnxruntime's two QLinearConvs equal the NumPy reference
 `clip(round_half_even(float32(acc + bias) * float32(x_scale * w_scale /
 y_scale)), 0, 255)` on every output of the batch.
 
@@ -165,28 +165,40 @@ def build(nodes, w):
   return model
 
 
-def qlinear_exact(w, images):
-  """Whether onnxruntime's QLinearConv equals the NumPy requantization reference."""
+def qlinear_codes(w, images):
+  """onnxruntime's uint8 outputs of both QLinearConvs [B, O, H, W] (one input channel,
+  then 32), from QuantizeLinear(images)."""
   nodes = [node('Transpose', ['input'], 'nchw', perm=[0, 3, 1, 2]),
            node('QuantizeLinear', ['nchw', 'sx', 'zu'], 'x0'),
-           node('QLinearConv', ['x0', 'sx', 'zu', 'q1', 's1', 'zw1', 'sy1', 'zu', 'bq1'], 'out',
+           node('QLinearConv', ['x0', 'sx', 'zu', 'q1', 's1', 'zw1', 'sy1', 'zu', 'bq1'], 'u1',
+                **CONV),
+           node('QLinearConv', ['u1', 'sy1', 'zu', 'q2', 's2', 'zw2', 'sy2', 'zu', 'bq2'], 'u2',
                 **CONV)]
   graph = helper.make_graph(
       nodes, 'conv', [helper.make_tensor_value_info('input', TensorProto.FLOAT, ['B', 28, 28, 1])],
-      [helper.make_tensor_value_info('out', TensorProto.UINT8, ['B', 32, 14, 14])],
-      [numpy_helper.from_array(np.asarray(w[k]), k) for k in ('sx', 'zu', 'q1', 's1', 'zw1',
-                                                               'sy1', 'bq1')])
+      [helper.make_tensor_value_info('u1', TensorProto.UINT8, ['B', 32, 14, 14]),
+       helper.make_tensor_value_info('u2', TensorProto.UINT8, ['B', 64, 7, 7])],
+      [numpy_helper.from_array(np.asarray(w[k]), k)
+       for k in ('sx', 'zu', 'q1', 's1', 'zw1', 'sy1', 'bq1', 'q2', 's2', 'zw2', 'sy2', 'bq2')])
   model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 21)])
   model.ir_version = 10
   onnx.checker.check_model(model, full_check=True)
   session = onnxruntime.InferenceSession(model.SerializeToString(),
                                          providers=['CPUExecutionProvider'])
-  got = session.run(None, {'input': images})[0]
+  return session.run(None, {'input': images})
+
+
+def qlinear_exact(w, images):
+  """Whether `qlinear_codes` equal the NumPy requantization reference, every code."""
+  got = qlinear_codes(w, images)
   codes = np.clip(np.round(images / w['sx']), 0, 255).astype(np.int64)
-  acc = conv(codes, w['q1'].astype(np.int64)) + w['bq1']
-  multiplier = (w['sx'] * w['s1']) / w['sy1']  # float32 throughout, as onnxruntime
-  want = np.clip(np.round(acc.astype(np.float32) * multiplier), 0, 255).astype(np.uint8)
-  return bool(np.array_equal(got, want.transpose(0, 3, 1, 2)))
+  exact = True
+  for i, (x_scale, y_scale) in enumerate(((w['sx'], w['sy1']), (w['sy1'], w['sy2'])), start=1):
+    acc = conv(codes, w[f'q{i}'].astype(np.int64)) + w[f'bq{i}']
+    multiplier = (x_scale * w[f's{i}']) / y_scale  # float32 throughout, as onnxruntime
+    codes = np.clip(np.round(acc.astype(np.float32) * multiplier), 0, 255).astype(np.int64)
+    exact = exact and np.array_equal(got[i - 1], codes.transpose(0, 3, 1, 2))
+  return bool(exact)
 
 
 def main():
