@@ -2,7 +2,9 @@
 
 Train a Linen CNN (two convolutions and a dense head) briefly; fine-tune it
 while pruning to 90 % with `compress.pruning` over the user's optax
-optimizer; quantize every layer to dynamic int8 with `compress.quantize_linen`;
+optimizer; quantize it with `compress.quantize_linen`: the convolutions static
+int8 (input and output ranges calibrated on training images, exported as
+`QLinearConv`), the dense layers dynamic int8;
 save it compact; export it (and its float version) to ONNX. Then the same
 weights through an NNX model with `compress.quantize_nnx`, exported too; the
 three ONNX files are served side by side in onnxruntime, and the report gives
@@ -109,9 +111,13 @@ def main():
       compress.cubic_sparsity_schedule(0.0, 0.9, 0, int(steps * 0.7))), update_every=50)
   pruned, opt_state = train(model, dense, tx, train_x, train_y, args.epochs, 1)
   pruned = compress.apply_masks(pruned, compress.final_masks(opt_state))
-  rules = [compress.Rule('.*', mode='dynamic')]
+  # Static convolutions (onnxruntime's QLinearConv), calibrated on training images; the
+  # dense layers dynamic int8.
+  rules = [compress.Rule('Conv_.*', mode='static'), compress.Rule('.*', mode='dynamic')]
+  calibration = [train_x[i:i + 1000] for i in range(0, 5000, 1000)]
   quantized = compress.quantize_linen(model, pruned, rules, test_x[:1])
-  apply_int8 = compress.quantized_apply(model, rules)
+  scales = compress.calibrate_linen(model, pruned, rules, calibration)
+  apply_int8 = compress.quantized_apply(model, rules, scales)
 
   def float_fn(p, x):
     return model.apply({'params': p}, x)
@@ -139,7 +145,9 @@ def main():
   nnx_model = NnxCNN(nnx.Rngs(0))
   graphdef, state = nnx.split(nnx_model)
   state.replace_by_pure_dict(pruned)  # Same layer names: the trained weights, through NNX.
-  nnx_int8 = compress.quantize_nnx(nnx.merge(graphdef, state), rules)
+  nnx_float = nnx.merge(graphdef, state)
+  nnx_int8 = compress.quantize_nnx(nnx_float, rules,
+                                   compress.calibrate_nnx(nnx_float, rules, calibration))
   nnx_graph, nnx_state = nnx.split(nnx_int8)
 
   def nnx_fn(nnx_params, x):

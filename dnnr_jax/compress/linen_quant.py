@@ -28,10 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dnnr_jax.compress import einsum, layers, quantize
+from dnnr_jax.compress import einsum, layers, quantize, static_conv
 from dnnr_jax.compress import rules as rules_lib
 from dnnr_jax.compress.rules import Rule
 from dnnr_jax.errors import QuantizationError
+
+_OUTPUT = ':output'  # calibration's name of a static Conv's output, after its module path
 
 
 def linen_layers(model: nn.Module, params: Any, *args, collections: Mapping | None = None,
@@ -152,7 +154,10 @@ def intercept(rules: Sequence[Rule], activation_scales=None, record: dict | None
     spec = _spec(module, path, args, kwargs)
     if record is not None:
       record[path] = inputs
-      return next_fun(*args, **kwargs)
+      outputs = next_fun(*args, **kwargs)
+      if rule.mode == 'static' and kind == 'Conv':
+        record[path + _OUTPUT] = outputs
+      return outputs
     _check_kernel(spec, module, inputs, kernel, rule, path)
     bias = module.get_variable('params', 'bias') if module.use_bias else None
     scale = None
@@ -172,7 +177,9 @@ def intercept(rules: Sequence[Rule], activation_scales=None, record: dict | None
 
 def calibrate_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
                     batches: Iterable[Any], **calibration) -> dict[str, jax.Array]:
-  """{module path: static int8 activation scale} of each rule-matched layer's input.
+  """{module path: static int8 activation scale} of each rule-matched layer's input;
+  for a Conv under a 'static' rule its `static_conv.StaticConv` instead (its input
+  and output ranges calibrated, its constants computed from `params`).
 
   Runs the float model (`params` may already hold QArrays: they are
   dequantized) on `batches` and reuses `quantize.calibrate` (its `method`
@@ -180,7 +187,20 @@ def calibrate_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
   `apply_method` are as `quantize_linen`'s `collections` and `method`.
   """
   ranges = calibrate_ranges_linen(model, params, rules, batches, **calibration)
-  return {path: value.scale() for path, value in ranges.items()}
+  scales = {}
+  for path, value in ranges.items():
+    if path.endswith(_OUTPUT):
+      continue
+    if path + _OUTPUT not in ranges:
+      scales[path] = value.scale()
+      continue
+    layer = _subtree(params, path)
+    kernel = layer['kernel']
+    if not _is_qarray(kernel):
+      kernel = rules_lib.quantize_kernel(kernel, rules_lib.rule_for(rules, path))
+    scales[path] = static_conv.constants(kernel, layer.get('bias'), value,
+                                         ranges[path + _OUTPUT])
+  return scales
 
 
 def calibrate_ranges_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
