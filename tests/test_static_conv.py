@@ -53,6 +53,9 @@ def test_static_conv_equals_numpy_integers(linen):
   _, params, quantized, scales, _, inputs = linen
   conv = scales['Conv_0']
   assert isinstance(conv, static_conv.StaticConv) and 0 < float(conv.input_zero) < 255
+  second = scales['Conv_1']  # its input is ReLU(Conv_0): Conv_0's output grid, shared
+  assert float(second.input_zero) == float(conv.output_zero) > 0
+  assert np.float32(second.input_inverse) == np.float32(1) / np.float32(conv.output_scale)
   kernel = quantized['Conv_0']['kernel']
   spec = compress.layers.LayerSpec('conv', kernel_size=(3, 3), strides=(2, 2),
                                    dilation=(1, 1), padding='SAME')
@@ -82,7 +85,11 @@ def test_export_is_qlinear_conv_and_equals_jax(linen, tmp_path):
   onnx.checker.check_model(graph, full_check=True)
   ops = [node.op_type for node in graph.graph.node]
   assert ops.count('QLinearConv') == 2 and 'Conv' not in ops and 'ConvInteger' not in ops
-  assert ops.count('QuantizeLinear') == 2 and ops.count('DequantizeLinear') == 2
+  # The second convolution reads the first one's codes floored at their zero point (one
+  # Clip: it shares that grid, its input being their ReLU); the first quantizes the input,
+  # the second's output is dequantized (then the model's last ReLU).
+  assert ops.count('QuantizeLinear') == ops.count('DequantizeLinear') == 1
+  assert ops.count('Clip') == ops.count('Relu') == 1
   session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
   ours = jax.jit(lambda x: apply({'params': quantized}, x))(inputs)
   # Exact: the same codes at every layer, the same float32 operations after them.

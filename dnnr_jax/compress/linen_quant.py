@@ -33,8 +33,6 @@ from dnnr_jax.compress import rules as rules_lib
 from dnnr_jax.compress.rules import Rule
 from dnnr_jax.errors import QuantizationError
 
-_OUTPUT = ':output'  # calibration's name of a static Conv's output, after its module path
-
 
 def linen_layers(model: nn.Module, params: Any, *args, collections: Mapping | None = None,
                  method: str | Callable | None = None) -> dict[str, str]:
@@ -156,7 +154,7 @@ def intercept(rules: Sequence[Rule], activation_scales=None, record: dict | None
       record[path] = inputs
       outputs = next_fun(*args, **kwargs)
       if rule.mode == 'static' and kind == 'Conv':
-        record[path + _OUTPUT] = outputs
+        record[path + static_conv.OUTPUT] = outputs
       return outputs
     _check_kernel(spec, module, inputs, kernel, rule, path)
     bias = module.get_variable('params', 'bias') if module.use_bias else None
@@ -186,21 +184,21 @@ def calibrate_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
   and `percentile` pass through `calibration`); `collections` and
   `apply_method` are as `quantize_linen`'s `collections` and `method`.
   """
+  batches = list(batches)
   ranges = calibrate_ranges_linen(model, params, rules, batches, **calibration)
-  scales = {}
-  for path, value in ranges.items():
-    if path.endswith(_OUTPUT):
-      continue
-    if path + _OUTPUT not in ranges:
-      scales[path] = value.scale()
-      continue
-    layer = _subtree(params, path)
-    kernel = layer['kernel']
-    if not _is_qarray(kernel):
-      kernel = rules_lib.quantize_kernel(kernel, rules_lib.rule_for(rules, path))
-    scales[path] = static_conv.constants(kernel, layer.get('bias'), value,
-                                         ranges[path + _OUTPUT])
-  return scales
+  convs = {}
+  for path in ranges:
+    if path + static_conv.OUTPUT in ranges:
+      layer = _subtree(params, path)
+      kernel = layer['kernel']
+      if not _is_qarray(kernel):
+        kernel = rules_lib.quantize_kernel(kernel, rules_lib.rule_for(rules, path))
+      convs[path] = (kernel, layer.get('bias'))
+  record = jax.jit(_recorder(model, params, rules, calibration.get('collections'),
+                             calibration.get('apply_method')))(batches[0]) if convs else {}
+  scales = {path: value.scale() for path, value in ranges.items()
+            if not path.endswith(static_conv.OUTPUT) and path not in convs}
+  return {**scales, **static_conv.calibrated(ranges, record, convs)}
 
 
 def calibrate_ranges_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
@@ -208,6 +206,12 @@ def calibrate_ranges_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
                            apply_method: str | Callable | None = None,
                            **calibration) -> dict[str, quantize.ActivationRange]:
   """`calibrate_linen`'s ranges, {module path: ActivationRange}, before they become scales."""
+  return quantize.calibrate(_recorder(model, params, rules, collections, apply_method),
+                            batches, **calibration)
+
+
+def _recorder(model, params, rules, collections, apply_method) -> Callable:
+  """batch -> {path: input} of the rule-matched layers (and static Convs' outputs)."""
   variables = {**(collections or {}), 'params': quantize.dequantize_params(params)}
 
   def inputs_of(batch):
@@ -216,7 +220,7 @@ def calibrate_ranges_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
       model.apply(variables, batch, method=apply_method)
     return record
 
-  return quantize.calibrate(inputs_of, batches, **calibration)
+  return inputs_of
 
 
 def _spec(module: nn.Module, path: str, args, kwargs) -> Any:

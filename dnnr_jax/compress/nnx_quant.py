@@ -27,7 +27,6 @@ from dnnr_jax.compress import rules as rules_lib
 from dnnr_jax.compress.rules import Rule
 from dnnr_jax.errors import QuantizationError
 
-_OUTPUT = ':output'  # calibration's name of a static Conv's output, after its module path
 _RECORDING: contextvars.ContextVar[dict | None] = contextvars.ContextVar('recording', default=None)
 
 
@@ -71,7 +70,7 @@ class _InputRecorder(nnx.Module):
     if record is not None:
       record[self.path] = inputs
       if self.outputs_too:
-        record[self.path + _OUTPUT] = outputs
+        record[self.path + static_conv.OUTPUT] = outputs
     return outputs
 
 
@@ -132,16 +131,18 @@ def calibrate_nnx(model: nnx.Module, rules: Sequence[Rule], batches: Iterable[An
       _RECORDING.reset(token)
     return record
 
+  batches = list(batches)
   ranges = quantize.calibrate(inputs_of, batches, **calibration)
   scales = {path: value.scale() for path, value in ranges.items()
-            if not path.endswith(_OUTPUT) and path not in static_convs}
+            if not path.endswith(static_conv.OUTPUT) and path not in static_convs}
+  convs = {}
   for name, (node, rule) in static_convs.items():
     kernel = node.kernel.value
     if not isinstance(kernel, quantize.QArray):
       kernel = rules_lib.quantize_kernel(kernel, rule)
-    bias = None if node.bias is None else node.bias.value
-    scales[name] = static_conv.constants(kernel, bias, ranges[name], ranges[name + _OUTPUT])
-  return scales
+    convs[name] = (kernel, None if node.bias is None else node.bias.value)
+  record = inputs_of(batches[0]) if convs else {}
+  return {**scales, **static_conv.calibrated(ranges, record, convs)}
 
 
 def _matched_layers(model: nnx.Module, rules: Sequence[Rule]) -> tuple[nnx.Module, list]:

@@ -20,6 +20,7 @@ NumPy once, when the layer is calibrated, and travels in a `StaticConv`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax
 import jax
@@ -28,6 +29,8 @@ import numpy as np
 
 from dnnr_jax.compress import quantize
 from dnnr_jax.errors import QuantizationError
+
+OUTPUT = ':output'  # calibration's name of a static Conv's output, after its module path
 
 
 @flax.struct.dataclass
@@ -60,13 +63,41 @@ def affine_uint8(value: quantize.ActivationRange) -> tuple[np.float32, np.float3
   return scale, np.float32(np.clip(np.round(-low / scale), 0, 255))
 
 
-def constants(kernel: quantize.QArray, bias, inputs: quantize.ActivationRange,
-              outputs: quantize.ActivationRange) -> StaticConv:
-  """The StaticConv of an int8 `kernel` [*k, in, out] and float `bias` [out] (or None)."""
+def calibrated(ranges: dict[str, quantize.ActivationRange], record: dict[str, jax.Array],
+               layers: dict[str, tuple[quantize.QArray, Any]]) -> dict[str, StaticConv]:
+  """{path: StaticConv} of each static convolution.
+
+  Args:
+    ranges: calibration's ranges: each layer's input at its path, its output at
+      path + OUTPUT.
+    record: the same activations of one calibration batch.
+    layers: {path: (int8 kernel, float bias or None)}.
+
+  A convolution whose input was exactly the ReLU of another one's output
+  (on `record`) takes that output's grid as its input grid: its input codes
+  are then the earlier codes floored at their zero point, with no second
+  rounding (`dnnr_jax.io.onnx_static_conv` exports that as one `Clip`).
+  """
+  outputs = {path: affine_uint8(ranges[path + OUTPUT]) for path in layers}
+  result = {}
+  for path, (kernel, bias) in layers.items():
+    grid = affine_uint8(ranges[path])
+    for other in layers:
+      output, inputs = record[other + OUTPUT], record[path]
+      if (other != path and output.shape == inputs.shape
+          and bool(jnp.array_equal(inputs, jnp.maximum(output, 0)))):
+        grid = outputs[other]
+    result[path] = constants(kernel, bias, grid, outputs[path])
+  return result
+
+
+def constants(kernel: quantize.QArray, bias, input_grid: tuple, output_grid: tuple) -> StaticConv:
+  """The StaticConv of an int8 `kernel` [*k, in, out] and float `bias` [out] (or None),
+  with (scale, zero point) of the input and of the output codes."""
   _check_kernel(kernel)
   features = kernel.shape[-1]
-  input_scale, input_zero = affine_uint8(inputs)
-  output_scale, output_zero = affine_uint8(outputs)
+  input_scale, input_zero = (np.float32(value) for value in input_grid)
+  output_scale, output_zero = (np.float32(value) for value in output_grid)
   kernel_scale = np.broadcast_to(np.asarray(kernel.scale, np.float32).reshape(-1), (features,))
   accumulator_scale = (input_scale * kernel_scale).astype(np.float32)
   bias = np.zeros(features, np.float32) if bias is None else np.asarray(bias, np.float32)
