@@ -99,7 +99,7 @@ def test_export_is_qlinear_conv_and_equals_jax(linen, tmp_path):
   assert 0 < float(np.abs(ours - reference).max()) < 0.05 * float(np.abs(reference).max())
 
 
-def test_nnx_static_conv_equals_linen(linen):
+def test_nnx_static_conv_equals_linen(linen, tmp_path):
   _, params, linen_params, scales, apply, inputs = linen
   model = NnxCNN(nnx.Rngs(0))
   graphdef, state = nnx.split(model)
@@ -115,3 +115,10 @@ def test_nnx_static_conv_equals_linen(linen):
   linen_out = jax.jit(lambda x: apply({'params': linen_params}, x))(inputs)
   np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, x: m(x))(quantized, inputs)),
                                 np.asarray(linen_out))
+  graph, state = nnx.split(quantized)
+  path, _ = dnnr_jax.export_onnx_function(  # its ReLU is lowered as Max(x, 0): the same Clip
+      tmp_path / 'nnx.onnx', lambda s, x: nnx.merge(graph, s)(x), state, inputs[:8])
+  ops = [node.op_type for node in onnx.load(path).graph.node]
+  assert ops.count('QLinearConv') == 2 and ops.count('Clip') == ops.count('QuantizeLinear') == 1
+  session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+  np.testing.assert_array_equal(session.run(None, {'input': inputs})[0], np.asarray(linen_out))

@@ -133,8 +133,8 @@ def forward(spec, kernel: quantize.QArray, conv: StaticConv, inputs: jax.Array) 
 
 
 def _check_kernel(kernel) -> None:
-  if (not isinstance(kernel, quantize.QArray) or not kernel.symmetric or kernel.bits != 8
-      or kernel.axis not in (None, kernel.value.ndim - 1)):
+  if (not isinstance(kernel, quantize.QArray) or not kernel.symmetric
+      or kernel.value.dtype != jnp.int8 or kernel.axis not in (None, kernel.value.ndim - 1)):
     raise QuantizationError(
-        'a static convolution needs a symmetric 8-bit kernel scaled per output channel or per '
-        'tensor; quantize it with a Rule of bits=8.')
+        'a static convolution needs a symmetric int8-coded kernel scaled per output channel or '
+        'per tensor; quantize it with compress.quantize_linen or quantize_nnx.')

@@ -110,9 +110,16 @@ def _input_codes(scaling: ir.Node, input_zero: float, one: ir.Value, x_zero: ir.
 
 
 def _relu_of_codes(value: ir.Value) -> tuple[ir.Value, float, float] | None:
-  """(y, s, z) when `value` is `Relu(DequantizeLinear(y, s, z))` of uint8 y, else None."""
-  relu = _producer(value, 'Relu')
-  dequantized = None if relu is None else _producer(relu.inputs[0], 'DequantizeLinear')
+  """(y, s, z) when `value` is `Relu(DequantizeLinear(y, s, z))` (or Max with 0) of uint8 y,
+  else None."""
+  relu = _producer(value, 'Relu') or _producer(value, 'Max')  # jnp.maximum(x, 0) is Max
+  if relu is not None and relu.op_type == 'Max':
+    zero = [item for item in relu.inputs if _scalar(item) == 0.0]
+    inputs = [item for item in relu.inputs if item not in zero]
+    relu = relu if len(relu.inputs) == 2 and len(zero) == len(inputs) == 1 else None
+  else:
+    inputs = None if relu is None else relu.inputs
+  dequantized = None if relu is None else _producer(inputs[0], 'DequantizeLinear')
   if dequantized is None or dequantized.inputs[0].dtype != ir.DataType.UINT8:
     return None
   scale, zero = _scalar(dequantized.inputs[1]), _scalar(dequantized.inputs[2])
