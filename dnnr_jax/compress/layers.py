@@ -13,7 +13,9 @@ integer kernels (`quantize.int8_matmul` and friends) serves them all:
   convolution with a one-hot kernel: kh·kw·in times the work, in JAX and in
   the exported ONNX graph.
 * Except an integer (dynamic or static) Conv: its input is quantized once,
-  one scale per example (dynamic) or the calibrated one (static), and the
+  one scale per example (dynamic) or the calibrated one (static; calibrated
+  by `calibrate_linen`/`calibrate_nnx` it is `compress.static_conv`'s uint8
+  QLinearConv arithmetic, output requantized too), and the
   int8 codes are convolved with the int8 kernel in int32
   (`lax.conv_general_dilated`). One scale per input window, as a row of the
   patch matrix would get, cannot be written as a convolution; one per example
@@ -35,7 +37,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from dnnr_jax.compress import quantize
+from dnnr_jax.compress import quantize, static_conv
 from dnnr_jax.errors import QuantizationError
 
 LINEN_KINDS = ('Dense', 'DenseGeneral', 'Conv', 'Einsum')  # Einsum: compress.einsum
@@ -111,9 +113,12 @@ def forward(spec: LayerSpec, mode: str, kernel: Any, bias: Any, inputs: jax.Arra
     kernel: a QArray, or a float array for 'qat'.
     bias: None or the float bias, [*features].
     inputs: dense: [..., *in]; conv: [*batch, *spatial, in] channels last.
-    activation_scale: the calibrated scalar scale, for 'static'.
+    activation_scale: for 'static', the calibrated scalar scale, or for a Conv
+      its `static_conv.StaticConv` (then the bias is the one it holds).
     activations: 'per_row' or 'per_batch', for 'dynamic' (see `compress.rules`).
   """
+  if isinstance(activation_scale, static_conv.StaticConv) and spec.kind == 'conv':
+    return static_conv.forward(spec, kernel, activation_scale, inputs)
   if spec.kind == 'conv' and mode in ('dynamic', 'static'):
     if activations != 'per_row':
       raise QuantizationError(

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dnnr_jax.compress import einsum, layers, quantize
+from dnnr_jax.compress import einsum, layers, quantize, static_conv
 from dnnr_jax.compress import rules as rules_lib
 from dnnr_jax.compress.rules import Rule
 from dnnr_jax.errors import QuantizationError
@@ -152,7 +152,10 @@ def intercept(rules: Sequence[Rule], activation_scales=None, record: dict | None
     spec = _spec(module, path, args, kwargs)
     if record is not None:
       record[path] = inputs
-      return next_fun(*args, **kwargs)
+      outputs = next_fun(*args, **kwargs)
+      if rule.mode == 'static' and kind == 'Conv':
+        record[path + static_conv.OUTPUT] = outputs
+      return outputs
     _check_kernel(spec, module, inputs, kernel, rule, path)
     bias = module.get_variable('params', 'bias') if module.use_bias else None
     scale = None
@@ -172,15 +175,30 @@ def intercept(rules: Sequence[Rule], activation_scales=None, record: dict | None
 
 def calibrate_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
                     batches: Iterable[Any], **calibration) -> dict[str, jax.Array]:
-  """{module path: static int8 activation scale} of each rule-matched layer's input.
+  """{module path: static int8 activation scale} of each rule-matched layer's input;
+  for a Conv under a 'static' rule its `static_conv.StaticConv` instead (its input
+  and output ranges calibrated, its constants computed from `params`).
 
   Runs the float model (`params` may already hold QArrays: they are
   dequantized) on `batches` and reuses `quantize.calibrate` (its `method`
   and `percentile` pass through `calibration`); `collections` and
   `apply_method` are as `quantize_linen`'s `collections` and `method`.
   """
+  batches = list(batches)
   ranges = calibrate_ranges_linen(model, params, rules, batches, **calibration)
-  return {path: value.scale() for path, value in ranges.items()}
+  convs = {}
+  for path in ranges:
+    if path + static_conv.OUTPUT in ranges:
+      layer = _subtree(params, path)
+      kernel = layer['kernel']
+      if not _is_qarray(kernel):
+        kernel = rules_lib.quantize_kernel(kernel, rules_lib.rule_for(rules, path))
+      convs[path] = (kernel, layer.get('bias'))
+  record = jax.jit(_recorder(model, params, rules, calibration.get('collections'),
+                             calibration.get('apply_method')))(batches[0]) if convs else {}
+  scales = {path: value.scale() for path, value in ranges.items()
+            if not path.endswith(static_conv.OUTPUT) and path not in convs}
+  return {**scales, **static_conv.calibrated(ranges, record, convs)}
 
 
 def calibrate_ranges_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
@@ -188,6 +206,12 @@ def calibrate_ranges_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
                            apply_method: str | Callable | None = None,
                            **calibration) -> dict[str, quantize.ActivationRange]:
   """`calibrate_linen`'s ranges, {module path: ActivationRange}, before they become scales."""
+  return quantize.calibrate(_recorder(model, params, rules, collections, apply_method),
+                            batches, **calibration)
+
+
+def _recorder(model, params, rules, collections, apply_method) -> Callable:
+  """batch -> {path: input} of the rule-matched layers (and static Convs' outputs)."""
   variables = {**(collections or {}), 'params': quantize.dequantize_params(params)}
 
   def inputs_of(batch):
@@ -196,7 +220,7 @@ def calibrate_ranges_linen(model: nn.Module, params: Any, rules: Sequence[Rule],
       model.apply(variables, batch, method=apply_method)
     return record
 
-  return quantize.calibrate(inputs_of, batches, **calibration)
+  return inputs_of
 
 
 def _spec(module: nn.Module, path: str, args, kwargs) -> Any:

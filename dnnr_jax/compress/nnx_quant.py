@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import jax
 from flax import nnx
 
-from dnnr_jax.compress import layers, quantize
+from dnnr_jax.compress import layers, quantize, static_conv
 from dnnr_jax.compress import rules as rules_lib
 from dnnr_jax.compress.rules import Rule
 from dnnr_jax.errors import QuantizationError
@@ -43,8 +43,11 @@ class QuantizedLayer(nnx.Module):
       self.kernel = nnx.Variable(kernel if isinstance(kernel, quantize.QArray)
                                  else rules_lib.quantize_kernel(kernel, rule))
     self.bias = layer.bias
+    if activation_scale is not None and not isinstance(activation_scale,
+                                                       static_conv.StaticConv):
+      activation_scale = jax.numpy.asarray(activation_scale)
     self.activation_scale = (None if activation_scale is None
-                             else nnx.Variable(jax.numpy.asarray(activation_scale)))
+                             else nnx.Variable(activation_scale))
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     kernel = self.kernel.value
@@ -59,14 +62,17 @@ class QuantizedLayer(nnx.Module):
 class _InputRecorder(nnx.Module):
   """The layer unchanged, its input noted for calibration."""
 
-  def __init__(self, layer: nnx.Module, path: str):
-    self.layer, self.path = layer, path
+  def __init__(self, layer: nnx.Module, path: str, outputs_too: bool):
+    self.layer, self.path, self.outputs_too = layer, path, outputs_too
 
   def __call__(self, inputs):
     record = _RECORDING.get()
+    outputs = self.layer(inputs)
     if record is not None:
       record[self.path] = inputs
-    return self.layer(inputs)
+      if self.outputs_too:
+        record[self.path + static_conv.OUTPUT] = outputs
+    return outputs
 
 
 def nnx_layers(model: nnx.Module) -> dict[str, str]:
@@ -103,14 +109,19 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[Rule],
 
 def calibrate_nnx(model: nnx.Module, rules: Sequence[Rule], batches: Iterable[Any],
                   **calibration) -> dict[str, jax.Array]:
-  """{module path: static int8 activation scale} of each rule-matched layer's input.
+  """{module path: static int8 activation scale} of each rule-matched layer's input;
+  for an `nnx.Conv` under a 'static' rule its `static_conv.StaticConv` instead (input
+  and output ranges calibrated, constants computed from its kernel and bias).
 
   Runs the float `model` on `batches` through `quantize.calibrate` (its
   `method` and `percentile` pass through `calibration`).
   """
   recording, matched = _matched_layers(model, rules)
-  for path, name, node, _ in matched:
-    _replace(recording, path, _InputRecorder(node, name))
+  static_convs = {}
+  for path, name, node, rule in matched:
+    if rule.mode == 'static' and type(node).__name__ == 'Conv':
+      static_convs[name] = (node, rule)
+    _replace(recording, path, _InputRecorder(node, name, name in static_convs))
 
   def inputs_of(batch):
     record: dict[str, jax.Array] = {}
@@ -121,8 +132,18 @@ def calibrate_nnx(model: nnx.Module, rules: Sequence[Rule], batches: Iterable[An
       _RECORDING.reset(token)
     return record
 
+  batches = list(batches)
   ranges = quantize.calibrate(inputs_of, batches, **calibration)
-  return {path: value.scale() for path, value in ranges.items()}
+  scales = {path: value.scale() for path, value in ranges.items()
+            if not path.endswith(static_conv.OUTPUT) and path not in static_convs}
+  convs = {}
+  for name, (node, rule) in static_convs.items():
+    kernel = node.kernel.value
+    if not isinstance(kernel, quantize.QArray):
+      kernel = rules_lib.quantize_kernel(kernel, rule)
+    convs[name] = (kernel, None if node.bias is None else node.bias.value)
+  record = inputs_of(batches[0]) if convs else {}
+  return {**scales, **static_conv.calibrated(ranges, record, convs)}
 
 
 def _matched_layers(model: nnx.Module, rules: Sequence[Rule]) -> tuple[nnx.Module, list]:

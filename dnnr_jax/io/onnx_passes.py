@@ -47,6 +47,7 @@ from dnnr_jax.io.onnx_rewrite import (
     replace,
     substitute,
 )
+from dnnr_jax.io.onnx_static_conv import StaticConvPass
 
 # Elementwise ops with multidirectional (numpy) broadcasting.
 _BROADCASTING = frozenset({
@@ -209,6 +210,8 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
   """The rewritten model: integer matmuls on int8 kernels, redundant nodes removed."""
   ir_model = ir.from_proto(model)
   ir.passes.Sequential(
+      StaticConvPass(),
+      common.RemoveUnusedNodesPass(),  # the int32 Conv chains StaticConvPass left
       IntegerMatMulPass(),
       CentredMatMulPass(),
       BatchQuantizeLinearPass(),
