@@ -289,7 +289,7 @@ def test_benchmark_compares_routers_budgets_and_wall_time(trained, tmp_path):
   assert set(curve['baselines']) == {'exit_alone', 'always_deep'}
   assert timing['easy_rows'] + timing['hard_rows'] == len(dataset.test.labels)
   figures = timing['figures']
-  assert set(figures) == {f'{engine} {mode}' for engine in ('jax', 'onnxruntime',
+  assert set(figures) == {f'{engine} {mode}' for engine in ('jax', 'jax on device', 'onnxruntime',
                                                             'onnxruntime 1 thread')
                           for mode in ('per_sample', 'deep')}
   for engine, ratio in timing['ratios'].items():

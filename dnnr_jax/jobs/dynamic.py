@@ -11,6 +11,7 @@ For an early-exit checkpoint with a validation split:
 * wall time, side by side with the same model forced always-deep, at the
   checkpoint's own thresholds: batch-1 latency on easy (exit) and hard
   (deep) test inputs and batch-256 throughput over the test set, in JAX
+  (host to host, and the jitted model on inputs already on the device)
   and in onnxruntime (default session, and one intra-op thread), both
   exports written and checked by `io.export`.
 
@@ -33,6 +34,7 @@ import tempfile
 import time
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from dnnr_jax.config import ROUTERS
@@ -48,7 +50,9 @@ from dnnr_jax.model import EarlyExitMLP
 BUDGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 1.0)
 ROUNDS = 5
 THROUGHPUT_BATCH = 256
-ENGINES = ('jax', 'onnxruntime', 'onnxruntime 1 thread')
+# 'jax' is host to host (NumPy in, checked, NumPy out: `predict_with_routes`);
+# 'jax on device' the jitted model on inputs already on the device.
+ENGINES = ('jax', 'jax on device', 'onnxruntime', 'onnxruntime 1 thread')
 
 
 def accuracy_against_compute(path, *, data_dir=None, dataset: Dataset | None = None,
@@ -129,6 +133,7 @@ def wall_time(path, *, data_dir=None, dataset: Dataset | None = None, onnx_dir=N
     runners: dict[str, Callable] = {}
     for mode, routed in models.items():
       runners[f'jax {mode}'] = routed.predict_with_routes
+      runners[f'jax on device {mode}'] = _on_device(routed)
       output, _ = export.export_onnx(path, output=directory / f'{mode}.onnx', routing=mode,
                                      check_inputs=images[:256], overwrite=True)
       runners[f'onnxruntime {mode}'] = onnx_runner(output)
@@ -140,8 +145,10 @@ def wall_time(path, *, data_dir=None, dataset: Dataset | None = None, onnx_dir=N
     throughput, latency = {}, {}
     for engine in ENGINES:  # One pair at a time: see the module docstring.
       pair = {name: runners[name] for name in (f'{engine} per_sample', f'{engine} deep')}
-      throughput.update(_interleaved(pair, [batches]))
-      latency.update(_interleaved(pair, [list(easy), list(hard), list(rows)], per_call=True))
+      put = jax.device_put if engine == 'jax on device' else list
+      throughput.update(_interleaved(pair, [put(batches)]))
+      latency.update(_interleaved(pair, [put(list(easy)), put(list(hard)), put(list(rows))],
+                                  per_call=True))
   figures = {}
   for name in runners:
     samples = THROUGHPUT_BATCH * len(batches)
@@ -154,6 +161,12 @@ def wall_time(path, *, data_dir=None, dataset: Dataset | None = None, onnx_dir=N
           'deep_fraction_test': float(np.mean(routes)),
           'easy_rows': int(len(easy)), 'hard_rows': int(len(hard)), 'figures': figures,
           'ratios': speedups(figures)}
+
+
+def _on_device(loaded: checkpoint_lib.LoadedModel) -> Callable:
+  """Runs the jitted model on device arrays and waits for its outputs (no host copies)."""
+  apply = jax.jit(loaded.model.apply)
+  return lambda inputs: jax.block_until_ready(apply(loaded.variables, inputs))
 
 
 def speedups(figures: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
