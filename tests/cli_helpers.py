@@ -51,16 +51,6 @@ def snapshot(directory: pathlib.Path) -> dict:
           for f in sorted(directory.rglob('*')) if f.is_file()}
 
 
-@pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory):
-  """One JAX compilation cache for a module's runs, so later runs compile less."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.mktemp('jax_cache')))
-    patch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-    patch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-    yield
-
-
 def assert_one_line_error(result: subprocess.CompletedProcess, words) -> None:
   """Exit status 2, nothing on stdout, one `error:` line naming each of `words`."""
   assert result.returncode == 2, result.stderr

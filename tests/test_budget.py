@@ -12,14 +12,13 @@ from dnnr_jax.io.data import load_dataset
 from dnnr_jax.jobs import budget as budget_jobs
 from dnnr_jax.jobs import train as jobs
 from dnnr_jax.train import evaluate
-from tests.cli_helpers import assert_one_line_error, compile_cache, one_json, run, run_all  # noqa: F401 (fixture)
+from tests.cli_helpers import assert_one_line_error, one_json, run, run_all
 from tests.conftest import SMOKE_CONFIG
 
 MODULE = (sys.executable, '-m', 'dnnr_jax')
 # Two rungs, 8 bits, one fine-tuning epoch each: four trials in seconds.
 CHEAP = ('--sparsities', '0.5', '0.9', '--bits', '8', '--finetune-epochs', '1',
          '--quantize-mode', 'dynamic')
-pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
 @pytest.fixture(scope='module')

@@ -6,12 +6,11 @@ import sys
 
 import pytest
 
-from tests.cli_helpers import assert_one_line_error, compile_cache, one_json, run, run_all, snapshot  # noqa: F401 (fixture)
+from tests.cli_helpers import assert_one_line_error, one_json, run, run_all, snapshot
 from tests.conftest import ROOT
 
 MODULE = (sys.executable, '-m', 'dnnr_jax')
 SMOKE = ('--config', 'configs/smoke.yaml')
-pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
 def _dnnr_script() -> str:

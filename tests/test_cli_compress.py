@@ -12,12 +12,11 @@ from dnnr_jax.io import storage
 from dnnr_jax.io.checkpoint import load_model
 from dnnr_jax.jobs import compress as compress_jobs
 from dnnr_jax.jobs import train as jobs
-from tests.cli_helpers import assert_one_line_error, compile_cache, one_json, run, run_all, snapshot  # noqa: F401 (fixture)
+from tests.cli_helpers import assert_one_line_error, one_json, run_all, snapshot
 from tests.conftest import SMOKE_CONFIG
 
 MODULE = (sys.executable, '-m', 'dnnr_jax')
 PRUNE_80 = ('--method', 'global', '--sparsity', '0.8', '--finetune-epochs', '1')
-pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
 

@@ -15,13 +15,12 @@ from dnnr_jax.jobs import compress as compress_jobs
 from dnnr_jax.jobs import guard
 from dnnr_jax.jobs import train as jobs
 from dnnr_jax.train import evaluate
-from tests.cli_helpers import assert_one_line_error, compile_cache, one_json, run, run_all  # noqa: F401 (fixture)
+from tests.cli_helpers import assert_one_line_error, one_json, run, run_all
 from tests.conftest import ROOT, SMOKE_CONFIG
 
 MODULE = (sys.executable, '-m', 'dnnr_jax')
 # One-shot, no fine-tuning: a sure loss of validation accuracy, in seconds.
 HARSH = PruneConfig(method='global', sparsity=0.97, schedule='oneshot', finetune_epochs=0)
-pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
 @pytest.fixture(scope='module')

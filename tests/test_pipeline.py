@@ -10,17 +10,8 @@ import pytest
 
 from dnnr_jax.config import load_config
 from dnnr_jax.jobs import pipeline
-from tests.cli_helpers import (  # noqa: F401 (fixture)
-  assert_one_line_error,
-  compile_cache,
-  one_json,
-  run,
-  run_all,
-  snapshot,
-)
+from tests.cli_helpers import assert_one_line_error, one_json, run, run_all, snapshot
 from tests.conftest import SMOKE_CONFIG
-
-pytestmark = pytest.mark.usefixtures('compile_cache')
 
 ROW_KEYS = ('artifact', 'format', 'path', 'test_accuracy', 'deep_fraction', 'route_agreement',
             'parameters', 'nonzeros', 'bytes', 'gzip_bytes', 'smaller_than_final')

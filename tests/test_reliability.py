@@ -20,7 +20,6 @@ from dnnr_jax.jobs import compress, pipeline
 from dnnr_jax.jobs import train as jobs
 from tests.cli_helpers import (  # noqa: F401
     assert_one_line_error,
-    compile_cache,
     run,
     run_all,
     write_damaged_frames,
@@ -90,7 +89,7 @@ def test_cli_train_on_a_locked_version_is_one_sentence(held_lock, tmp_path):
   assert_one_line_error(result, ['being written by another dnnr run'])
 
 
-def test_two_runs_on_one_version_one_wins_one_is_refused(tmp_path, compile_cache):  # noqa: F811
+def test_two_runs_on_one_version_one_wins_one_is_refused(tmp_path):
   command = [*DNNR, 'train', '--config', SMOKE_CONFIG, '--set', 'training.epochs=1',
              '--models-dir', tmp_path, '--version', '1.0', '--json']
   results = run_all({'a': command, 'b': command})
