@@ -11,7 +11,7 @@ widened to hold 0, spread over 255 steps), and the layer computes
 
 which is what onnxruntime's `QLinearConv` computes (round half to even, the
 multiplier applied to the int32 sum in float32), so
-`dnnr_jax.io.onnx_conv.StaticConvPass` exports it as QuantizeLinear →
+`dnnr_jax.io.onnx_static_conv.StaticConvPass` exports it as QuantizeLinear →
 QLinearConv → DequantizeLinear, equal to JAX. Every constant (1 / s_x, the
 int32 bias, the float32 multiplier per output channel) is computed here in
 NumPy once, when the layer is calibrated, and travels in a `StaticConv`.
