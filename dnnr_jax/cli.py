@@ -42,11 +42,12 @@ ARGUMENT_FLAGS = {name: '--' + name.replace('_', '-') for name in (
     'seed', 'version')}
 SETTING_FLAGS = {
     'prune': {f'compress.prune.{key}': '--' + key.replace('_', '-') for key in (
-        'method', 'sparsity', 'schedule', 'finetune_epochs', 'learning_rate', 'distill', 'n',
-        'm')} | {'compress.prune.distill_temperature': '--temperature'},
+        'method', 'sparsity', 'schedule', 'finetune_epochs', 'learning_rate', 'distill',
+        'augment_shift', 'n', 'm')} | {'compress.prune.distill_temperature': '--temperature'},
     'quantize': {f'compress.quantize.{key}': '--' + key.replace('_', '-') for key in (
         'mode', 'bits', 'activations', 'calibration_batches', 'calibration_method',
-        'finetune_epochs', 'learning_rate')},
+        'finetune_epochs', 'learning_rate', 'distill', 'augment_shift')} | {
+            'compress.quantize.distill_temperature': '--temperature'},
 }
 for _flags in SETTING_FLAGS.values():
   _flags['compress.max_drop'] = '--max-drop'
@@ -118,7 +119,8 @@ def _prune(args: argparse.Namespace) -> int:
   settings = PruneConfig(
       method=args.method, sparsity=args.sparsity, schedule=args.schedule,
       finetune_epochs=args.finetune_epochs, learning_rate=args.learning_rate,
-      distill=args.distill, distill_temperature=args.temperature, n=args.n, m=args.m)
+      distill=args.distill, distill_temperature=args.temperature,
+      augment_shift=args.augment_shift, n=args.n, m=args.m)
   with _EpochProgress(args.finetune_epochs, label='fine-tune') as progress:
     result = jobs.prune_checkpoint(args.model_path, settings, on_epoch=progress.update,
                                    max_drop=args.max_drop, **_output_options(args))
@@ -132,7 +134,8 @@ def _quantize(args: argparse.Namespace) -> int:
       mode=args.mode, bits=args.bits, per_channel=not args.per_tensor,
       activations=args.activations, calibration_batches=args.calibration_batches,
       calibration_method=args.calibration_method, finetune_epochs=args.finetune_epochs,
-      learning_rate=args.learning_rate)
+      learning_rate=args.learning_rate, distill=args.distill,
+      distill_temperature=args.temperature, augment_shift=args.augment_shift)
   epochs = args.finetune_epochs if args.mode == 'qat' else 0
   with _EpochProgress(epochs, label='QAT') as progress:
     result = jobs.quantize_checkpoint(args.model_path, settings, on_epoch=progress.update,
@@ -590,6 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
                           '(default %(default)s: labels only; 0.5 works well)')
   prune.add_argument('--temperature', type=float, default=_PRUNE.distill_temperature,
                      help='distillation temperature (default %(default)s)')
+  prune.add_argument('--augment-shift', type=int, default=_PRUNE.augment_shift, metavar='PIXELS',
+                     help='while fine-tuning, shift each image at random by up to this many '
+                          'pixels, the same for the distilling source (default %(default)s: '
+                          'off)')
   _add_output_arguments(prune)
   prune.set_defaults(handler=_prune)
 
@@ -615,6 +622,15 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=CALIBRATION_METHODS, help='default: %(default)s')
   quantize.add_argument('--finetune-epochs', type=int, default=_QUANTIZE.finetune_epochs,
                         help='QAT epochs (default %(default)s)')
+  quantize.add_argument('--distill', type=float, default=_QUANTIZE.distill,
+                        help="qat: share of the loss that distils the lineage's dense model "
+                             '(default %(default)s: labels only)')
+  quantize.add_argument('--temperature', type=float, default=_QUANTIZE.distill_temperature,
+                        help='distillation temperature (default %(default)s)')
+  quantize.add_argument('--augment-shift', type=int, default=_QUANTIZE.augment_shift,
+                        metavar='PIXELS',
+                        help='qat: shift each image at random by up to this many pixels '
+                             '(default %(default)s: off)')
   _add_output_arguments(quantize)
   quantize.set_defaults(handler=_quantize)
 

@@ -41,6 +41,7 @@ BUDGET_METHODS = ('global', 'lamp')
 # Bounds that keep a typo from overflowing int64 or float32 deep inside JAX.
 MAX_EPOCHS = 1_000_000
 MAX_SEED = 2**63 - 1
+MAX_AUGMENT_SHIFT = 7  # pixels: a quarter of an MNIST image's side
 MAX_NORMALISED = 1e6  # largest |normalised pixel| data.mean and data.std may produce
 YAML_MAX_NODES = 100_000  # values a config may expand to, aliases included
 
@@ -270,6 +271,10 @@ class PruneConfig:
     distill: share of the fine-tuning loss that distils the unpruned model's
       outputs (0: labels only).
     distill_temperature: the temperature that softens them.
+    augment_shift: while fine-tuning, shift every training image by a random
+      offset of up to this many pixels along each axis (background-filled),
+      the same shift for the student and the teacher (`augment.Shift`); 0:
+      no augmentation.
     n, m: the N:M pattern for 'nm' (n of every m inputs kept, 1 <= n < m).
     gradual_end: for 'gradual', the latest fraction of the fine-tuning steps
       after which the schedule holds the final sparsity. The schedule ends
@@ -285,6 +290,7 @@ class PruneConfig:
   learning_rate: float | None = None
   distill: float = 0.0
   distill_temperature: float = 4.0
+  augment_shift: int = 0
   n: int = 2
   m: int = 4
   gradual_end: float = 0.75
@@ -298,13 +304,13 @@ class PruneConfig:
     _check_at_least(f'{key}.finetune_epochs', self.finetune_epochs, 0)
     if self.learning_rate is not None:
       _check_positive(f'{key}.learning_rate', self.learning_rate)
-    if not (math.isfinite(self.distill) and 0 <= self.distill <= 1):
-      raise ConfigError(f'{key}.distill = {self.distill!r} must be in [0, 1], a share of '
-                        'the loss, e.g. 0.5.')
+    _check_distill(f'{key}.distill', self.distill)
     if self.distill and self.finetune_epochs < 1:
       raise ConfigError(f'{key}.distill acts while fine-tuning: it needs '
                         f'{key}.finetune_epochs of at least 1.')
     _check_positive(f'{key}.distill_temperature', self.distill_temperature)
+    _check_augment_shift(f'{key}.augment_shift', self.augment_shift, self.finetune_epochs,
+                         f'{key}.finetune_epochs')
     if self.schedule == 'gradual' and (
         self.method not in ('global', 'layer', 'lamp') or self.finetune_epochs < 1):
       raise ConfigError(
@@ -338,6 +344,11 @@ class QuantizeConfig:
     calibration_method: 'minmax' or 'percentile'.
     finetune_epochs: QAT epochs.
     learning_rate: QAT's peak learning rate; None keeps training's.
+    distill: 'qat': share of the loss that distils the dense float model at
+      the root of the source's lineage (0: labels only).
+    distill_temperature: the temperature that softens its outputs.
+    augment_shift: 'qat': shift every training image by a random offset of
+      up to this many pixels (the same for the teacher); 0: off.
   """
   source: str = 'pruned'
   mode: str = 'dynamic'
@@ -348,6 +359,9 @@ class QuantizeConfig:
   calibration_method: str = 'minmax'
   finetune_epochs: int = 2
   learning_rate: float | None = None
+  distill: float = 0.0
+  distill_temperature: float = 4.0
+  augment_shift: int = 0
 
   def validate(self) -> None:
     _check_choice('compress.quantize.source', self.source, QUANTIZE_SOURCES)
@@ -369,6 +383,14 @@ class QuantizeConfig:
           'for compress.quantize.mode = qat, which fine-tunes with fake quantization.')
     if self.learning_rate is not None:
       _check_positive('compress.quantize.learning_rate', self.learning_rate)
+    _check_distill('compress.quantize.distill', self.distill)
+    _check_positive('compress.quantize.distill_temperature', self.distill_temperature)
+    _check_augment_shift('compress.quantize.augment_shift', self.augment_shift,
+                         self.finetune_epochs, 'compress.quantize.finetune_epochs')
+    if (self.distill or self.augment_shift) and self.mode != 'qat':
+      raise ConfigError(
+          'compress.quantize.distill and augment_shift act while fine-tuning, in '
+          f'compress.quantize.mode = qat only; set them to 0 for mode {self.mode}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -731,6 +753,20 @@ def _check_fraction(key: str, value: float) -> None:
 def _check_positive(key: str, value: float) -> None:
   if not (math.isfinite(value) and value > 0):
     raise ConfigError(f'{key} = {value!r} must be a positive number.')
+
+
+def _check_distill(key: str, value: float) -> None:
+  if not (math.isfinite(value) and 0 <= value <= 1):
+    raise ConfigError(f'{key} = {value!r} must be in [0, 1], a share of the loss, e.g. 0.5.')
+
+
+def _check_augment_shift(key: str, value: int, epochs: int, epochs_key: str) -> None:
+  if not 0 <= value <= MAX_AUGMENT_SHIFT:
+    raise ConfigError(f'{key} = {value!r} must be a number of pixels from 0 (off) to '
+                      f'{MAX_AUGMENT_SHIFT}, e.g. 2.')
+  if value and epochs < 1:
+    raise ConfigError(f'{key} shifts images while fine-tuning: it needs {epochs_key} of at '
+                      'least 1, or set it to 0.')
 
 
 def _check_at_most(key: str, value: int, maximum: int) -> None:

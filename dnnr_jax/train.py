@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from dnnr_jax.augment import Shift, shift_images
 from dnnr_jax.config import Config
 from dnnr_jax.model import EarlyExitMLP, init_variables, model_from_config
 from dnnr_jax.thresholds import ThresholdSchedule, schedule_from_config
@@ -55,6 +56,11 @@ class Teacher:
   temperature: float = flax.struct.field(pytree_node=False, default=4.0)
 
 
+# Folded into the state's key to draw the augmentation's keys, apart from the
+# shuffling keys (`fold_in(rng, epoch)`).
+AUGMENT_STREAM = 2**31 - 1
+
+
 class TrainState(train_state.TrainState):
   """Params, optimizer state, thresholds, counters and the shuffling key.
 
@@ -65,12 +71,15 @@ class TrainState(train_state.TrainState):
     teacher: a model to distil from while training, or None.
     exit_weight: weight of the cheap exit's cross-entropy when `apply_fn`
       returns the exit's logits too (an early-exit model trained jointly).
+    augment: shift every batch at random before the step (`augment.Shift`);
+      student and teacher see the same shifted batch. None: no augmentation.
   """
   thresholds: dict[str, jax.Array]
   epoch: jax.Array
   rng: jax.Array
   teacher: Teacher | None = None
   exit_weight: float = flax.struct.field(pytree_node=False, default=0.0)
+  augment: Shift | None = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def variables(self) -> dict[str, Any]:
@@ -98,6 +107,7 @@ def create_train_state(
                              optax.GradientTransformation] | None = None,
     apply_fn: Callable | None = None,
     teacher: Teacher | None = None,
+    augment: Shift | None = None,
 ) -> TrainState:
   """A train state at epoch 0, seeded by `training.seed`.
 
@@ -111,6 +121,8 @@ def create_train_state(
       By default an early-exit model trains jointly: its `joint` method,
       both exits on every sample.
     teacher: distil from this model (e.g. the dense one, while pruning).
+    augment: shift each batch at random (`augment.Shift`); None or a
+      max_shift of 0: train on the batches as they are.
   """
   model = model_from_config(config)
   init_key, shuffle_key = jax.random.split(
@@ -128,6 +140,7 @@ def create_train_state(
   state = TrainState.create(
       apply_fn=apply_fn or model.apply,
       exit_weight=config.model.exit_loss_weight,
+      augment=augment if augment is not None and augment.max_shift else None,
       params=params,
       tx=wrap_optimizer(tx) if wrap_optimizer else tx,
       thresholds=thresholds,
@@ -184,10 +197,17 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One Adam step on a batch (images [B, F], labels [B]).
 
+  With `state.augment`, the images are first shifted at random (a key per
+  step, `fold_in` of the step count), and the student and the teacher both
+  see the shifted batch.
+
   Returns:
     The new state and the batch's sums ('loss', 'correct', 'deep').
   """
   images, labels = batch
+  if state.augment is not None:
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, AUGMENT_STREAM), state.step)
+    images = shift_images(key, images, state.augment)
 
   def loss_fn(params):
     variables = {'params': params, 'thresholds': state.thresholds}

@@ -43,6 +43,8 @@ def first(sources):
       'prune_json': ((*MODULE, 'prune', final, *PRUNE_80, '--json'), None),
       'sparsity': ((*MODULE, 'prune', final, '--sparsity', '1.5'), ['sparsity 1.5', '[0, 1)']),
       'distill': ((*MODULE, 'prune', final, '--distill', '2'), ['--distill 2.0', '[0, 1]']),
+      'augment_shift': ((*MODULE, 'quantize', final, '--mode', 'qat', '--augment-shift', '9'),
+                        ['--augment-shift 9', 'from 0 (off) to 7']),
       'bits': ((*MODULE, 'quantize', final, '--bits', '3'), None),
       'per_batch_static': ((*MODULE, 'quantize', final, '--mode', 'static', '--activations',
                             'per_batch'),
@@ -52,7 +54,8 @@ def first(sources):
       'quantized_again': ((*MODULE, 'quantize', quantized_path),
                           [str(quantized_path), 'already quantized']),
       'help_prune': ((sys.executable, 'scripts/prune.py', '--help'),
-                     ['usage: dnnr prune', '--method', '--sparsity', '--finetune-epochs']),
+                     ['usage: dnnr prune', '--method', '--sparsity', '--finetune-epochs',
+                      '--augment-shift']),
       'help_quantize': ((sys.executable, 'scripts/quantize.py', '--help'),
                         ['usage: dnnr quantize', '--mode', '--bits', '--calibration-batches']),
   }
@@ -144,8 +147,8 @@ def test_prune_refuses_an_existing_version(second):
   assert snapshot(pruned.parent) == before
 
 
-@pytest.mark.parametrize('name', ['sparsity', 'distill', 'missing', 'quantized_again',
-                                  'per_batch_static'])
+@pytest.mark.parametrize('name', ['sparsity', 'distill', 'augment_shift', 'missing',
+                                  'quantized_again', 'per_batch_static'])
 def test_bad_input(first, name):
   result, words, models_dir = first[name]
   assert_one_line_error(result, words)

@@ -35,6 +35,8 @@ PRUNE_RUNS = {
     'nm': (dataclasses.replace(ONESHOT, method='nm', n=2, m=4), {}),
     'gradual': (GRADUAL, {}),
     'distilled': (dataclasses.replace(GRADUAL, distill=0.5, distill_temperature=3.0), {}),
+    'augmented': (dataclasses.replace(GRADUAL, distill=0.5, distill_temperature=3.0,
+                                      augment_shift=1), {}),
     'reseeded': (GRADUAL, {'seed': 7}),
 }
 QUANTIZE_RUNS = {
@@ -293,6 +295,20 @@ def test_distilled_prune_records_its_teacher_and_keeps_the_mask(pruned, source):
   assert summary.accuracy > 0.5
 
 
+def test_augmented_prune_records_its_shift_and_trains_on_other_images(pruned):
+  _, distilled, distilled_model = pruned('distilled')
+  _, summary, loaded = pruned('augmented')
+  assert summary.metadata['compression']['augment_shift'] == 1
+  assert 'augment_shift' not in distilled.metadata['compression']
+  assert summary.metadata['config']['compress']['prune']['augment_shift'] == 0  # The source's.
+  kernels = [np.asarray(kernel) for kernel in _kernels(loaded.variables).values()]
+  assert sum(int(np.sum(kernel == 0)) for kernel in kernels) == round(
+      0.9 * sum(kernel.size for kernel in kernels))
+  # Same seed, same teacher: only the shifted images make the weights differ.
+  assert not np.allclose(_kernels(loaded.variables)['head'],
+                         _kernels(distilled_model.variables)['head'])
+
+
 def test_a_fine_tuning_seed_reshuffles_and_is_recorded(pruned, source):
   _, default, default_model = pruned('gradual')
   _, summary, loaded = pruned('reseeded')
@@ -449,12 +465,17 @@ def test_quantizing_a_pruned_checkpoint_keeps_its_zeros(final_path, root, onesho
   assert summary.dense_float_size.raw == storage.directory_bytes(final_path)
 
 
-def test_qat_of_a_pruned_checkpoint_trains_only_its_non_zeros(root, oneshot):
+def test_qat_of_a_pruned_checkpoint_trains_only_its_non_zeros(root, final_path, oneshot):
+  # Distilled from the dense root of the lineage, on shifted images.
   pruned_path = oneshot['global'].path
   summary = compress_jobs.quantize_checkpoint(
-      pruned_path, QuantizeConfig(mode='qat', finetune_epochs=1), models_dir=root / 'qat_chain')
+      pruned_path, QuantizeConfig(mode='qat', finetune_epochs=1, distill=0.5, augment_shift=1),
+      models_dir=root / 'qat_chain')
   _assert_zeros_kept(pruned_path, summary.path)
-  assert summary.metadata['compression']['finetune_epochs'] == 1
+  recorded = summary.metadata['compression']
+  assert recorded['finetune_epochs'] == 1
+  assert (recorded['distill'], recorded['augment_shift']) == (0.5, 1)
+  assert recorded['teacher'] == str(final_path)
 
 
 @pytest.mark.parametrize('settings, options, match', [
@@ -462,6 +483,8 @@ def test_qat_of_a_pruned_checkpoint_trains_only_its_non_zeros(root, oneshot):
     (dict(calibration_batches=0), {}, 'compress.quantize.calibration_batches = 0'),
     (dict(mode='float16'), {}, "compress.quantize.mode = 'float16'"),
     (dict(mode='qat', finetune_epochs=0), {}, 'compress.quantize.finetune_epochs = 0'),
+    (dict(mode='dynamic', distill=0.5), {}, 'in compress.quantize.mode = qat only'),
+    (dict(mode='qat', augment_shift=-1), {}, 'compress.quantize.augment_shift = -1'),
     (dict(mode='static', calibration_batches=45), {}, 'exceeds the 44 training batches'),
     ({}, dict(version='1.0'), 'already exists'),
 ])

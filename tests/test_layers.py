@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / 'dnnr_jax'
 LAYERS = {
     'errors': 0, 'config': 0,
-    'complexity': 1, 'cost': 1, 'thresholds': 1, 'routing': 1, 'model': 1, 'train': 1,
+    'augment': 1, 'complexity': 1, 'cost': 1, 'thresholds': 1, 'routing': 1, 'model': 1, 'train': 1,
     'compress': 1, 'parallel': 1,
     'io': 2,
     'jobs': 3,

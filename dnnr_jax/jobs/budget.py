@@ -200,9 +200,12 @@ class _Search:
                              overwrite=True, max_drop=None))
     rung = [pruned] if 0 in budget.bits else []
     for bits in sorted((bits for bits in budget.bits if bits), reverse=True):
+      recipe = self.source.config.compress.quantize
+      fine_tuned = budget.quantize_mode == 'qat'  # Distillation and shifts act in QAT only.
       quantize = dataclasses.replace(
-          self.source.config.compress.quantize, mode=budget.quantize_mode, bits=bits,
-          finetune_epochs=budget.quantize_epochs)
+          recipe, mode=budget.quantize_mode, bits=bits, finetune_epochs=budget.quantize_epochs,
+          distill=recipe.distill if fine_tuned else 0.0,
+          augment_shift=recipe.augment_shift if fine_tuned else 0)
       rung.append(self._trial(sparsity, bits, {'prune': dataclasses.asdict(prune),
                                                'quantize': dataclasses.asdict(quantize)},
                               lambda version, quantize=quantize: compress_jobs.quantize_checkpoint(

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from dnnr_jax import parallel
+from dnnr_jax.augment import Shift
 from dnnr_jax.compress import gradual, linen_quant, prune, quantize, structured
 from dnnr_jax.compress.rules import Rule
 from dnnr_jax.config import (
@@ -66,10 +67,11 @@ def prune_checkpoint(
 
   Args:
     path: the source checkpoint (final or another pruned one).
-    settings: method, sparsity, schedule, fine-tuning and distillation (see
-      `PruneConfig`); checked with `settings.validate()` before any work.
-      With `distill`, the source model as it is teaches the pruned one (see
-      `train.Teacher`).
+    settings: method, sparsity, schedule, fine-tuning, distillation and
+      augmentation (see `PruneConfig`); checked with `settings.validate()`
+      before any work. With `distill`, the source model as it is teaches the
+      pruned one (see `train.Teacher`); with `augment_shift`, both see the
+      same randomly shifted images (`augment.Shift`).
     seed: fine-tuning's shuffling seed; None keeps the source's training.seed.
     data_dir, models_dir, version, overwrite, on_epoch, extra_metadata: as
       for training.
@@ -101,6 +103,10 @@ def prune_checkpoint(
     state_options['teacher'] = Teacher(source.variables, source.model.apply, settings.distill,
                                        settings.distill_temperature)
     recorded.update(distill=settings.distill, temperature=settings.distill_temperature)
+  if settings.augment_shift:
+    state_options['augment'] = _shift(source, settings.augment_shift,
+                                      'compress.prune.augment_shift')
+    recorded['augment_shift'] = settings.augment_shift
   params, config, state_options['wrap_optimizer'], plan = _pruning_plan(
       source.variables['params'], settings, config, dataset)
   recorded.update(plan)
@@ -195,7 +201,7 @@ def quantize_checkpoint(
       'mode': settings.mode, 'bits': settings.bits, 'per_channel': settings.per_channel}
   variables = dict(source.variables)
   if settings.mode == 'qat':
-    params = _quantization_aware_training(config, dataset, params, settings, on_epoch)
+    params = _quantization_aware_training(config, dataset, source, settings, on_epoch, recorded)
     recorded['finetune_epochs'] = settings.finetune_epochs
   if settings.mode == 'static':
     variables['activation_scales'], recorded['calibration'] = _calibrate(
@@ -222,11 +228,26 @@ def _quantization_metadata(settings: QuantizeConfig) -> dict[str, Any]:
   return recorded
 
 
-def _quantization_aware_training(config, dataset, params, settings, on_epoch):
+def _quantization_aware_training(config, dataset, source, settings, on_epoch, recorded):
   """The params fine-tuned under fake quantization (a pruned source keeps its zeros).
 
   An early-exit model trains both exits jointly, as in training (its `joint`).
+  With `settings.distill`, the dense float model at the root of the source's
+  lineage teaches; with `settings.augment_shift`, images are shifted at
+  random. Both are noted in `recorded`.
   """
+  params = source.variables['params']
+  state_options: dict[str, Any] = {}
+  if settings.distill:
+    root = checkpoint_lib.load_model(_dense_float_path(source))
+    state_options['teacher'] = Teacher(root.variables, root.model.apply, settings.distill,
+                                       settings.distill_temperature)
+    recorded.update(distill=settings.distill, temperature=settings.distill_temperature,
+                    teacher=str(root.path))
+  if settings.augment_shift:
+    state_options['augment'] = _shift(source, settings.augment_shift,
+                                      'compress.quantize.augment_shift')
+    recorded['augment_shift'] = settings.augment_shift
   fake_quantized = model_from_config(config, quantization=(
       Rule('.*', mode='qat', bits=settings.bits, per_channel=settings.per_channel),))
   method = 'joint' if isinstance(fake_quantized, EarlyExitMLP) else None
@@ -238,7 +259,7 @@ def _quantization_aware_training(config, dataset, params, settings, on_epoch):
   zeros = prune.zero_masks(params)
   wrap = (lambda tx: gradual.keep_masked(tx, zeros)) if zeros is not None else None
   return fit(config, dataset, on_epoch=on_epoch, params=params,
-             apply_fn=fake_quantized_apply, wrap_optimizer=wrap).state.params
+             apply_fn=fake_quantized_apply, wrap_optimizer=wrap, **state_options).state.params
 
 
 def _calibrate(source, config: Config, dataset: Dataset, settings: QuantizeConfig, rules):
@@ -279,6 +300,12 @@ def route_report(source, model: nn.Module, variables: Any, dataset: Dataset) -> 
 
   return {'route_agreement': float(np.mean(routes == source_routes)),
           'deep_accuracy': accuracy(routes), 'shallow_accuracy': accuracy(~routes)}
+
+
+def _shift(source, max_shift: int, key: str) -> Shift:
+  """The random shift of fine-tuning's images, for the source's data; `key` names the setting."""
+  return Shift.for_data(max_shift, source.num_features, source.config.data.mean,
+                        source.config.data.std, name=key)
 
 
 def _is_quantized(source) -> bool:

@@ -304,7 +304,8 @@ def _sweep(config: Config, final_path, report_dir, data_dir, on_epoch) -> list[d
       settings = dataclasses.replace(
           prune, sparsity=sparsity, finetune_epochs=epochs,
           schedule=prune.schedule if epochs > 0 else 'oneshot',
-          distill=prune.distill if epochs else 0.0)
+          distill=prune.distill if epochs else 0.0,
+          augment_shift=prune.augment_shift if epochs else 0)
       result = compress_jobs.prune_checkpoint(
           final_path, settings, data_dir=data_dir, models_dir=scratch,
           version=f'1.{index}', on_epoch=on_epoch, max_drop=None)  # A sweep goes past it.
