@@ -229,6 +229,10 @@ class TrainingConfig:
     scan_unroll: optimizer steps per iteration of the epoch's loop; 4 is
       about 10 % faster on an H100, 1 is best on CPU.
     mesh: the devices to run on.
+    augment_shift: while training from scratch, move each training image by
+      a random offset of up to this many pixels per axis (`augment.Shift`);
+      0: the images as they are. Fine-tuning has its own settings
+      (`compress.prune.augment_shift`, `compress.quantize.augment_shift`).
   """
   epochs: int = 10
   batch_size: int = 64
@@ -240,6 +244,7 @@ class TrainingConfig:
   keep_checkpoints: int = 2
   scan_unroll: int = 1
   mesh: MeshConfig = MeshConfig()
+  augment_shift: int = 0
 
   def validate(self) -> None:
     _check_at_least('training.epochs', self.epochs, 1)
@@ -253,6 +258,7 @@ class TrainingConfig:
     _check_at_least('training.checkpoint_every', self.checkpoint_every, 0)
     _check_at_least('training.keep_checkpoints', self.keep_checkpoints, 1)
     _check_at_least('training.scan_unroll', self.scan_unroll, 1)
+    _check_at_least('training.augment_shift', self.augment_shift, 0)
     self.mesh.validate()
 
 

@@ -1,5 +1,7 @@
 """Random shifts: exact on hand-made images, one shift for student and teacher, off is off."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,9 @@ import pytest
 from dnnr_jax.augment import Shift, sample_offsets, shift_images, translate
 from dnnr_jax.config import ConfigError, PruneConfig, load_config
 from dnnr_jax.errors import DnnrError
+from dnnr_jax.io.checkpoint import load_model
 from dnnr_jax.io.data import load_dataset
+from dnnr_jax.jobs import train as train_jobs
 from dnnr_jax.train import AUGMENT_STREAM, Teacher, batch_sums, create_train_state, train_step
 from tests.conftest import SMOKE_CONFIG, tree_allclose
 
@@ -125,3 +129,23 @@ def test_the_teacher_sees_the_students_shift(setup):
   def shifted_teacher(variables, images):
     return plain.apply_fn(variables, shift_images(jax.random.PRNGKey(3), images, shift))
   assert largest_step(shifted_teacher, None) > 1e-3
+
+
+def test_training_from_scratch_shifts_with_training_augment_shift(tmp_path):
+  # One epoch on digits twice, alike but for the shift: the job trains on
+  # shifted images (different weights) and records the setting it used.
+  config = load_config(SMOKE_CONFIG)
+  one_epoch = dataclasses.replace(
+      config.training, epochs=1, checkpoint_every=0)
+  runs = {}
+  for shift in (0, 1):
+    settings = dataclasses.replace(
+        config, training=dataclasses.replace(one_epoch, augment_shift=shift))
+    path, _ = train_jobs.train_and_save(settings, models_dir=tmp_path / str(shift))
+    runs[shift] = load_model(path)
+  assert runs[1].config.training.augment_shift == 1
+  assert runs[0].config.training.augment_shift == 0
+  kernel = lambda run: np.asarray(run.variables['params']['trunk_0']['kernel'])  # noqa: E731
+  assert not np.allclose(kernel(runs[0]), kernel(runs[1]))
+  with pytest.raises(ConfigError, match='training.augment_shift'):
+    dataclasses.replace(one_epoch, augment_shift=-1).validate()

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from dnnr_jax import parallel
+from dnnr_jax.augment import Shift
 from dnnr_jax.config import Config
 from dnnr_jax.errors import CheckpointError, DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
@@ -76,8 +77,13 @@ def _train_and_save(config, path, version, periodic_dir, *, data_dir, overwrite,
     raise DnnrError(
         f'model.num_classes = {config.model.num_classes} is fewer than the '
         f'{dataset.num_classes} classes of {dataset.name}; raise it.')
+  augment = {}
+  if config.training.augment_shift:
+    augment['augment'] = Shift.for_data(
+        config.training.augment_shift, dataset.num_features, config.data.mean,
+        config.data.std, name='training.augment_shift')
   result = fit(config, dataset, checkpoint_dir=periodic_dir, resume=resume,
-               on_epoch=on_epoch)
+               on_epoch=on_epoch, **augment)
   final = result.final_metrics
   metadata = {
       'kind': 'final',
