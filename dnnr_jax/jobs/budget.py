@@ -200,9 +200,11 @@ class _Search:
                              overwrite=True, max_drop=None))
     rung = [pruned] if 0 in budget.bits else []
     for bits in sorted((bits for bits in budget.bits if bits), reverse=True):
+      source = self.source.config.compress.quantize
       quantize = dataclasses.replace(
-          self.source.config.compress.quantize, mode=budget.quantize_mode, bits=bits,
-          finetune_epochs=budget.quantize_epochs)
+          source, mode=budget.quantize_mode, bits=bits, finetune_epochs=budget.quantize_epochs,
+          activations=source.activations if budget.quantize_mode in ('dynamic', 'qat')
+          else 'per_row')
       rung.append(self._trial(sparsity, bits, {'prune': dataclasses.asdict(prune),
                                                'quantize': dataclasses.asdict(quantize)},
                               lambda version, quantize=quantize: compress_jobs.quantize_checkpoint(
