@@ -14,7 +14,7 @@ import pathlib
 from typing import Any
 
 from dnnr_jax.errors import IntegrityError
-from dnnr_jax.io import integrity, onnx_props
+from dnnr_jax.io import integrity, lean_metadata, onnx_props
 
 FORMAT = 'dnnr_jax'
 STATES = ('ok', 'damaged', 'incomplete')
@@ -57,11 +57,13 @@ def checkpoint_state(path: pathlib.Path, files: set[str]) -> tuple[str, str, dic
   except IntegrityError:
     return 'damaged', 'its metadata no longer matches the digest recorded when it was saved', (
         metadata)
+  if isinstance(metadata['format_version'], int) and metadata['format_version'] >= 8:
+    metadata = lean_metadata.full(metadata)  # The copies format 8 leaves out, back in place.
   return 'ok', '', metadata
 
 
 def _missing_arrays(files: set[str]) -> list[str]:
-  """The array files `files` lacks: OCDBT's, or plain zarr's (a compressed model, format 7)."""
+  """The array files `files` lacks: OCDBT's, or plain zarr's (a compressed model, formats 7, 8)."""
   zarr = {name.rsplit('/', 1)[0] for name in files
           if name.startswith('variables/') and name.endswith('/.zarray')}
   if zarr and 'variables/manifest.ocdbt' not in files:
