@@ -262,15 +262,36 @@ def test_expand_layout_rejects_what_is_not_a_compact_layout(rows):
 
 
 @pytest.mark.parametrize('stored', [
-    None, [], {'leaves': 'x'}, {'leaves': [['p', 'f4 [2] dense']]},  # no arrays
-    {'leaves': [['p', 'f4 [2] dense dense=f4[2]'], ['p', 'f4 [2] dense dense=f4[2]']]},
-    {'leaves': [['p', 'f4 [2,] dense dense=f4[2]']]}, {'leaves': [['p', 'f4 [2] rle dense=f4[2]']]},
-    {'leaves': [['p', 'nope [2] dense dense=f4[2]']]}, {'leaves': [['p', 'f4 [2] dense x']]},
-    {'entropy_coded': -1, 'leaves': [['p', 'f4 [2] dense dense=f4[2]']]},
+    None, [], {'leaves': 'x'}, {'leaves': [['p', 'k f4 [2] dense']]},  # no arrays
+    {'leaves': [['p', 'k f4 [2] dense dense=f4', 'k f4 [2] dense dense=f4']]},  # twice
+    {'leaves': [['p']]}, {'leaves': [['', ' f4 [2] dense dense=f4']]},  # no leaf, no path
+    {'leaves': [['p', 'k f4 [2,] dense dense=f4']]}, {'leaves': [['p', 'k f4 [2] rle dense=f4']]},
+    {'leaves': [['p', 'k nope [2] dense dense=f4']]}, {'leaves': [['p', 'k f4 [2] dense x']]},
+    {'leaves': [[1, 'k f4 [2] dense dense=f4']]},
+    {'entropy_coded': -1, 'leaves': [['p', 'k f4 [2] dense dense=f4']]},
 ], ids=lambda stored: json.dumps(stored)[:40])
 def test_unpack_layout_rejects_what_is_not_a_format_8_layout(stored):
   with pytest.raises(ValueError, match='not a format-8 layout'):
     layout_lib.unpack_layout(stored)
+
+
+def test_the_format_8_layout_keeps_any_path_plain_leaves_and_stream_offsets():
+  def dense(shape, stored, offset, **more):
+    return {'kind': 'array', 'shape': shape, 'dtype': 'float32', 'encoding': 'dense',
+            'arrays': {'dense': [shape, stored, offset]}, **more}
+
+  layout = {
+      'a b/c d': dense([2], 'float16', 0, stream=10),  # names with spaces: a row of its own
+      'x': dense([], 'float32', 4, stream=10),  # a leaf at the root
+      'p/q/': dense([3], 'float32', 0),  # an empty name, stored beside the stream
+      'p/q/k': {'kind': 'qarray', 'shape': [4, 2], 'dtype': 'int8', 'encoding': 'int4',
+                'arrays': {'packed': [[4], 'int8', 8], 'scale': [[1, 2], 'float16', 12]},
+                'bits': 4, 'axis': -1, 'symmetric': False, 'stream': 10},
+  }
+  stored = json.loads(json.dumps(layout_lib.pack_layout(layout)))
+  assert stored['leaves'][-1] == ['p/q', 'k i1 [4,2] int4 q4,-1,a packed=i1[4] scale=f2[1,2]']
+  assert ' plain ' in stored['leaves'][2][1]
+  assert layout_lib.unpack_layout(stored) == layout
 
 
 def test_lean_metadata_leaves_out_copies_and_full_puts_them_back():

@@ -5,19 +5,21 @@ encoding, the arrays that encoding stores and, for a QArray, bits, axis and
 symmetry). Format 8 writes that as
 
     {"entropy_coded": 14269,
-     "leaves": [["params/deep/kernel",
-                 "i1 [256,128] sparse q4,1,s gaps=u1[1764] values=i1[1764] scale=f2[1,128]"],
-                ["params/deep/bias", "f4 [128] dense dense=f2"], ...]}
+     "leaves": [["params/deep", "bias f4 [128] dense dense=f2",
+                 "kernel i1 [256,128] sparse q4,1,s gaps=u1[1764] values=i1[1764] scale=f2[1,128]"],
+                ["params/head", ...], ...]}
 
 `entropy_coded` is the length of the one coded stream (absent when nothing is
-coded); each leaf's spec string holds its dtype, shape and encoding, `qBITS,AXIS,s|a`
-for a QArray, `plain` for a leaf stored as its own Orbax array beside the
-stream, and its arrays as `name=dtype[shape]`, the shape left out where it
-is the leaf's own. Dtypes are NumPy's short type
-codes where they name the same dtype ('f2' for float16), else full names.
-The arrays follow one another in the stream in row order, so their
+coded). Each row is a parent path and one string per leaf under it: the
+leaf's name, dtype, shape and encoding, `qBITS,AXIS,s|a` for a QArray,
+`plain` for a leaf stored as its own Orbax array beside the stream, and its
+arrays as `name=dtype[shape]`, the shape left out where it is the leaf's
+own. A leaf whose name is not one token (it holds a space) has a row of its
+own, its whole path the parent and an empty name. Dtypes are NumPy's short
+type codes where they name the same dtype ('f2' for float16), else full
+names. The arrays follow one another in the stream in row order, so their
 boundaries are the running sum of their sizes: `unpack_layout` records each
-array's byte offset in the stream. 914 B against format 7's 1,542 B of
+array's byte offset in the stream. 794 B against format 7's 1,542 B of
 layout rows for the MNIST default's quantized model (docs/checkpoint_format.md).
 """
 
@@ -37,22 +39,24 @@ _SHAPE = re.compile(r'^\[([0-9,]*)\]$')
 
 def pack_layout(layout: dict[str, dict[str, Any]]) -> dict[str, Any]:
   """`storage.encode_variables`' layout as format 8 stores it (see the module docstring)."""
-  rows, stream = [], None
+  stream = next((spec['stream'] for spec in layout.values() if 'stream' in spec), None)
+  rows: list[list[str]] = []
   for path, spec in layout.items():
     tokens = [_dtype_code(spec['dtype']), _shape(spec['shape']), spec['encoding']]
     if spec['kind'] == 'qarray':
       tokens.append(f"q{spec['bits']},{spec['axis']},{'s' if spec['symmetric'] else 'a'}")
-    if 'stream' in spec:
-      stream = spec['stream']
+    if stream is not None and 'stream' not in spec:
+      tokens.append('plain')
     tokens += [f"{name}={_dtype_code(dtype)}{'' if shape == spec['shape'] else _shape(shape)}"
                for name, (shape, dtype, _) in spec['arrays'].items()]
-    rows.append([path, tokens])
-  if stream is not None:
-    for (_, tokens), spec in zip(rows, layout.values(), strict=True):
-      if 'stream' not in spec:
-        tokens.insert(4 if spec['kind'] == 'qarray' else 3, 'plain')
+    parent, _, name = path.rpartition('/')
+    if not name or name.split() != [name]:  # A name that is not one token: a row of its own.
+      parent, name = path, ''
+    if not rows or rows[-1][0] != parent or not name:
+      rows.append([parent])
+    rows[-1].append(' '.join([name, *tokens]))
   packed = {} if stream is None else {STREAM_KEY: stream}
-  packed['leaves'] = [[path, ' '.join(tokens)] for path, tokens in rows]
+  packed['leaves'] = rows
   return packed
 
 
@@ -67,16 +71,21 @@ def unpack_layout(packed: Any) -> dict[str, dict[str, Any]]:
     if stream is not None and (not isinstance(stream, int) or stream < 1):
       raise ValueError(f'stream length {stream!r}')
     layout, offset = {}, 0
-    for path, text in packed['leaves']:
-      if not isinstance(path, str) or not isinstance(text, str) or path in layout:
-        raise ValueError(f'row {path!r}')
-      spec, coded = _spec(text.split(' '))
-      if coded and stream is not None:
-        spec['stream'] = stream
-        for array in spec['arrays'].values():
-          array[2] = offset
-          offset += math.prod(array[0]) * np.dtype(array[1]).itemsize
-      layout[path] = spec
+    for parent, *leaves in packed['leaves']:
+      if not isinstance(parent, str) or not leaves:
+        raise ValueError(f'row {parent!r}')
+      for text in leaves:
+        name, *tokens = text.split(' ')
+        path = '/'.join(part for part in (parent, name) if part)
+        if not path or path in layout:
+          raise ValueError(f'leaf {path!r} of row {parent!r}')
+        spec, coded = _spec(tokens)
+        if coded and stream is not None:
+          spec['stream'] = stream
+          for array in spec['arrays'].values():
+            array[2] = offset
+            offset += math.prod(array[0]) * np.dtype(array[1]).itemsize
+        layout[path] = spec
   except (AttributeError, KeyError, TypeError, ValueError) as error:
     raise ValueError(f'not a format-8 layout: {error}') from None
   return layout

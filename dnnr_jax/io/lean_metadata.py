@@ -6,6 +6,8 @@ models`, reports, budget search, `load_model`) look them up where they are:
 - 'quantization' ({mode, bits}) copies `compression`'s mode and bits;
 - 'dataset.normalisation' copies `config.data`'s mean and std, 'dataset.name'
   and '.validation_examples' its `dataset` and `validation_size`;
+- 'thresholds' copies `config.thresholds.final` (a compressed model
+  fine-tunes with its source's thresholds fixed, as its config's final ones);
 - 'array_bytes' (a compression job's stored bytes) copies the layout's
   `entropy_coded` (format 8: the one coded stream's length);
 - 'accuracy_guard.accuracy_before' and '.accuracy' copy
@@ -63,6 +65,7 @@ def _copy_of(owner: str, *path: str) -> Callable[[dict[str, Any]], Any]:
 # Each copy's place, and its value from the rest of the metadata (_ABSENT when it has none).
 COPIES: tuple[tuple[tuple[str, ...], Callable[[dict[str, Any]], Any]], ...] = (
     (('quantization',), _quantization),
+    (('thresholds',), _copy_of('', 'config', 'thresholds', 'final')),
     (('dataset', 'normalisation'), _normalisation),
     (('dataset', 'name'), _copy_of('dataset', 'config', 'data', 'dataset')),
     (('dataset', 'validation_examples'), _copy_of('dataset', 'config', 'data', 'validation_size')),
