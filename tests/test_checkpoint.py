@@ -159,9 +159,9 @@ def test_an_earlier_format_still_loads(tmp_path, trained, format_version, bits):
 DATA = pathlib.Path(__file__).parent / 'data'
 
 
-@pytest.mark.parametrize('format_version', [5, 6])
+@pytest.mark.parametrize('format_version', [5, 6, 7])
 def test_a_committed_earlier_format_still_loads_exactly(format_version):
-  """tests/data/format5 and format6 were written by their formats' writers (make_format.py)."""
+  """tests/data/format5 to format7 were written by their formats' writers (make_format.py)."""
   from dnnr_jax.compress.quantize import QArray
 
   path = DATA / f'format{format_version}' / 'checkpoint'
@@ -169,9 +169,12 @@ def test_a_committed_earlier_format_still_loads_exactly(format_version):
   if format_version == 5:  # Each encoding's arrays as named leaves under the layer.
     assert sorted(restored['params']['trunk_0']['kernel']) == ['gaps', 'scale', 'values']
     assert sorted(restored['params']['shortcut']['kernel']) == ['packed', 'scale']
-  else:  # Only the layers with an encoded leaf coded, the thresholds plain.
+  elif format_version == 6:  # Only the layers with an encoded leaf coded, the thresholds plain.
     assert sorted(restored['params']['trunk_0']) == [storage.CODED]
     assert sorted(restored['thresholds']) == ['entropy', 'sparsity', 'variance']
+  else:  # Every layer and the thresholds coded, each its own leaf of frames.
+    assert sorted(restored['params']['head']) == [storage.CODED]
+    assert sorted(restored['thresholds']) == [storage.CODED]
   loaded = checkpoint.load_model(path)
   assert loaded.metadata['format_version'] == format_version
   with np.load(DATA / f'format{format_version}' / 'expected.npz') as expected:
@@ -191,8 +194,8 @@ def test_a_committed_earlier_format_still_loads_exactly(format_version):
   assert loaded.predict(np.ones((2, 64), np.float32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize('format_version', [5, 6])
-def test_an_earlier_format_saved_again_is_format_7_equal_and_smaller(tmp_path, format_version):
+@pytest.mark.parametrize('format_version', [5, 6, 7])
+def test_an_earlier_format_saved_again_is_format_8_equal_and_smaller(tmp_path, format_version):
   source_path = DATA / f'format{format_version}' / 'checkpoint'
   source = checkpoint.load_model(source_path)
   kept = {key: value for key, value in source.metadata.items()
@@ -200,13 +203,32 @@ def test_an_earlier_format_saved_again_is_format_7_equal_and_smaller(tmp_path, f
                          'integrity')}
   path = checkpoint.save_checkpoint(tmp_path / 'again', source.variables, kept)
   again = checkpoint.load_model(path)
-  assert again.metadata['format_version'] == checkpoint.FORMAT_VERSION == 7
+  assert again.metadata['format_version'] == checkpoint.FORMAT_VERSION == 8
   tree_allclose(again.variables, source.variables, rtol=0, atol=0)
   assert storage.directory_bytes(path) < storage.directory_bytes(source_path)
+  # The copies format 8 leaves out come back: the metadata reads as the source's did.
+  assert {key: again.metadata[key] for key in kept} == kept
 
 
-def test_a_compressed_checkpoint_is_plain_zarr_with_short_digests(tmp_path, trained):
-  """Format 7: a compressed model without OCDBT, with 16-digit digests; a dense one keeps OCDBT."""
+def test_the_upgrade_script_writes_format_8(tmp_path):
+  """scripts/upgrade_checkpoint.py on the committed format-7 checkpoint: bit-exact, smaller."""
+  import subprocess
+  import sys
+
+  source = DATA / 'format7' / 'checkpoint'
+  run = subprocess.run([sys.executable, 'scripts/upgrade_checkpoint.py', str(source),
+                        str(tmp_path / 'v8')], capture_output=True, text=True, check=True,
+                       cwd=pathlib.Path(__file__).parents[1])
+  report = json.loads(run.stdout.strip().splitlines()[-1])
+  assert report['source']['format_version'] == 7 and report['output']['format_version'] == 8
+  # 9 kernel arrays (3 QArrays' codes and scales, one zero point), 5 biases, 3 thresholds
+  assert report['leaves_equal'] == 17
+  assert report['output']['bytes'] < report['source']['bytes'] - 2000
+
+
+def test_a_compressed_checkpoint_is_one_plain_zarr_array(tmp_path, trained):
+  """Format 8: a compressed model as one array without OCDBT, with a 16-digit digest and compact
+  JSON metadata; a dense one keeps OCDBT."""
   from dnnr_jax.compress.quantize import QuantSpec, quantize_params
 
   variables = _host(trained.result.state.variables)
@@ -215,18 +237,23 @@ def test_a_compressed_checkpoint_is_plain_zarr_with_short_digests(tmp_path, trai
                                     checkpoint.read_metadata(trained.path))
   files = {str(f.relative_to(path)) for f in path.rglob('*') if f.is_file()}
   assert not any('ocdbt' in name or '/d/' in name for name in files)
-  # One `.zarray` and one data file per coded leaf: 5 layers and the thresholds.
-  assert sorted(name for name in files if name.endswith('.zarray')) == [
-      f'variables/{group}.{storage.CODED}/.zarray'
-      for group in ('params.deep', 'params.head', 'params.shortcut', 'params.trunk_0',
-                    'params.trunk_1', 'thresholds')]
+  # One array: its `.zarray`, its data file and Orbax's tree metadata.
+  assert sorted(name for name in files if name.startswith('variables/')) == [
+      'variables/_METADATA', f'variables/{storage.CODED}/.zarray', f'variables/{storage.CODED}/0']
+  text = (path / 'metadata' / 'metadata').read_text()
+  assert ', "' not in text and '": ' not in text  # compact separators
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:  # Orbax's own reader
+    stored = checkpointer.restore(path, args=ocp.args.Composite(
+        metadata=ocp.args.JsonRestore()))['metadata']
+  assert stored == json.loads(text) and stored['layout'][storage.CODED] > 0
   assert 'variables/manifest.ocdbt' in {str(f.relative_to(trained.path))
                                         for f in trained.path.rglob('*') if f.is_file()}
   record = checkpoint.read_metadata(path)['integrity']
   assert len(record['metadata']) == 16
+  assert list(record['arrays']) == [storage.CODED]
   assert all(len(digest) == 16 for digest in record['arrays'].values())
-  # A flipped byte of a coded leaf is refused by its digest, in one sentence.
-  target = path / 'variables' / f'params.trunk_0.{storage.CODED}' / '0'
+  # A flipped byte of the coded stream is refused by its digest, in one sentence.
+  target = path / 'variables' / storage.CODED / '0'
   data = bytearray(target.read_bytes())
   data[len(data) // 2] ^= 0x10
   target.write_bytes(bytes(data))
@@ -249,36 +276,35 @@ def test_plain_orbax_restore_shows_the_model(tmp_path, trained, bits):
 
   restored = ocp.StandardCheckpointer().restore(path / 'variables')
 
-  assert sorted(restored) == ['params', 'thresholds']
-  assert sorted(restored['params']) == ['deep', 'head', 'shortcut', 'trunk_0', 'trunk_1']
   if bits is None:
+    assert sorted(restored) == ['params', 'thresholds']
+    assert sorted(restored['params']) == ['deep', 'head', 'shortcut', 'trunk_0', 'trunk_1']
     assert sorted(restored['thresholds']) == ['entropy', 'sparsity', 'variance']
     for layer in restored['params'].values():
       assert sorted(layer) == ['bias', 'kernel']
     np.testing.assert_array_equal(restored['params']['trunk_0']['kernel'],
                                   params['trunk_0']['kernel'])
     return
-  # Each layer, and the thresholds: one uint8 leaf of its entropy-coded streams.
-  assert sorted(restored['thresholds']) == [storage.CODED]
-  for layer in restored['params'].values():
-    assert sorted(layer) == [storage.CODED]
-    assert layer[storage.CODED].dtype == np.uint8
+  # Every array of every leaf in one uint8 leaf, one Brotli stream; the layout decodes it.
+  assert sorted(restored) == [storage.CODED]
+  assert restored[storage.CODED].dtype == np.uint8
   layout = checkpoint.read_metadata(path)['layout']
   decoded = storage.decode_variables(restored, layout)
+  assert sorted(decoded['params']) == ['deep', 'head', 'shortcut', 'trunk_0', 'trunk_1']
   codes = np.asarray(params['trunk_0']['kernel'].value)
   np.testing.assert_array_equal(np.asarray(decoded['params']['trunk_0']['kernel'].value), codes)
-  coded_bytes = sum(layer[storage.CODED].size for layer in restored['params'].values())
+  assert all(spec['stream'] == restored[storage.CODED].size for spec in layout.values())
   stream_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
-                     for spec in layout.values() if 'frames' in spec
-                     for shape, dtype, _ in spec['arrays'].values())
-  assert coded_bytes < stream_bytes  # Brotli shrinks the streams
+                     for spec in layout.values() for shape, dtype, _ in spec['arrays'].values())
+  assert restored[storage.CODED].size < stream_bytes  # Brotli shrinks the streams
 
 
 def test_the_layout_is_stored_compact(trained):
   stored = json.loads((trained.path / 'metadata' / 'metadata').read_text())['layout']
   expanded = checkpoint.read_metadata(trained.path)['layout']
-  assert isinstance(stored, list) and isinstance(expanded, dict)
-  assert len(json.dumps(stored)) < 0.6 * len(json.dumps(expanded))
+  assert isinstance(stored['leaves'], list) and isinstance(expanded, dict)
+  assert storage.CODED not in stored  # a dense model: nothing coded
+  assert len(json.dumps(stored)) < 0.4 * len(json.dumps(expanded))
 
 
 # Versions and names.
@@ -413,7 +439,7 @@ def _damaged_layout(path: pathlib.Path, good: pathlib.Path) -> None:
   shutil.copytree(good, path)
   target = path / 'metadata' / 'metadata'
   metadata = json.loads(target.read_text())
-  metadata['layout'] = metadata['layout'][0][:3]
+  metadata['layout']['leaves'][0] = metadata['layout']['leaves'][0][:1]
   # Re-digested, as a writer that knows the format would: the layout itself is refused.
   sealed = {key: value for key, value in metadata.items() if key != 'integrity'}
   metadata['integrity']['metadata'] = integrity.json_digest(sealed)

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import re
 import shutil
 
 import jax
@@ -138,11 +139,14 @@ def test_plain_orbax_still_reads_a_checkpoint(models, kind):
     restored = checkpointer.restore(getattr(models, kind))
   metadata = restored['metadata']
   assert metadata['format_version'] == checkpoint.FORMAT_VERSION
-  # The model's own tree, every leaf's digest (its first 16 hex digits, format 7)
-  # recorded under its path.
-  assert sorted(restored['variables']) == ['params', 'thresholds']
+  # The model's own tree (a compressed one: its one coded leaf), every leaf's digest (its
+  # first 16 hex digits) recorded under its path.
   digests = metadata[integrity.KEY]['arrays']
-  assert ('params/trunk_0/bias' if kind == 'final' else 'params/trunk_0/entropy_coded') in digests
+  if kind == 'final':
+    assert sorted(restored['variables']) == ['params', 'thresholds']
+    assert 'params/trunk_0/bias' in digests
+  else:
+    assert list(restored['variables']) == list(digests) == ['entropy_coded']
   assert digests == {name: digest[:integrity.DIGEST_CHARS]
                      for name, digest in integrity.tree_digests(restored['variables']).items()}
 
@@ -157,9 +161,17 @@ def test_array_digest_covers_dtype_shape_and_bytes():
 # Bounded parsing: a layout is checked against the config before allocation.
 
 
+def _edit_row(metadata, edit) -> None:
+  """Rewrites the first leaf's spec string of a format-8 layout."""
+  row = metadata['layout']['leaves'][0]
+  row[1] = edit(row[1])
+
+
 @pytest.mark.parametrize('edit, words', [
-    (lambda m: m['layout'][0][2].__setitem__(slice(None), [20000, 20000]), '[20000, 20000]'),
-    (lambda m: m['layout'][0][4][0][2].__setitem__(0, 400_000_000), 'values for'),
+    (lambda m: _edit_row(m, lambda spec: re.sub(r'\[[0-9,]*\]', '[20000,20000]', spec, count=1)),
+     '[20000, 20000]'),
+    (lambda m: _edit_row(m, lambda spec: re.sub(r'=(\w+)$', r'=\1[400000000]', spec)),
+     'values for'),
     (lambda m: m['config']['model'].update(hidden_sizes=[48, 32]), 'the config makes it'),
 ], ids=['leaf_shape', 'stored_array', 'hidden_sizes'])
 def test_a_layout_the_config_does_not_give_is_refused(models, tmp_path, edit, words):
@@ -169,6 +181,22 @@ def test_a_layout_the_config_does_not_give_is_refused(models, tmp_path, edit, wo
     checkpoint.load_model(path)
   assert words in str(raised.value)
 
+
+
+def test_a_coded_stream_the_layout_cannot_hold_is_refused(models, tmp_path):
+  """Format 8: the one stream may not be longer than the values it codes (raw at most)."""
+  path = _copy(models.quantized, tmp_path / 'crafted')
+  _edit_metadata(path, lambda m: m['layout'].update(entropy_coded=10**9), reseal=True)
+  with pytest.raises(CheckpointError, match='stream of 1000000000 bytes codes'):
+    checkpoint.load_model(path)
+
+
+def test_a_garbled_layout_is_one_sentence(models, tmp_path):
+  path = _copy(models.quantized, tmp_path / 'garbled')
+  _edit_metadata(path, lambda m: _edit_row(m, lambda spec: spec.replace('[', '(')), reseal=True)
+  with pytest.raises(CheckpointError, match='has a damaged layout in its metadata') as raised:
+    checkpoint.load_model(path)
+  assert len(str(raised.value).splitlines()) == 1
 
 # Lineage.
 

@@ -329,3 +329,28 @@ def test_edited_metadata_is_listed_as_damaged(tmp_path):
   target.write_text(json.dumps(metadata))
   state, problem, _ = state_of(sealed)
   assert state == 'damaged' and 'digest' in problem
+
+
+def test_a_format_8_checkpoint_lists_with_the_copies_it_leaves_out(tmp_path):
+  """Format 8 stores no copies ('quantization', 'dataset.normalisation'); the registry, which
+  reads the JSON alone, sees them as `read_metadata` does."""
+  from dnnr_jax.io import checkpoint as checkpoint_lib
+
+  source = checkpoint_lib.load_model(ROOT / 'tests' / 'data' / 'format7' / 'checkpoint')
+  data = source.metadata['config']['data']
+  metadata = {
+      'kind': 'quantized', 'version': '1.0', 'config': source.metadata['config'],
+      'num_features': 64, 'compression': {'mode': 'weight_only', 'bits': 4, 'per_channel': True},
+      'quantization': {'mode': 'weight_only', 'bits': 4},
+      'dataset': {'name': 'digits', 'normalisation': {'mean': data['mean'], 'std': data['std']}}}
+  models = tmp_path / 'models'
+  path = checkpoint_lib.save_checkpoint(
+      models / 'quantized' / 'quantized_model_v1.0', source.variables, metadata)
+  stored = json.loads((path / 'metadata' / 'metadata').read_text())
+  assert 'quantization' not in stored and 'normalisation' not in stored['dataset']
+  entry = registry.scan(models).get(path)
+  assert entry.state == 'ok', entry.problem
+  for key in ('quantization', 'dataset', 'compression'):
+    assert entry.metadata[key] == metadata[key] == checkpoint_lib.read_metadata(path)[key]
+  shown = one_json(dnnr('models', 'show', path, '--models-dir', models, '--json'))
+  assert 'weight_only' in json.dumps(shown)

@@ -1,11 +1,15 @@
 """Sparse encoding round trips exactly and really shrinks."""
 
+import json
+
+import brotli
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dnnr_jax.io import layout as layout_lib
 from dnnr_jax.io import storage
 
 
@@ -141,37 +145,44 @@ def test_a_fully_pruned_model_round_trips(tmp_path):
   tree_allclose(load_model(path).variables, variables, rtol=0, atol=0)
 
 
-def test_each_compressed_layer_is_one_coded_leaf_of_its_streams():
+def test_a_compressed_model_is_one_coded_leaf_of_all_its_streams():
+  from dnnr_jax.compress.quantize import QuantSpec, quantize_params
+  from dnnr_jax.io import entropy
+
+  variables = _variables()
+  variables['params'] = quantize_params(variables['params'], QuantSpec(bits=4))
+  arrays, layout = storage.encode_variables(variables)
+  # Format 8: every array of every leaf, thresholds included, in one Brotli stream.
+  assert sorted(arrays) == [storage.CODED]
+  coded = arrays[storage.CODED]
+  assert coded.dtype == np.uint8 and {spec['stream'] for spec in layout.values()} == {coded.size}
+  # trunk_0 is 90 % zeros: sparse codes; trunk_1 dense: int4 codes, two per byte.
+  assert list(layout['params/trunk_0/kernel']['arrays']) == ['gaps', 'values', 'scale']
+  assert list(layout['params/trunk_1/kernel']['arrays']) == ['packed', 'scale']
+  assert layout['params/trunk_1/kernel']['arrays']['packed'][0] == [64 * 48 // 2]
+  assert layout['params/trunk_1/bias']['arrays']['dense'][1] == 'float16'  # zeros
+  # The stream is the arrays' bytes in layout order, and decodes to them exactly.
+  entries, _ = storage.encode_leaves(variables)
+  raw = b''.join(entropy.stream_bytes(array) for path in layout
+                 for array in entries[path].values())
+  assert brotli.decompress(coded.tobytes()) == raw
+  assert coded.size < len(raw)  # random int4 codes: little to gain, but never more
+  from tests.conftest import tree_allclose
+  tree_allclose(storage.decode_variables(arrays, layout), variables, rtol=0, atol=0)
+
+
+def test_a_damaged_stream_is_a_value_error():
   from dnnr_jax.compress.quantize import QuantSpec, quantize_params
 
   variables = _variables()
   variables['params'] = quantize_params(variables['params'], QuantSpec(bits=4))
   arrays, layout = storage.encode_variables(variables)
-  assert sorted(arrays) == ['params', 'thresholds']
-  # Format 7: in a compressed model the thresholds are one coded leaf too (raw frames:
-  # a float16 or float32 scalar does not shrink), each layout row says how to decode it.
-  assert sorted(arrays['thresholds']) == [storage.CODED]
-  assert arrays['thresholds'][storage.CODED].size == sum(
-      np.dtype(spec['arrays']['dense'][1]).itemsize
-      for path, spec in layout.items() if path.startswith('thresholds/'))
-  for layer in ('trunk_0', 'trunk_1', 'deep', 'shortcut', 'head'):
-    assert sorted(arrays['params'][layer]) == [storage.CODED]
-    assert arrays['params'][layer][storage.CODED].dtype == np.uint8
-  # trunk_0 is 90 % zeros: sparse codes; trunk_1 dense: int4 codes, two per byte.
-  assert list(layout['params/trunk_0/kernel']['frames']) == ['gaps', 'values', 'scale']
-  assert list(layout['params/trunk_1/kernel']['frames']) == ['packed', 'scale']
-  assert layout['params/trunk_1/kernel']['arrays']['packed'][0] == [64 * 48 // 2]
-  assert layout['params/trunk_1/bias']['arrays']['dense'][1] == 'float16'  # zeros
-  # Frames in layout order: the bias's, then the kernel's.
-  coded = arrays['params']['trunk_1'][storage.CODED]
-  frames = [*layout['params/trunk_1/bias']['frames'].values(),
-            *layout['params/trunk_1/kernel']['frames'].values()]
-  assert coded.size == sum(frames)
-  assert frames[0] < 16  # 48 zero float16s code to a few bytes
-  # 90 % zeros code to well under their raw uint8 gaps and int8 values.
-  trunk_0 = layout['params/trunk_0/kernel']
-  raw = sum(np.prod(shape) for shape, _, _ in trunk_0['arrays'].values() if shape != [1, 64])
-  assert trunk_0['frames']['gaps'] + trunk_0['frames']['values'] < 0.7 * raw
+  damaged = arrays[storage.CODED].copy()
+  damaged[len(damaged) // 2:] ^= 0x5A
+  with pytest.raises(ValueError, match='does not decode'):
+    storage.decode_variables({storage.CODED: damaged}, layout)
+  with pytest.raises(ValueError, match='does not decode'):
+    storage.decode_variables({storage.CODED: arrays[storage.CODED][:-3]}, layout)
 
 
 def test_uncompacted_arrays_are_the_variables_themselves():
@@ -235,9 +246,11 @@ def test_compact_layout_expands_to_the_layout_exactly(bits):
   assert storage.expand_layout(rows) == layout
   tree_allclose(storage.decode_blobs(blobs, storage.expand_layout(rows)), variables,
                 rtol=0, atol=0)
+  # Format 8's layout: one string per leaf.
   arrays, layout = storage.encode_variables(variables)
-  rows = json.loads(json.dumps(storage.compact_layout(layout)))
-  tree_allclose(storage.decode_variables(arrays, storage.expand_layout(rows)), variables,
+  stored = json.loads(json.dumps(layout_lib.pack_layout(layout)))
+  assert layout_lib.unpack_layout(stored) == layout
+  tree_allclose(storage.decode_variables(arrays, layout_lib.unpack_layout(stored)), variables,
                 rtol=0, atol=0)
 
 
@@ -246,6 +259,65 @@ def test_compact_layout_expands_to_the_layout_exactly(bits):
 def test_expand_layout_rejects_what_is_not_a_compact_layout(rows):
   with pytest.raises(ValueError, match='not a compact layout'):
     storage.expand_layout(rows)
+
+
+@pytest.mark.parametrize('stored', [
+    None, [], {'leaves': 'x'}, {'leaves': [['p', 'k f4 [2] dense']]},  # no arrays
+    {'leaves': [['p', 'k f4 [2] dense dense=f4', 'k f4 [2] dense dense=f4']]},  # twice
+    {'leaves': [['p']]}, {'leaves': [['', ' f4 [2] dense dense=f4']]},  # no leaf, no path
+    {'leaves': [['p', 'k f4 [2,] dense dense=f4']]}, {'leaves': [['p', 'k f4 [2] rle dense=f4']]},
+    {'leaves': [['p', 'k nope [2] dense dense=f4']]}, {'leaves': [['p', 'k f4 [2] dense x']]},
+    {'leaves': [[1, 'k f4 [2] dense dense=f4']]},
+    {'entropy_coded': -1, 'leaves': [['p', 'k f4 [2] dense dense=f4']]},
+], ids=lambda stored: json.dumps(stored)[:40])
+def test_unpack_layout_rejects_what_is_not_a_format_8_layout(stored):
+  with pytest.raises(ValueError, match='not a format-8 layout'):
+    layout_lib.unpack_layout(stored)
+
+
+def test_the_format_8_layout_keeps_any_path_plain_leaves_and_stream_offsets():
+  def dense(shape, stored, offset, **more):
+    return {'kind': 'array', 'shape': shape, 'dtype': 'float32', 'encoding': 'dense',
+            'arrays': {'dense': [shape, stored, offset]}, **more}
+
+  layout = {
+      'a b/c d': dense([2], 'float16', 0, stream=10),  # names with spaces: a row of its own
+      'x': dense([], 'float32', 4, stream=10),  # a leaf at the root
+      'p/q/': dense([3], 'float32', 0),  # an empty name, stored beside the stream
+      'p/q/k': {'kind': 'qarray', 'shape': [4, 2], 'dtype': 'int8', 'encoding': 'int4',
+                'arrays': {'packed': [[4], 'int8', 8], 'scale': [[1, 2], 'float16', 12]},
+                'bits': 4, 'axis': -1, 'symmetric': False, 'stream': 10},
+  }
+  stored = json.loads(json.dumps(layout_lib.pack_layout(layout)))
+  assert stored['leaves'][-1] == ['p/q', 'k i1 [4,2] int4 q4,-1,a packed=i1[4] scale=f2[1,2]']
+  assert ' plain ' in stored['leaves'][2][1]
+  assert layout_lib.unpack_layout(stored) == layout
+
+
+def test_lean_metadata_leaves_out_copies_and_full_puts_them_back():
+  from dnnr_jax.io import lean_metadata
+
+  metadata = {
+      'config': {'data': {'mean': 0.13, 'std': 0.31}},
+      'dataset': {'name': 'mnist', 'normalisation': {'mean': 0.13, 'std': 0.31}},
+      'compression': {'mode': 'qat', 'bits': 4, 'per_channel': True},
+      'quantization': {'mode': 'qat', 'bits': 4},
+      'metrics': {'validation_before': {'accuracy': 0.98}, 'validation': {'accuracy': 0.97}},
+      'accuracy_guard': {'split': 'validation', 'accuracy_before': 0.98, 'accuracy': 0.97,
+                         'drop_pp': 1.0}}
+  lean = lean_metadata.lean(metadata)
+  assert 'quantization' not in lean and 'normalisation' not in lean['dataset']
+  assert lean['accuracy_guard'] == {'split': 'validation', 'drop_pp': 1.0}
+  assert lean_metadata.full(lean) == metadata
+  # A copy that differs from its source stays; one absent although derivable is stored as null.
+  activations = {**metadata, 'quantization': {'mode': 'qat', 'bits': 4, 'activations': 'x'}}
+  assert lean_metadata.lean(activations)['quantization'] == activations['quantization']
+  absent = {key: value for key, value in metadata.items() if key != 'quantization'}
+  assert lean_metadata.lean(absent)['quantization'] is None
+  assert lean_metadata.full(lean_metadata.lean(absent)) == absent
+  # A guard without a validation split keeps its nulls.
+  unjudged = {'metrics': {}, 'accuracy_guard': {'accuracy_before': None, 'accuracy': None}}
+  assert lean_metadata.full(lean_metadata.lean(unjudged)) == unjudged
 
 
 def _tree(kernel, bias=None):
@@ -279,14 +351,15 @@ def test_coded_layers_round_trip_bit_exactly(name):
 
   variables = _cases()[name]
   arrays, layout = storage.encode_variables(variables)
-  assert list(arrays['layer']) == [storage.CODED]
-  rows = json.loads(json.dumps(storage.compact_layout(layout)))
-  decoded = storage.decode_variables(arrays, storage.expand_layout(rows))
+  assert list(arrays) == [storage.CODED]
+  stored = json.loads(json.dumps(layout_lib.pack_layout(layout)))
+  assert layout_lib.unpack_layout(stored).keys() == layout.keys()
+  decoded = storage.decode_variables(arrays, layout_lib.unpack_layout(stored))
   tree_allclose(decoded, variables, rtol=0, atol=0)
   for left, right in zip(jax_leaves(decoded), jax_leaves(variables), strict=True):
     assert left.dtype == right.dtype and left.shape == right.shape
-  abstract = storage.abstract_variables(storage.expand_layout(rows))
-  assert abstract['layer'][storage.CODED].shape == arrays['layer'][storage.CODED].shape
+  abstract = storage.abstract_variables(layout_lib.unpack_layout(stored))
+  assert abstract[storage.CODED].shape == arrays[storage.CODED].shape
 
 
 def jax_leaves(tree):
@@ -299,18 +372,19 @@ def jax_leaves(tree):
 def test_a_damaged_coded_leaf_does_not_decode(damage):
   variables = _cases()['int4 sparse']
   arrays, layout = storage.encode_variables(variables)
-  coded = arrays['layer'][storage.CODED].copy()
-  frames = layout['layer/kernel']['frames']
-  start = layout['layer/bias']['frames']['dense']  # the bias's frame comes first
-  if damage == 'flip':  # inside the gaps' coded frame
-    coded[start + frames['gaps'] // 2] ^= 0x5a
-  elif damage == 'truncate':  # the gaps frame cut short, the layout told so too
-    coded = np.delete(coded, start + frames['gaps'] - 1)
-    frames['gaps'] -= 1
-  else:  # another layer's bytes
+  coded = arrays[storage.CODED].copy()
+  assert coded.size < sum(np.prod(shape) * np.dtype(dtype).itemsize for spec in layout.values()
+                          for shape, dtype, _ in spec['arrays'].values())  # coded, not raw
+  if damage == 'flip':  # inside the stream
+    coded[coded.size // 2] ^= 0x5a
+  elif damage == 'truncate':  # the stream cut short, the layout told so too
+    coded = coded[:-1]
+    for spec in layout.values():
+      spec['stream'] -= 1
+  else:  # the bytes shifted
     coded = np.roll(coded, 7)
   with pytest.raises(ValueError):
-    storage.decode_variables({'layer': {storage.CODED: coded}}, layout)
+    storage.decode_variables({storage.CODED: coded}, layout)
 
 
 def test_a_layer_whose_names_would_clash_keeps_named_leaves():
@@ -318,11 +392,11 @@ def test_a_layer_whose_names_would_clash_keeps_named_leaves():
 
   kernel = np.zeros((30, 30), np.float32)
   kernel[0, 0] = 1.0
-  variables = {'layer': {'kernel': kernel, storage.CODED: {'kernel': kernel}}}
+  variables = {'layer': {'kernel': kernel}, storage.CODED: {'kernel': kernel}}
   arrays, layout = storage.encode_variables(variables)
   assert sorted(arrays['layer']['kernel']) == ['gaps', 'values']  # format 5's named leaves
-  assert list(arrays['layer'][storage.CODED][storage.CODED].shape) == [sum(
-      layout[f'layer/{storage.CODED}/kernel']['frames'].values())]
+  assert sorted(arrays[storage.CODED]['kernel']) == ['gaps', 'values']
+  assert not any('stream' in spec for spec in layout.values())
   tree_allclose(storage.decode_variables(arrays, layout), variables, rtol=0, atol=0)
 
 

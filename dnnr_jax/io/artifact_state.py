@@ -14,7 +14,7 @@ import pathlib
 from typing import Any
 
 from dnnr_jax.errors import IntegrityError
-from dnnr_jax.io import integrity, onnx_props
+from dnnr_jax.io import integrity, lean_metadata, onnx_props
 
 FORMAT = 'dnnr_jax'
 STATES = ('ok', 'damaged', 'incomplete')
@@ -45,6 +45,10 @@ def checkpoint_state(path: pathlib.Path, files: set[str]) -> tuple[str, str, dic
     return 'damaged', f'its metadata is not readable JSON ({type(error).__name__})', {}
   if not isinstance(metadata, dict) or metadata.get('format') != FORMAT:
     return 'damaged', f"its metadata has no 'format: {FORMAT}'", {}
+  stored = metadata
+  version = metadata.get('format_version')
+  if isinstance(version, int) and not isinstance(version, bool) and version >= 8:
+    metadata = lean_metadata.full(metadata)  # The copies format 8 leaves out, back in place.
   absent = [key for key in ('format_version', 'kind', 'version', 'config', 'layout')
             if key not in metadata]
   if absent:
@@ -52,8 +56,8 @@ def checkpoint_state(path: pathlib.Path, files: set[str]) -> tuple[str, str, dic
   malformed = _malformed(metadata)
   if malformed:
     return 'damaged', f'its metadata has {malformed} where a mapping belongs', metadata
-  try:  # The metadata's recorded digest; no array is read.
-    integrity.verify_metadata(path, metadata)
+  try:  # The digest recorded of the metadata as stored; no array is read.
+    integrity.verify_metadata(path, stored)
   except IntegrityError:
     return 'damaged', 'its metadata no longer matches the digest recorded when it was saved', (
         metadata)
@@ -61,7 +65,7 @@ def checkpoint_state(path: pathlib.Path, files: set[str]) -> tuple[str, str, dic
 
 
 def _missing_arrays(files: set[str]) -> list[str]:
-  """The array files `files` lacks: OCDBT's, or plain zarr's (a compressed model, format 7)."""
+  """The array files `files` lacks: OCDBT's, or plain zarr's (a compressed model, formats 7, 8)."""
   zarr = {name.rsplit('/', 1)[0] for name in files
           if name.startswith('variables/') and name.endswith('/.zarray')}
   if zarr and 'variables/manifest.ocdbt' not in files:

@@ -2,11 +2,12 @@
 
 A checkpoint is an Orbax directory with two items: `variables`, the model's
 own tree (`{'params': {'trunk_0': {'kernel', 'bias'}, ...}, 'thresholds':
-{...}}`; in a compressed model, e.g. sparse or quantized kernels, each layer
-and the thresholds as one uint8 leaf of entropy-coded frames,
-`params/trunk_0/entropy_coded`, stored as plain zarr), and
-`metadata` (JSON: format, kind, version, config, metrics, dataset, library
-versions, timestamp, layout).
+{...}}`; in a compressed model, e.g. sparse or quantized kernels, every
+array of every leaf in one Brotli stream, the one uint8 leaf
+`entropy_coded`, stored as plain zarr), and `metadata` (compact JSON:
+format, kind, version, config, metrics, dataset, library versions,
+timestamp, layout; `dnnr_jax.io.lean_metadata` leaves out the copies of
+other entries, and `read_metadata` puts them back).
 Plain `ocp.StandardCheckpointer().restore(path / 'variables')` shows the
 model; `restore_sharded` restores a dense one into any mesh's shardings.
 Periodic checkpoints (`--resume`) are the same, with a third item
@@ -31,6 +32,7 @@ import dataclasses
 import datetime
 import functools
 import importlib.metadata
+import json
 import logging
 import math
 import os
@@ -48,7 +50,9 @@ from dnnr_jax.compress.quantize import QArray
 from dnnr_jax.compress.rules import check_rules
 from dnnr_jax.config import Config, config_from_dict
 from dnnr_jax.errors import CheckpointError, ConfigError, IntegrityError, QuantizationError
-from dnnr_jax.io import durable, integrity, storage
+from dnnr_jax.io import durable, integrity, lean_metadata, storage
+from dnnr_jax.io import layout as layout_lib
+from dnnr_jax.io.json_item import CompactJsonHandler, CompactJsonSave
 from dnnr_jax.model import DynamicMLP, init_variables, model_from_config, quantization_rules
 
 FORMAT = 'dnnr_jax'
@@ -60,10 +64,13 @@ FORMAT = 'dnnr_jax'
 # uint8 leaf of entropy-coded (Brotli) frames, `params/trunk_0/entropy_coded`;
 # 7: in a compressed model every layer and the thresholds coded so, the
 # variables stored without OCDBT (plain zarr, one file per array) and the
-# digests cut to 64 bits. 2 to 4 are read as blobs, unchecked; 5 to 7 by one
-# decoder.
-FORMAT_VERSION = 7
-READABLE_FORMAT_VERSIONS = (2, 3, 4, 5, 6, 7)
+# digests cut to 64 bits; 8: a compressed model's arrays all in one Brotli
+# stream, the one leaf `entropy_coded` (one file and one digest), the layout
+# one string per leaf (`io.layout`), the metadata compact JSON without copies
+# of other entries (`io.lean_metadata`). 2 to 4 are read as blobs, unchecked;
+# 5 to 8 by one decoder.
+FORMAT_VERSION = 8
+READABLE_FORMAT_VERSIONS = (2, 3, 4, 5, 6, 7, 8)
 BLOB_FORMAT_VERSIONS = (2, 3, 4)
 KINDS = {
     'final': ('final', 'model_v{version}_final'),
@@ -137,9 +144,11 @@ def checkpoint_items(
 
   `variables` become the model's own tree of arrays
   (`storage.encode_variables`); `metadata` gains the format marker, library
-  versions, a timestamp, the layout and the digests of the metadata and of
-  every array (`integrity.seal`). Final, pruned, quantized and periodic
-  checkpoints all go through here.
+  versions, a timestamp, the layout (`layout.pack_layout`) and the digests
+  of the metadata and of every array (`integrity.seal`), loses the copies of
+  other entries (`lean_metadata.lean`), and is written as compact JSON
+  (`json_item`; a periodic checkpoint's with Orbax's own JSON writer).
+  Final, pruned, quantized and periodic checkpoints all go through here.
 
   Args:
     variables: params and thresholds.
@@ -156,13 +165,17 @@ def checkpoint_items(
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
       'library_versions': library_versions(),
       **metadata,
-      'layout': storage.compact_layout(layout),
+      'layout': layout_lib.pack_layout(layout),
   }
+  metadata = lean_metadata.lean(json.loads(json.dumps(metadata)))
   digested = arrays if train_state is None else {**arrays, 'train_state': train_state}
   # Arrays sharded over several processes cannot be read whole here: a
   # multi-process run's periodic checkpoints digest their metadata only.
   metadata = integrity.seal(metadata, digested if integrity.readable(digested) else None)
-  items = {'variables': ocp.args.StandardSave(arrays), 'metadata': ocp.args.JsonSave(metadata)}
+  # A periodic checkpoint's manager reads 'metadata' back with Orbax's JsonRestore between
+  # saves, which binds the item to Orbax's JsonCheckpointHandler: it keeps that writer.
+  json_save = CompactJsonSave if train_state is None else ocp.args.JsonSave
+  items = {'variables': ocp.args.StandardSave(arrays), 'metadata': json_save(metadata)}
   if train_state is not None:
     items['train_state'] = ocp.args.StandardSave(train_state)
   return ocp.args.Composite(**items)
@@ -222,7 +235,7 @@ def storage_options(items: ocp.args.Composite
   A compressed model's variables are saved without OCDBT and without zarr's
   zstd (the frames are Brotli already): beside the arrays, OCDBT's manifests,
   B-trees and zarr metadata cost 2.6 kB in the 97 %-sparse 4-bit MNIST
-  model, plain zarr's six `.zarray` files 0.9 kB. Plain Orbax restores
+  model, plain zarr's `.zarray` file 0.15 kB. Plain Orbax restores
   either. A dense model keeps OCDBT and zstd, and
   `restore_sharded` reads it into any mesh's shardings.
   """
@@ -232,7 +245,7 @@ def storage_options(items: ocp.args.Composite
     return ocp.CompositeCheckpointHandler(), items
   handler = ocp.CompositeCheckpointHandler(
       variables=ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False),
-      metadata=ocp.JsonCheckpointHandler())
+      metadata=CompactJsonHandler())
   return handler, ocp.args.Composite(variables=ocp.args.PyTreeSave(arrays),
                                      metadata=items['metadata'])
 
@@ -298,9 +311,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         f'{path} is damaged or was edited: its metadata lost the digests recorded when it '
         'was saved; restore it from a copy or write it again with dnnr.')
   integrity.verify_metadata(path, metadata)
+  if metadata['format_version'] >= 8:
+    metadata = lean_metadata.full(metadata)
   if metadata['format_version'] >= 4:  # Earlier formats stored the layout expanded.
     try:
-      metadata['layout'] = storage.expand_layout(metadata.get('layout'))
+      metadata['layout'] = (layout_lib.unpack_layout if metadata['format_version'] >= 8
+                            else storage.expand_layout)(metadata.get('layout'))
     except ValueError as error:
       raise CheckpointError(
           f'{path} has a damaged layout in its metadata ({error}); write it again '
@@ -352,6 +368,7 @@ def restore_sharded(path: str | os.PathLike, target: Any) -> Any:
   layout = metadata['layout']
   if metadata['format_version'] in BLOB_FORMAT_VERSIONS or any(
       spec['encoding'] != 'dense' or spec['kind'] != 'array' or 'frames' in spec
+      or 'stream' in spec
       for spec in layout.values()):
     raise CheckpointError(
         f'{path} stores encoded (sparse or quantized) arrays, which cannot be restored '
@@ -561,6 +578,7 @@ def _check_layout(path: pathlib.Path, layout: dict[str, Any], model, num_feature
   shapes = {'/'.join(str(getattr(key, 'key', key)) for key in key_path): list(leaf.shape)
             for key_path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
   largest = max(math.prod(shape) for shape in shapes.values())
+  stream = streamed = 0
   try:
     for name, spec in layout.items():
       shape = [int(size) for size in spec['shape']]
@@ -576,6 +594,11 @@ def _check_layout(path: pathlib.Path, layout: dict[str, Any], model, num_feature
         frame = spec.get('frames', {}).get(array_name, 0)
         if frame > stored * np.dtype(dtype).itemsize:
           raise refuse(f'{name} codes {stored} values in a frame of {frame} bytes')
+        if 'stream' in spec:
+          streamed += stored * np.dtype(dtype).itemsize
+      stream = max(stream, int(spec.get('stream', 0)))
+    if stream > streamed:
+      raise refuse(f'its stream of {stream} bytes codes {streamed} bytes of values')
   except (KeyError, TypeError, ValueError, AttributeError) as error:
     raise refuse(f'its layout is malformed ({_short(error)})') from None
 

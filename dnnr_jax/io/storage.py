@@ -12,14 +12,16 @@ instead of 4·n; for int8 weights (1 + 1)·(1 − s)·n.
 pytree (QArrays included), keeping the model's tree, and `decode_variables`
 restores it exactly. A float32 array whose every value float16 holds exactly
 (quantization scales and the biases of quantized models are rounded so) is
-stored as float16. In a model with an encoded leaf, each layer (and the
-thresholds) is stored as one uint8 leaf, `params/trunk_0/entropy_coded`, of
-its arrays' entropy-coded frames (`dnnr_jax.io.entropy`; checkpoint format 6
-coded only the layers with an encoded leaf, format 7 every group); format 5
-kept each encoding's arrays as named leaves
-(`params/trunk_0/kernel/{gaps, values}`), which `decode_variables` still
-reads. Checkpoint formats 2 to 4 packed all arrays
-into one blob per dtype; `decode_blobs` reads them.
+stored as float16. In a model with an encoded leaf, every array of every
+leaf goes into one Brotli stream, the one uint8 leaf `entropy_coded`
+(`dnnr_jax.io.entropy`; checkpoint format 8). `decode_variables` still reads
+formats 6 and 7, which stored each layer as one uint8 leaf of frames,
+`params/trunk_0/entropy_coded` (format 6 only the layers with an encoded
+leaf, format 7 every group), and format 5, which kept each encoding's arrays
+as named leaves (`params/trunk_0/kernel/{gaps, values}`). Checkpoint
+formats 2 to 4 packed all arrays into one blob per dtype; `decode_blobs`
+reads them. The format-4 to 7 layout rows are `compact_layout` and
+`expand_layout`; format 8's are in `dnnr_jax.io.layout`.
 """
 
 from __future__ import annotations
@@ -116,42 +118,45 @@ def encode_variables(
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
   """The arrays to save for a variables pytree, as the model's own tree, and a JSON layout.
 
-  This is the one step between a model and what Orbax writes: the result
-  keeps the variables' tree ('params/trunk_0/kernel', ...). A leaf stored
-  dense stays a leaf (a `jax.Array` stays one, with its sharding, so every
-  process writes its own shards). Where a leaf is encoded (a sparse kernel
-  `{'gaps', 'values'}`, a QArray `{'codes' | 'packed' | 'gaps', 'values',
-  'scale'[, 'zero_point']}`), every layer, and the thresholds, becomes one
-  uint8 leaf named `CODED` under it (`params/trunk_0/entropy_coded`): the
-  frames of every array of its leaves, bias included, each entropy-coded on
-  its own (`dnnr_jax.io.entropy`).
+  This is the one step between a model and what Orbax writes. A leaf stored
+  dense stays a leaf of the variables' tree ('params/trunk_0/kernel'; a
+  `jax.Array` stays one, with its sharding, so every process writes its own
+  shards). Where a leaf is encoded (a sparse kernel `{'gaps', 'values'}`, a
+  QArray `{'codes' | 'packed' | 'gaps', 'values', 'scale'[, 'zero_point']}`),
+  every array of every leaf, biases and thresholds included, goes into one
+  Brotli stream, the one uint8 leaf `CODED` at the root of the tree
+  (`dnnr_jax.io.entropy`; checkpoint format 8).
 
   Args:
     variables: params and thresholds (QArrays allowed).
     compact: pick each leaf's smallest encoding (float arrays dense or
       sparse, float32 narrowed to float16 where exact; a QArray's codes
-      dense int8, packed int4 or sparse) and entropy-code each layer
-      with an encoded leaf. False stores every leaf as it is, as periodic
+      dense int8, packed int4 or sparse) and entropy-code the model if a
+      leaf is encoded. False stores every leaf as it is, as periodic
       checkpoints do so that they restore into sharded targets.
 
   Returns:
     (arrays, layout): the tree to save, and for each path such as
     'params/trunk_0/kernel' a JSON-ready spec of its encoding (with
-    'frames', each array's frame length, where its layer is coded);
-    `decode_variables` inverts it exactly.
+    'stream', the coded stream's length in bytes, where the leaf is in it,
+    and each array's byte offset in the decoded stream); `decode_variables`
+    inverts it exactly.
   """
   entries, layout = encode_leaves(variables, compact)
-  coded_layers = _coded_layers(entries, layout) if compact else {}
+  coded_leaves = _coded_leaves(entries, layout) if compact else []
   arrays: dict[str, Any] = {}
-  for parent, paths in coded_layers.items():
-    streams = [array for path in paths for array in entries[path].values()]
-    coded, lengths = entropy.encode_frames(streams)
-    frames = iter(lengths)
-    for path in paths:
-      layout[path]['frames'] = {name: next(frames) for name in entries[path]}
-    _put(arrays, f'{parent}/{CODED}', coded)
+  if coded_leaves:
+    coded = entropy.encode_stream(
+        [array for path in coded_leaves for array in entries[path].values()])
+    offset = 0
+    for path in coded_leaves:
+      layout[path]['stream'] = int(coded.size)
+      for array in layout[path]['arrays'].values():  # [shape, dtype, byte offset]
+        array[2] = offset
+        offset += math.prod(array[0]) * np.dtype(array[1]).itemsize
+    arrays[CODED] = coded
   for path, spec in layout.items():
-    if 'frames' not in spec:
+    if 'stream' not in spec:
       entry = entries[path]
       _put(arrays, path, entry['dense'] if _is_dense(spec) else entry)
   return arrays, layout
@@ -199,32 +204,22 @@ def encode_leaves(variables: Any, compact: bool = True
   return entries, layout
 
 
-def _coded_layers(entries: dict[str, dict], layout: dict[str, dict]) -> dict[str, list[str]]:
-  """The layers to entropy-code, each with its leaves' paths in layout order.
+def _coded_leaves(entries: dict[str, dict], layout: dict[str, dict]) -> list[str]:
+  """The leaves to entropy-code into the one stream, in layout order.
 
-  Where a layer has an encoded leaf (sparse, int4 or a QArray), every group
-  of leaves is coded, the thresholds and float layers too (format 7): each
-  array costs ~400 bytes of Orbax metadata and ~50 of digest. A model with
-  no encoded leaf (a final or periodic checkpoint) keeps plain leaves, so it
-  restores into shardings.
+  Where any leaf is encoded (sparse, int4 or a QArray), every leaf this
+  process holds whole is coded, the thresholds and float layers too: each
+  Orbax array costs a `.zarray` file, tree metadata and a digest (format 8).
+  A model with no encoded leaf (a final or periodic checkpoint) keeps plain
+  leaves, so it restores into shardings.
   """
-  layers: dict[str, list[str]] = {}
-  for path in layout:
-    if '/' in path:
-      layers.setdefault(path.rsplit('/', 1)[0], []).append(path)
-  taken = {name for path in layout for name in _prefixes(path)}
-  codable = {parent: paths for parent, paths in layers.items()
-             if all(_on_this_host(array) for path in paths for array in entries[path].values())
-             and f'{parent}/{CODED}' not in taken}
-  if not any(not _is_dense(layout[path]) for paths in codable.values() for path in paths):
-    return {}
+  if any(path.split('/', 1)[0] == CODED for path in layout):  # The name is taken.
+    return []
+  codable = [path for path in layout
+             if all(_on_this_host(array) for array in entries[path].values())]
+  if not any(not _is_dense(layout[path]) for path in codable):
+    return []
   return codable
-
-
-def _prefixes(path: str) -> list[str]:
-  """'a/b/c' -> ['a', 'a/b', 'a/b/c']: every node on the way to a leaf."""
-  parts = path.split('/')
-  return ['/'.join(parts[:end]) for end in range(1, len(parts) + 1)]
 
 
 def _is_dense(spec: dict[str, Any]) -> bool:
@@ -232,10 +227,17 @@ def _is_dense(spec: dict[str, Any]) -> bool:
 
 
 def abstract_variables(layout: dict[str, dict[str, Any]]) -> dict[str, Any]:
-  """The tree `encode_variables` saved, as shapes and dtypes to restore it."""
+  """The tree `encode_variables` saved, as shapes and dtypes to restore it.
+
+  A leaf with 'stream' is in the one coded leaf at the root (format 8); one
+  with 'frames' in its layer's coded leaf (formats 6 and 7).
+  """
   tree: dict[str, Any] = {}
   coded: dict[str, int] = {}
   for path, spec in layout.items():
+    if 'stream' in spec:
+      coded[CODED] = spec['stream']
+      continue
     if 'frames' in spec:
       parent = f'{path.rsplit("/", 1)[0]}/{CODED}'
       coded[parent] = coded.get(parent, 0) + sum(spec['frames'].values())
@@ -252,9 +254,9 @@ def decode_variables(arrays: dict[str, Any], layout: dict[str, dict[str, Any]]) 
   """Rebuilds the variables pytree (QArrays included) from the saved tree.
 
   Raises:
-    ValueError: a coded layer's frames do not decode (a damaged array).
+    ValueError: the coded stream or frames do not decode (a damaged array).
   """
-  decoded = _decode_layers(arrays, layout)
+  decoded = {**_decode_stream(arrays, layout), **_decode_layers(arrays, layout)}
   variables: dict[str, Any] = {}
   for path, spec in layout.items():
     if path in decoded:
@@ -267,9 +269,25 @@ def decode_variables(arrays: dict[str, Any], layout: dict[str, dict[str, Any]]) 
   return variables
 
 
+def _decode_stream(arrays: dict[str, Any], layout: dict[str, dict[str, Any]]
+                   ) -> dict[str, dict[str, np.ndarray]]:
+  """The arrays of every leaf in the one coded stream (format 8), by path and name."""
+  names = [(path, name) for path, spec in layout.items() if 'stream' in spec
+           for name in spec['arrays']]
+  if not names:
+    return {}
+  specs = [(layout[path]['arrays'][name][1], layout[path]['arrays'][name][0])
+           for path, name in names]
+  decoded: dict[str, dict[str, np.ndarray]] = {}
+  streams = entropy.decode_stream(np.asarray(arrays[CODED]), specs)
+  for (path, name), stream in zip(names, streams, strict=True):
+    decoded.setdefault(path, {})[name] = stream
+  return decoded
+
+
 def _decode_layers(arrays: dict[str, Any], layout: dict[str, dict[str, Any]]
                    ) -> dict[str, dict[str, np.ndarray]]:
-  """The arrays of every leaf of the coded layers, by path and name."""
+  """The arrays of every leaf of the coded layers (formats 6 and 7), by path and name."""
   layers: dict[str, list[str]] = {}
   for path, spec in layout.items():
     if 'frames' in spec:
@@ -308,7 +326,7 @@ def encode_blobs(variables: Any) -> tuple[dict[str, Any], dict[str, dict[str, An
 
 
 def compact_layout(layout: dict[str, dict[str, Any]]) -> list[list[Any]]:
-  """`encode_variables`' layout as short rows, for the checkpoint's JSON metadata.
+  """A layout as formats 4 to 7 stored it: short rows (format 8: `io.layout.pack_layout`).
 
   One row per leaf, in blob order: [path, dtype, shape, encoding, arrays]
   with arrays [[name, dtype, shape(, frame length)], ...] (the frame

@@ -205,7 +205,9 @@ class _Search:
       quantize = dataclasses.replace(
           recipe, mode=budget.quantize_mode, bits=bits, finetune_epochs=budget.quantize_epochs,
           distill=recipe.distill if fine_tuned else 0.0,
-          augment_shift=recipe.augment_shift if fine_tuned else 0)
+          augment_shift=recipe.augment_shift if fine_tuned else 0,
+          activations=recipe.activations if budget.quantize_mode in ('dynamic', 'qat')
+          else 'per_row')
       rung.append(self._trial(sparsity, bits, {'prune': dataclasses.asdict(prune),
                                                'quantize': dataclasses.asdict(quantize)},
                               lambda version, quantize=quantize: compress_jobs.quantize_checkpoint(

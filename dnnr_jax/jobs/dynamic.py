@@ -15,12 +15,14 @@ For an early-exit checkpoint with a validation split:
   and in onnxruntime (default session, and one intra-op thread), both
   exports written and checked by `io.export`.
 
-Timings interleave the two models of one engine (each round runs both once)
-and report medians, so a busy shared machine slows both alike. The engines
-are timed one after another, not interleaved with each other: between two
-batch-1 calls of always-deep, the other engines' models would push its 1.2 MB
-of weights out of the core's cache and add tens of microseconds to it, which
-a model serving calls one after another does not pay. The pipeline report,
+Timings alternate the two models of one engine and report medians, so a
+busy shared machine slows both alike: throughput rounds run each model over
+the test set in turn; batch-1 calls run in blocks of `LATENCY_BLOCK` calls
+of one model, then the other's. A model serving requests runs call after
+call with its own weights and code in the core's cache. Alternating call by
+call would make each batch-1 call pay for the other model evicting them
+(always-deep's 1.2 MB of weights, say), tens of microseconds against calls of
+15 to 40; so the engines, too, are timed one after another, not interleaved. The pipeline report,
 `dnnr benchmark --dynamic` and scripts/dynamic_inference.py all call
 `run_report`.
 """
@@ -49,6 +51,7 @@ from dnnr_jax.model import EarlyExitMLP
 
 BUDGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 1.0)
 ROUNDS = 5
+LATENCY_BLOCK = 200  # batch-1 calls of one model before the other's
 THROUGHPUT_BATCH = 256
 # 'jax' is host to host (NumPy in, checked, NumPy out: `predict_with_routes`);
 # 'jax on device' the jitted model on inputs already on the device.
@@ -164,9 +167,9 @@ def wall_time(path, *, data_dir=None, dataset: Dataset | None = None, onnx_dir=N
 
 
 def _on_device(loaded: checkpoint_lib.LoadedModel) -> Callable:
-  """Runs the jitted model on device arrays and waits for its outputs (no host copies)."""
+  """Runs the jitted model on device arrays (no host copies); the caller waits for the outputs."""
   apply = jax.jit(loaded.model.apply)
-  return lambda inputs: jax.block_until_ready(apply(loaded.variables, inputs))
+  return lambda inputs: apply(loaded.variables, inputs)
 
 
 def speedups(figures: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -189,8 +192,11 @@ def _interleaved(runners: dict[str, Callable], workloads: list[list[np.ndarray]]
 
   Each workload is a list of batches. Without `per_call`, each of `ROUNDS`
   rounds times a full pass of every runner in turn and the median pass time
-  is kept. With `per_call`, each batch is timed once per runner, runners
-  alternating batch by batch, and the median call time is kept.
+  is kept: a pass dispatches every batch and then waits for all the results,
+  as a server streaming batches does (JAX overlaps the next dispatch with
+  the running computation). With `per_call`, each batch is timed once per
+  runner, waiting for its result, runners alternating every `LATENCY_BLOCK`
+  batches, and the median call time is kept.
   """
   for run in runners.values():  # Warm up: compile, allocate.
     for workload in workloads:
@@ -200,17 +206,17 @@ def _interleaved(runners: dict[str, Callable], workloads: list[list[np.ndarray]]
   for workload in workloads:
     times: dict[str, list[float]] = {name: [] for name in runners}
     if per_call:
-      for batch in workload:
+      for first in range(0, len(workload), LATENCY_BLOCK):
         for name, run in runners.items():
-          start = time.perf_counter()
-          run(batch)
-          times[name].append(time.perf_counter() - start)
+          for batch in workload[first:first + LATENCY_BLOCK]:
+            start = time.perf_counter()
+            jax.block_until_ready(run(batch))
+            times[name].append(time.perf_counter() - start)
     else:
       for _ in range(ROUNDS):
         for name, run in runners.items():
           start = time.perf_counter()
-          for batch in workload:
-            run(batch)
+          jax.block_until_ready([run(batch) for batch in workload])
           times[name].append(time.perf_counter() - start)
     for name in runners:  # An empty workload (no hard input, say) has no time.
       results[name].append(statistics.median(times[name]) if times[name] else None)

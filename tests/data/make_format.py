@@ -1,7 +1,8 @@
 """Writes tests/data/formatN: a real format-N checkpoint, and the variables it must load as.
 
 N is the format of the `dnnr_jax` it runs with. Run once per format with its
-writer: format 5 with commit cf6867e, format 6 with commit b265141; the test
+writer: format 5 with commit cf6867e, format 6 with commit b265141, format 7 with
+commit 080decd; the test
 that reads them (tests/test_checkpoint.py) needs only the written files.
 Every encoding occurs: a float sparse kernel, int4 codes sparse and packed,
 int8 codes dense and asymmetric with a zero point, float16-narrowed and
