@@ -3,8 +3,9 @@
 The search (`compress_to_budget`, settings `BudgetConfig`: a config's
 `compress.budget`) climbs a ladder of sparsities. Each rung prunes the source
 gradually (LAMP or global magnitude scores, the source's `compress.prune`
-recipe for distillation and rate), then quantizes that pruned model to each
-bit width asked; every trial is judged on the validation split only. Climbing
+recipe for distillation, augmentation and rate), then quantizes that pruned
+model to each bit width asked (QAT with the source's `compress.quantize`
+distillation and augmentation); every trial is judged on the validation split only. Climbing
 stops at the first rung whose trials all miss the budget. Of the trials within
 it, the one with the fewest bytes on disk is written as a new versioned
 checkpoint under `<models>/pruned/` or `<models>/quantized/`; its test accuracy
