@@ -425,7 +425,7 @@ class BudgetConfig:
   bits: tuple[int, ...] = (8, 4)
   finetune_epochs: int = 10
   quantize_mode: str = 'qat'
-  quantize_epochs: int = 2
+  quantize_epochs: int = 10
   in_pipeline: bool = False
 
   def validate(self) -> None:
