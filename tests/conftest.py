@@ -12,19 +12,55 @@ import pytest
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
-# One persistent compilation cache per test process, inherited by the CLI
-# runs it starts: the same train steps and models compile in many modules
-# and subprocesses. Removed when the process ends.
-_JAX_CACHE = tempfile.mkdtemp(prefix='dnnr_jax_tests_jax_cache_')
-atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+# One persistent compilation cache for the whole session: made by the first
+# process (pytest itself, or its xdist controller), inherited through the
+# environment by the xdist workers and by every CLI run they start, so a
+# train step or model compiled in one of them loads in all the others.
+# Removed when the process that made it ends.
+_CACHE_VARIABLE = 'DNNR_TESTS_JAX_CACHE'
+_JAX_CACHE = os.environ.get(_CACHE_VARIABLE)
+if not _JAX_CACHE:
+  _JAX_CACHE = os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix='dnnr_jax_tests_jax_cache_')
+  atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
 for _name, _value in (('jax_compilation_cache_dir', _JAX_CACHE),
                       ('jax_persistent_cache_min_compile_time_secs', 0),
                       ('jax_persistent_cache_min_entry_size_bytes', 0)):
   jax.config.update(_name, _value)
   os.environ[_name.upper()] = str(_value)
 
+# The slowest test files, slowest first (by --durations on 2 idle cores). xdist
+# hands whole files to its two workers in collection order (pyproject:
+# --dist loadfile --no-loadscope-reorder), so these start first and the many
+# short files fill in at the end, instead of a long file starting last.
+SLOW_FIRST = (
+    'test_pipeline.py', 'test_dynamic_inference.py', 'test_budget.py',
+    'test_quantized_parity.py', 'test_cli.py', 'test_parallel.py', 'test_distributed.py',
+    'test_reliability.py', 'test_compress_jobs.py', 'test_cli_compress.py', 'test_export.py',
+    'test_guard.py', 'test_batch_quant.py',
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """The files in SLOW_FIRST first, in its order; the others after, as collected."""
+  rank = {name: index for index, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = ROOT / 'configs' / 'smoke.yaml'
+
+
+def without_validation(path: pathlib.Path, models_dir: pathlib.Path) -> pathlib.Path:
+  """`path`'s weights saved as final v1.0 under `models_dir` with data.validation_size = 0:
+  a model trained without a validation split, for the checks that refuse or warn on one."""
+  from dnnr_jax.io import checkpoint
+
+  source = checkpoint.load_model(path)
+  config = source.config.to_dict()
+  config['data']['validation_size'] = 0
+  return checkpoint.save_checkpoint(
+      checkpoint.checkpoint_path(models_dir, 'final', '1.0').absolute(), source.variables,
+      {**source.metadata, 'config': config})
 
 
 def tree_allclose(actual, expected, **tolerances) -> None:

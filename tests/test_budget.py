@@ -13,7 +13,7 @@ from dnnr_jax.jobs import budget as budget_jobs
 from dnnr_jax.jobs import train as jobs
 from dnnr_jax.train import evaluate
 from tests.cli_helpers import assert_one_line_error, one_json, run, run_all
-from tests.conftest import SMOKE_CONFIG
+from tests.conftest import SMOKE_CONFIG, without_validation
 
 MODULE = (sys.executable, '-m', 'dnnr_jax')
 # Two rungs, 8 bits, one fine-tuning epoch each: four trials in seconds.
@@ -28,8 +28,7 @@ def sources(tmp_path_factory):
   final, _ = jobs.train_and_save(
       load_config(SMOKE_CONFIG, ['training.epochs=3', 'data.validation_size=200']),
       models_dir=root / 'models')
-  plain, _ = jobs.train_and_save(load_config(SMOKE_CONFIG, ['training.epochs=1']),
-                                 models_dir=root / 'plain')
+  plain = without_validation(final, root / 'plain')
   return root, final, plain
 
 

@@ -16,7 +16,7 @@ from dnnr_jax.jobs import guard
 from dnnr_jax.jobs import train as jobs
 from dnnr_jax.train import evaluate
 from tests.cli_helpers import assert_one_line_error, one_json, run, run_all
-from tests.conftest import ROOT, SMOKE_CONFIG
+from tests.conftest import ROOT, SMOKE_CONFIG, without_validation
 
 MODULE = (sys.executable, '-m', 'dnnr_jax')
 # One-shot, no fine-tuning: a sure loss of validation accuracy, in seconds.
@@ -81,9 +81,8 @@ def test_within_budget_and_quantize_measure_silently(root, final):
   assert abs(result.validation_drop) < 5  # int8 of a float model: close to its source.
 
 
-def test_no_validation_split_warns_once_and_does_not_fail(root):
-  path, _ = jobs.train_and_save(load_config(SMOKE_CONFIG, ['training.epochs=1']),
-                                models_dir=root / 'plain')
+def test_no_validation_split_warns_once_and_does_not_fail(root, final):
+  path = without_validation(final, root / 'plain')
   with pytest.warns(AccuracyWarning, match='no validation split') as caught:
     result = compress_jobs.prune_checkpoint(path, HARSH, max_drop=0.0)
   assert len(caught) == 1

@@ -74,18 +74,30 @@ def test_every_onnx_agrees_with_its_checkpoint(first_run):
     assert rows[f'{kind} onnx']['route_agreement'] == 1.0
 
 
-def test_report_numbers_equal_dnnr_evaluate(first_run):
+@pytest.fixture(scope='module')
+def evaluated(first_run):
+  """`dnnr models` and `dnnr evaluate` of each checkpoint the first run wrote, side by side."""
+  models, summary = first_run
+  results = run_all({
+      'models': (sys.executable, '-m', 'dnnr_jax', 'models', '--models-dir', models, '--json'),
+      **{row['artifact']: (sys.executable, '-m', 'dnnr_jax', 'evaluate', row['path'], '--json')
+         for row in summary['rows'][:3]}})
+  return one_json(results.pop('models'))['entries'], {
+      artifact: one_json(result) for artifact, result in results.items()}
+
+
+def test_report_numbers_equal_dnnr_evaluate(first_run, evaluated):
   _, summary = first_run
+  _, metrics = evaluated
+  assert list(metrics) == ['final', 'pruned', 'quantized']
   for row in summary['rows'][:3]:
-    evaluated = one_json(run(sys.executable, '-m', 'dnnr_jax', 'evaluate', row['path'], '--json'))
-    assert evaluated['accuracy'] == row['test_accuracy']
-    assert evaluated['deep_fraction'] == row['deep_fraction']
+    assert metrics[row['artifact']]['accuracy'] == row['test_accuracy']
+    assert metrics[row['artifact']]['deep_fraction'] == row['deep_fraction']
 
 
-def test_dnnr_models_lists_every_artifact_and_cards_carry_dnnr_evaluate(first_run):
-  models, _ = first_run
-  listed = one_json(run(sys.executable, '-m', 'dnnr_jax', 'models', '--models-dir', models,
-                        '--json'))['entries']
+def test_dnnr_models_lists_every_artifact_and_cards_carry_dnnr_evaluate(first_run, evaluated):
+  models, summary = first_run
+  listed, metrics = evaluated
   parents = {row['ref']: row['parent'] and pathlib.Path(row['parent']).name for row in listed}
   assert parents == {
       'final:1.0': None, 'final:1.0.onnx': 'model_v1.0_final',
@@ -93,14 +105,16 @@ def test_dnnr_models_lists_every_artifact_and_cards_carry_dnnr_evaluate(first_ru
       'quantized:1.0': 'pruned_model_v1.0', 'quantized:1.0.onnx': 'quantized_model_v1.0'}
   assert {row['state'] for row in listed} == {'ok'}
   paths = {row['ref']: row['path'] for row in listed}
-  evaluated = run_all({ref: (sys.executable, '-m', 'dnnr_jax', 'evaluate', paths[ref], '--json')
-                       for ref in ('final:1.0', 'quantized:1.0')})
-  for ref, result in evaluated.items():
-    metrics = one_json(result)
+  # The listed checkpoints are the ones `dnnr evaluate` measured.
+  evaluated_paths = {row['artifact']: row['path'] for row in summary['rows'][:3]}
+  for artifact in ('final', 'quantized'):
+    ref = f'{artifact}:1.0'
+    assert pathlib.Path(paths[ref]) == pathlib.Path(evaluated_paths[artifact])
     card = pathlib.Path(paths[ref] + '.card.md').read_text()
     assert card.startswith('---\nlibrary_name: dnnr_jax\n')
     for key in ('accuracy', 'loss', 'deep_fraction'):
-      assert f"| test {key.replace('_', ' ')} | {metrics[key]:.6f} |" in card, (ref, key)
+      assert f"| test {key.replace('_', ' ')} | {metrics[artifact][key]:.6f} |" in card, (
+          ref, key)
     assert f'dnnr evaluate {models.name}/' in card and 'onnxruntime.InferenceSession' in card
 
 
