@@ -28,24 +28,6 @@ for _name, _value in (('jax_compilation_cache_dir', _JAX_CACHE),
   jax.config.update(_name, _value)
   os.environ[_name.upper()] = str(_value)
 
-# The slowest test files, slowest first (by --durations on 2 idle cores). xdist
-# hands whole files to its two workers in collection order (pyproject:
-# --dist loadfile --no-loadscope-reorder), so these start first and the many
-# short files fill in at the end, instead of a long file starting last.
-SLOW_FIRST = (
-    'test_pipeline.py', 'test_dynamic_inference.py', 'test_budget.py',
-    'test_quantized_parity.py', 'test_cli.py', 'test_parallel.py', 'test_distributed.py',
-    'test_reliability.py', 'test_compress_jobs.py', 'test_cli_compress.py', 'test_export.py',
-    'test_guard.py', 'test_batch_quant.py',
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-  """The files in SLOW_FIRST first, in its order; the others after, as collected."""
-  rank = {name: index for index, name in enumerate(SLOW_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
-
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = ROOT / 'configs' / 'smoke.yaml'
 
