@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -268,11 +269,21 @@ def test_a_pipeline_killed_in_training_resumes_from_its_periodic_checkpoint(tmp_
 # Ctrl-C.
 
 
-def test_an_interrupt_during_a_save_waits_for_it():
+@pytest.fixture
+def python_ctrl_c():
+  """Python's own Ctrl-C handler, even where the test runner's shell ignores SIGINT."""
+  original = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, original)
+
+
+def test_an_interrupt_during_a_save_waits_for_it(python_ctrl_c):
   finished = []
   with pytest.raises(KeyboardInterrupt):
     with durable.deferred_interrupt():
-      os.kill(os.getpid(), signal.SIGINT)
+      # To this thread: a process-wide kill may land on one of JAX's threads, and
+      # the main thread then sees it only later.
+      signal.pthread_kill(threading.get_ident(), signal.SIGINT)
       time.sleep(0.05)
       finished.append(True)
   assert finished == [True]
