@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from dnnr_jax.compress import layers, quantize
 from dnnr_jax.compress.rules import Rule, check_rules
@@ -137,3 +138,25 @@ def test_the_export_is_quantize_dynamics_form_and_equals_jax(exported, mode, tmp
     np.testing.assert_array_equal(onnx_routes, np.asarray(routes))
     np.testing.assert_allclose(onnx_logits, np.asarray(logits), rtol=0,
                                atol=1e-5 * np.max(np.abs(logits)))
+
+
+def test_wide_weights_go_in_unsigned_so_no_cpu_saturates(exported):
+  """8-bit weights are u8u8 (w + 128, zero point 128), 4-bit ones u8s8 within AVX2's int16 pairs."""
+  runs, images = exported
+  for mode, unsigned_layers in (('dynamic', 5), ('qat', 0)):
+    model = onnx.load(runs[mode][1])
+    integers = [node for node in model.graph.node if node.op_type == 'MatMulInteger']
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(node.input[1])
+                              for node in integers)
+    weights = ReferenceEvaluator(probe).run([node.input[1] for node in integers],
+                                            {'input': images[:1]})
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    assert sum(value.dtype == np.uint8 for value in weights) == unsigned_layers
+    for node, value in zip(integers, weights, strict=True):
+      if value.dtype == np.uint8:  # u8u8: x86 kernels add its products in int32
+        assert len(node.input) == 4 and int(constants[node.input[3]]) == 128
+        assert np.max(np.abs(value.astype(np.int32) - 128)) > 64
+      else:  # u8s8: AVX2 adds pairs of uint8 x int8 products in int16, which must fit
+        assert value.dtype == np.int8 and len(node.input) == 3
+        assert 2 * 255 * int(np.max(np.abs(value.astype(np.int32)))) <= 32767

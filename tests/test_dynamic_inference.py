@@ -82,7 +82,10 @@ def test_calibration_meets_the_budget_on_validation(trained, tmp_path):
   assert abs(calibration['validation']['compute_fraction'] - budget) <= one_example
   assert measured['deep_fraction'] == pytest.approx(calibration['validation']['deep_fraction'])
   assert measured['accuracy'] == pytest.approx(calibration['validation']['accuracy'])
-  assert summary['metrics']['validation'] == measured
+  # The loss is a mean over differently shaped matmuls (buckets against one
+  # pass); some CPUs' kernels round it apart in the seventh digit.
+  recorded = summary['metrics']['validation']
+  assert recorded == {**measured, 'loss': pytest.approx(measured['loss'], rel=1e-6)}
   assert calibration['budget'] == budget and calibration['router'] == 'confidence'
   assert float(model.variables['thresholds']['confidence']) == pytest.approx(
       calibration['thresholds']['confidence'])

@@ -12,10 +12,12 @@ The file stays standard ONNX. Both passes compute what they replace exactly:
 `quantize_batch` is `DynamicQuantizeLinear`'s definition, and
 (a - z) @ w = `MatMulInteger(a, w, z)` in int32.
 
-The 8-bit form is exact where onnxruntime's u8s8 kernel accumulates in int32
-(AVX-512 VNNI, AVX-VNNI, AMX, ARM); its AVX2-only kernel adds pairs of
-uint8 x int8 products in int16, which can saturate with |w| > 64 (4-bit
-weights never do), as with `quantize_dynamic`'s files.
+Both forms are exact on every CPU. Weights within |w| <= 64 (4-bit codes
+always) stay u8s8; wider ones (8-bit) are shifted to uint8 (w + 128, zero
+point 128: u8u8, `onnx_integer.unsigned_weights`), which onnxruntime fuses
+the same way. Its AVX2-only u8s8 kernel adds pairs of uint8 x int8 products
+in int16 and would saturate them, as it does in `quantize_dynamic`'s own
+8-bit files.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from dnnr_jax.io.onnx_integer import int8_source
+from dnnr_jax.io.onnx_integer import fits_u8s8, int8_source, max_abs, unsigned_weights
 from dnnr_jax.io.onnx_rewrite import NodeRewritePass, constant_value, replace
 
 
@@ -64,7 +66,8 @@ class BatchQuantizeLinearPass(NodeRewritePass):
 
 class CentredMatMulPass(NodeRewritePass):
   """`MatMul(Cast<int32>(a) - Cast<int32>(z), Cast<int32>(w))` -> `MatMulInteger(a, w, z)`
-  for uint8 codes a, a uint8 scalar zero point z and int8 weights w."""
+  for uint8 codes a, a uint8 scalar zero point z and int8 weights w; weights
+  wider than u8s8 keeps exact on AVX2 go in as `MatMulInteger(a, w + 128, z, 128)`."""
   op_type = 'MatMul'
 
   def rewrite(self, node: ir.Node) -> bool:
@@ -76,9 +79,13 @@ class CentredMatMulPass(NodeRewritePass):
         or zero_point.dtype != ir.DataType.UINT8 or zero_point.shape is None
         or len(zero_point.shape) != 0):
       return False
-    integer = ir.node('MatMulInteger', [codes, weights, zero_point],
-                      name=f'{node.name}_integer')
-    node.graph.insert_before(node, [integer])
+    inputs, new_nodes = [codes, weights, zero_point], []
+    widest = max_abs(weights)
+    if widest is None or not fits_u8s8(255, widest):
+      unsigned, weight_zero_point = unsigned_weights(node, weights, new_nodes)
+      inputs = [codes, unsigned, zero_point, weight_zero_point]
+    integer = ir.node('MatMulInteger', inputs, name=f'{node.name}_integer')
+    node.graph.insert_before(node, [*new_nodes, integer])
     integer.outputs[0].dtype, integer.outputs[0].shape = ir.DataType.INT32, node.outputs[0].shape
     replace(node.outputs[0], integer.outputs[0])
     node.graph.remove(node, safe=True)

@@ -29,7 +29,7 @@ class IntegerMatMulPass(NodeRewritePass):
   u8s8 is the form onnxruntime runs on its fast int8 kernels (VNNI, AMX);
   its s8s8 kernel is a portable loop several times slower than float on x86.
   Every form below gives the exact int32 products on every CPU, AVX2 alone
-  included (see `_pairs_fit`):
+  included (see `fits_u8s8`):
 
   * activation codes that cannot be negative (a ReLU's, [0, 127]) are cast
     to uint8 as they are, whatever the weights;
@@ -80,14 +80,14 @@ def to_uint8(node: ir.Node, activations: ir.Value, widest: int | None,
     activations stay as they are (s8s8, exact everywhere).
   """
   if activations.dtype == ir.DataType.UINT8:
-    return None if widest is None or not _pairs_fit(255, widest) else (activations, None, False)
+    return None if widest is None or not fits_u8s8(255, widest) else (activations, None, False)
   if widest is None:
     return activations, None, False
   if non_negative(activations):
     return cast(node, float_codes(activations) or activations, ir.DataType.UINT8,
                  'to_uint8', new_nodes), None, False
   activations, zero_point = _shift_to_uint8(node, activations, new_nodes)
-  return activations, zero_point, not _pairs_fit(255, widest)
+  return activations, zero_point, not fits_u8s8(255, widest)
 
 
 class RowQuantizeLinearPass(NodeRewritePass):
@@ -173,7 +173,7 @@ def max_abs(weights: ir.Value) -> int | None:
   return None if values is None else int(np.max(np.abs(values.astype(np.int32)), initial=0))
 
 
-def _pairs_fit(activation_max: int, weight_max: int) -> bool:
+def fits_u8s8(activation_max: int, weight_max: int) -> bool:
   """Whether uint8 activations up to `activation_max` times int8 weights up to
   `weight_max` in magnitude are exact on every CPU.
 
@@ -252,6 +252,26 @@ def weight_halves(node: ir.Node, weights: ir.Value, new_nodes: list) -> ir.Value
     value.dtype = ir.DataType.INT8
   new_nodes += [high, stacked]
   return stacked.outputs[0]
+
+
+def unsigned_weights(node: ir.Node, weights: ir.Value,
+                     new_nodes: list) -> tuple[ir.Value, ir.Value]:
+  """uint8 weights w + 128 and their zero point 128, for a u8u8 `MatMulInteger`.
+
+  onnxruntime's x86 u8u8 kernels widen both operands to int16 and add their
+  products in int32 (`vpmaddwd`), so any uint8 activations times any int8
+  weights are exact on every CPU, AVX2 alone included. The shift is a
+  constant expression of the int8 initializer, folded when the session is
+  created (appends the nodes).
+  """
+  graph = node.graph
+  wide = cast(node, weights, ir.DataType.INT16, 'weights_to_int16', new_nodes)
+  shifted = ir.node('Add', [wide, constant(graph, f'{node.name}_weight_offset', np.int16(128))],
+                    name=f'{node.name}_weights_shifted')
+  shifted.outputs[0].dtype, shifted.outputs[0].shape = ir.DataType.INT16, weights.shape
+  new_nodes.append(shifted)
+  unsigned = cast(node, shifted.outputs[0], ir.DataType.UINT8, 'weights_to_uint8', new_nodes)
+  return unsigned, constant(graph, f'{node.name}_weight_zero_point', np.uint8(128))
 
 
 def _shift_to_uint8(node, codes, new_nodes):
