@@ -10,8 +10,11 @@ float `Gemm`s in every form, so the ratios are those of the convolutions:
   conv_integer: static uint8 codes, `ConvInteger` (u8 x s8) -> Cast -> Mul ->
                 Add -> Relu -> QuantizeLinear, twice: what
                 `onnxruntime.quantization.quantize_dynamic` emits for a Conv.
-  qlinear:      QuantizeLinear -> `QLinearConv` (u8 x s8 -> u8, zero point 0, so
-                the saturation is the ReLU) twice -> DequantizeLinear.
+  qlinear:      QuantizeLinear -> `QLinearConv` (activation zero point 0, so the
+                saturation is the ReLU) twice -> DequantizeLinear. Its 8-bit
+                weights are uint8 codes + 128 with zero point 128, as `dnnr
+                export` writes them: onnxruntime's AVX2-only uint8 x int8 kernel
+                adds pairs of products in int16, which 2 * 255 * 127 saturates.
   qdq:          the same as QuantizeLinear/DequantizeLinear pairs around float
                 Convs, which onnxruntime's QDQ transformer fuses to QLinearConv.
   qlinear_int_head: `qlinear` with the dense head as MatMulInteger as well.
@@ -63,7 +66,10 @@ def weights(seed=0):
   w['sy1'], w['sy2'] = np.float32(a1.max() / 255), np.float32(a2.max() / 255)
   w['bq1'] = np.round(w['b1'] / (w['sx'] * w['s1'])).astype(np.int32)
   w['bq2'] = np.round(w['b2'] / (w['sy1'] * w['s2'])).astype(np.int32)
-  w['zu'], w['zw1'], w['zw2'] = np.uint8(0), np.zeros(32, np.int8), np.zeros(64, np.int8)
+  w['zu'] = np.uint8(0)
+  for i, size in (('1', 32), ('2', 64)):  # u8u8 forms: exact on every CPU
+    w['p' + i] = (w['q' + i].astype(np.int16) + 128).astype(np.uint8)
+    w['zp' + i] = np.full(size, 128, np.uint8)
   w['flat_shape'] = np.array([0, -1], np.int64)
   dscale = np.abs(w['d1']).max(0) / 127
   w['dq'] = np.round(w['d1'] / dscale).astype(np.int8)
@@ -119,8 +125,8 @@ def forms():
                          node('Conv', ['a1', 'w2', 'b2'], 'y2', **CONV), node('Relu', ['y2'], 'a2')]
   qlinear_convs = first + [
       node('QuantizeLinear', ['nchw', 'sx', 'zu'], 'x0'),
-      node('QLinearConv', ['x0', 'sx', 'zu', 'q1', 's1', 'zw1', 'sy1', 'zu', 'bq1'], 'u1', **CONV),
-      node('QLinearConv', ['u1', 'sy1', 'zu', 'q2', 's2', 'zw2', 'sy2', 'zu', 'bq2'], 'u2',
+      node('QLinearConv', ['x0', 'sx', 'zu', 'p1', 's1', 'zp1', 'sy1', 'zu', 'bq1'], 'u1', **CONV),
+      node('QLinearConv', ['u1', 'sy1', 'zu', 'p2', 's2', 'zp2', 'sy2', 'zu', 'bq2'], 'u2',
            **CONV)]
   integer = first + [node('QuantizeLinear', ['nchw', 'sx', 'zu'], 'x0')]
   qdq = first + [node('QuantizeLinear', ['nchw', 'sx', 'zu'], 'x0')]
@@ -131,7 +137,7 @@ def forms():
                 node('Add', [f'k{i}', f'b{i}_nchw'], f'h{i}'), node('Relu', [f'h{i}'], f'cr{i}'),
                 node('QuantizeLinear', [f'cr{i}', f'sy{i}', 'zu'], f'u{i}')]
     qdq += [node('DequantizeLinear', [x, scale, 'zu'], f'dx{i}'),
-            node('DequantizeLinear', [f'q{i}', f's{i}', f'zw{i}'], f'dw{i}', axis=0),
+            node('DequantizeLinear', [f'p{i}', f's{i}', f'zp{i}'], f'dw{i}', axis=0),
             node('DequantizeLinear', [f'bq{i}', f'sb{i}'], f'db{i}', axis=0),
             node('Conv', [f'dx{i}', f'dw{i}', f'db{i}'], f'qc{i}', **CONV),
             node('Relu', [f'qc{i}'], f'cr{i}'),
@@ -139,7 +145,7 @@ def forms():
   dequantized = [node('DequantizeLinear', ['u2', 'sy2', 'zu'], 'a2')]
   hybrid = float_convs[:3] + [
       node('QuantizeLinear', ['a1', 'sy1', 'zu'], 'u1'),
-      node('QLinearConv', ['u1', 'sy1', 'zu', 'q2', 's2', 'zw2', 'sy2', 'zu', 'bq2'], 'u2',
+      node('QLinearConv', ['u1', 'sy1', 'zu', 'p2', 's2', 'zp2', 'sy2', 'zu', 'bq2'], 'u2',
            **CONV)]
   return {'float': float_convs + float_head('a2'),
           'conv_integer': integer + dequantized + float_head('a2'),
@@ -170,16 +176,16 @@ def qlinear_codes(w, images):
   then 32), from QuantizeLinear(images)."""
   nodes = [node('Transpose', ['input'], 'nchw', perm=[0, 3, 1, 2]),
            node('QuantizeLinear', ['nchw', 'sx', 'zu'], 'x0'),
-           node('QLinearConv', ['x0', 'sx', 'zu', 'q1', 's1', 'zw1', 'sy1', 'zu', 'bq1'], 'u1',
+           node('QLinearConv', ['x0', 'sx', 'zu', 'p1', 's1', 'zp1', 'sy1', 'zu', 'bq1'], 'u1',
                 **CONV),
-           node('QLinearConv', ['u1', 'sy1', 'zu', 'q2', 's2', 'zw2', 'sy2', 'zu', 'bq2'], 'u2',
+           node('QLinearConv', ['u1', 'sy1', 'zu', 'p2', 's2', 'zp2', 'sy2', 'zu', 'bq2'], 'u2',
                 **CONV)]
   graph = helper.make_graph(
       nodes, 'conv', [helper.make_tensor_value_info('input', TensorProto.FLOAT, ['B', 28, 28, 1])],
       [helper.make_tensor_value_info('u1', TensorProto.UINT8, ['B', 32, 14, 14]),
        helper.make_tensor_value_info('u2', TensorProto.UINT8, ['B', 64, 7, 7])],
       [numpy_helper.from_array(np.asarray(w[k]), k)
-       for k in ('sx', 'zu', 'q1', 's1', 'zw1', 'sy1', 'bq1', 'q2', 's2', 'zw2', 'sy2', 'bq2')])
+       for k in ('sx', 'zu', 'p1', 's1', 'zp1', 'sy1', 'bq1', 'p2', 's2', 'zp2', 'sy2', 'bq2')])
   model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 21)])
   model.ir_version = 10
   onnx.checker.check_model(model, full_check=True)

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+from onnx import numpy_helper
 from flax import nnx
 
 import dnnr_jax
@@ -90,6 +91,14 @@ def test_export_is_qlinear_conv_and_equals_jax(linen, tmp_path):
   # the second's output is dequantized (then the model's last ReLU).
   assert ops.count('QuantizeLinear') == ops.count('DequantizeLinear') == 1
   assert ops.count('Clip') == ops.count('Relu') == 1
+  # 8-bit kernels go in as uint8 w + 128, zero point 128: AVX2's uint8 x int8 kernel adds
+  # pairs of products in int16 (2 * 255 * 127 saturates), its uint8 x uint8 one in int32.
+  initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.graph.initializer}
+  for conv in (node for node in graph.graph.node if node.op_type == 'QLinearConv'):
+    assert initializers[conv.input[5]].dtype == np.uint8
+    assert np.all(initializers[conv.input[5]] == 128)
+    shifted = next(node for node in graph.graph.node if node.output[0] == conv.input[3])
+    assert shifted.op_type == 'Cast' and shifted.attribute[0].i == onnx.TensorProto.UINT8
   session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
   ours = jax.jit(lambda x: apply({'params': quantized}, x))(inputs)
   # Exact: the same codes at every layer, the same float32 operations after them.

@@ -8,11 +8,17 @@ on int32 casts, which ONNX does not define:
   -> Cast<float> -> Mul(M) -> Round -> Add(z_y) -> Clip(0, 255) -> Sub(z_y) -> Mul(s_y)
 
 `StaticConvPass` rewrites it to standard ONNX that onnxruntime runs on its
-fast uint8 x int8 kernels:
+integer kernels:
 
   Flatten(x) -> Mul(1/s_x) -> QuantizeLinear(scale 1, z_x) -> Reshape -> Transpose
   -> QLinearConv(x_scale 1, z_x, w8, w_scale M, 0, y_scale 1, z_y, bias32)
   -> Transpose -> DequantizeLinear(s_y, z_y)
+
+A kernel with |w| > 64 (8-bit codes) goes in as uint8 w + 128 with zero
+point 128 (`onnx_integer.unsigned_weights`, folded when the session is
+created): onnxruntime's AVX2-only uint8 x int8 kernel adds pairs of products
+in int16, which 2 * 255 * 127 saturates; its uint8 x uint8 kernels add in
+int32 on every CPU.
 
 and where x is `Relu(DequantizeLinear(y, s, z))` of an earlier such output whose
 grid the layer shares (`compress.static_conv.calibrated`), the input codes are
@@ -33,6 +39,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from dnnr_jax.io.onnx_integer import fits_u8s8, unsigned_weights
 from dnnr_jax.io.onnx_rewrite import NodeRewritePass, constant, constant_value, replace
 
 _NCHW, _NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
@@ -65,10 +72,14 @@ class StaticConvPass(NodeRewritePass):
     first = ir.node('Transpose', [codes], {'perm': _NCHW}, name=f'{name}_channels_first')
     attributes = {key: value for key, value in node.attributes.items()
                   if key in ('strides', 'pads', 'dilations')}
+    weights = const('kernel', kernel)
+    if fits_u8s8(255, int(np.max(np.abs(kernel.astype(np.int32)), initial=0))):
+      weight_zero = const('kernel_zero', np.zeros(features, np.int8))
+    else:
+      weights, weight_zero = unsigned_weights(node, weights, new_nodes)
     conv = ir.node('QLinearConv', [
-        first.outputs[0], one, x_zero, const('kernel', kernel), const('multiplier', multiplier),
-        const('kernel_zero', np.zeros(features, np.int8)), one, y_zero, const('bias', bias)],
-        attributes, name=f'{name}_qlinear')
+        first.outputs[0], one, x_zero, weights, const('multiplier', multiplier),
+        weight_zero, one, y_zero, const('bias', bias)], attributes, name=f'{name}_qlinear')
     back = ir.node('Transpose', [conv.outputs[0]], {'perm': _NHWC}, name=f'{name}_channels_last')
     dequantized = ir.node('DequantizeLinear', [back.outputs[0], const('output_scale', np.float32(
         output_scale)), y_zero], name=f'{name}_dequantize')
