@@ -18,10 +18,9 @@ import yaml
 
 from dnnr_jax.config import PIXEL_MAX
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.io.model_details import Details, config_changes, details
+from dnnr_jax.io.model_details import Details, card_path, config_changes, details
 from dnnr_jax.io.registry import Entry, Registry, locate
 
-CARD_SUFFIX = '.card.md'
 ROUTING_LIMITS = {
     'per_sample': (
         'Routing is per sample: both the deep block and the shortcut run for every input and '
@@ -36,11 +35,6 @@ ROUTING_LIMITS = {
     'deep': 'Routing is fixed to the deep block: every input takes it; nothing is saved.',
     'shallow': 'Routing is fixed to the shortcut: the deep block never runs.',
 }
-
-
-def card_path(checkpoint: pathlib.Path) -> pathlib.Path:
-  """`models/final/model_v1.0_final.card.md` beside `models/final/model_v1.0_final`."""
-  return checkpoint.with_name(checkpoint.name + CARD_SUFFIX)
 
 
 def write_card(models_dir: str | os.PathLike, ref: str) -> pathlib.Path:

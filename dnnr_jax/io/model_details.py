@@ -18,6 +18,7 @@ from dnnr_jax.config import Config
 from dnnr_jax.io.registry import Entry, Registry, locate
 
 TRAINING_SECTIONS = ('data', 'model', 'thresholds', 'routing', 'training')
+CARD_SUFFIX = '.card.md'  # a checkpoint's model card: `card_path`
 # Metadata too long to list or compare key by key, or already shown elsewhere.
 LEFT_OUT = ('layout', 'history', 'integrity', 'format', 'library_versions')
 EXPORT_SETTINGS = ('dnnr_jax.routing', 'dnnr_jax.input', 'dnnr_jax.normalisation',
@@ -123,12 +124,15 @@ def config_changes(config: Mapping[str, Any]) -> dict[str, Any]:
   return {key: value for key, value in values.items() if defaults.get(key, object()) != value}
 
 
+def card_path(checkpoint: pathlib.Path) -> pathlib.Path:
+  """`models/final/model_v1.0_final.card.md` beside `models/final/model_v1.0_final`."""
+  return checkpoint.with_name(checkpoint.name + CARD_SUFFIX)
+
+
 def belonging_files(registry: Registry, checkpoint: Entry) -> dict[str, pathlib.Path]:
   """The card beside `checkpoint`, and the pipeline report and plots that made it."""
-  from dnnr_jax.io import model_card
-
   files = {}
-  card = model_card.card_path(checkpoint.path)
+  card = card_path(checkpoint.path)
   if card.is_file():
     files['card'] = card
   pipeline = checkpoint.metadata.get('pipeline')

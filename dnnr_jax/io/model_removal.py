@@ -16,7 +16,7 @@ import pathlib
 import shutil
 
 from dnnr_jax.errors import DnnrError
-from dnnr_jax.io.model_card import card_path
+from dnnr_jax.io.model_details import card_path
 from dnnr_jax.io.registry import KINDS, Entry, Registry, locate, scan
 
 
