@@ -28,7 +28,7 @@ from flax import nnx
 import dnnr_jax
 from dnnr_jax import compress
 from dnnr_jax.io.data import load_mnist_arrays
-from dnnr_jax.jobs.benchmark import compare_inference, machine
+from dnnr_jax.jobs.timing import compare_inference, machine
 
 
 class LinenCNN(nn.Module):
@@ -81,7 +81,7 @@ def accuracy(predict, images, labels):
 
 def serving_speed(paths, images):
   """Batch-1 latency (µs) and batch-256 throughput (images/s) of each ONNX file in
-  onnxruntime, the files timed side by side (`dnnr_jax.jobs.benchmark.compare_inference`)."""
+  onnxruntime, the files timed side by side (`dnnr_jax.jobs.timing.compare_inference`)."""
   sessions = {name: onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
               for name, path in paths.items()}
   runners = {name: (lambda batch, session=session: session.run(None, {'input': batch}))

@@ -3,7 +3,7 @@
 Builds the CNN of `scripts/compress_cnn.py` (Conv 32 3x3/2 -> Conv 64 3x3/2 ->
 Dense 128 -> Dense 10, NHWC input [B, 28, 28, 1]) by hand in several forms,
 from the same seeded weights, and times them side by side at batch 256 and 1
-(`dnnr_jax.jobs.benchmark.compare_inference`). The dense head is the same
+(`dnnr_jax.jobs.timing.compare_inference`). The dense head is the same
 float `Gemm`s in every form, so the ratios are those of the convolutions:
 
   float:        Conv + Relu, twice (onnxruntime runs them in its NCHWc layout).
@@ -43,7 +43,7 @@ import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
 from dnnr_jax.io.data import load_mnist_arrays
-from dnnr_jax.jobs.benchmark import compare_inference, machine
+from dnnr_jax.jobs.timing import compare_inference, machine
 
 CONV = {'strides': [2, 2], 'pads': [0, 0, 1, 1]}  # Flax 'SAME' for 28 -> 14 -> 7.
 

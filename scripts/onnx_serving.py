@@ -26,7 +26,7 @@ import onnxruntime
 from dnnr_jax.io.checkpoint import load_model
 from dnnr_jax.io.data import load_dataset
 from dnnr_jax.io.export import default_output
-from dnnr_jax.jobs.benchmark import compare_inference, machine
+from dnnr_jax.jobs.timing import compare_inference, machine
 
 
 def portable(path: pathlib.Path, inputs: np.ndarray) -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime
 
 from dnnr_jax.io.data import load_mnist_arrays
-from dnnr_jax.jobs.benchmark import compare_inference, machine
+from dnnr_jax.jobs.timing import compare_inference, machine
 
 
 def main():

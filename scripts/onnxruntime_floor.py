@@ -24,7 +24,7 @@ import onnx
 import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
-from dnnr_jax.jobs.benchmark import machine
+from dnnr_jax.jobs.timing import machine
 
 WIDTHS = (784, 256, 256, 128, 10)
 REPEATS = 7

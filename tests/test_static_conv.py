@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from onnx import numpy_helper
 from flax import nnx
+from onnx import numpy_helper
 
 import dnnr_jax
 from dnnr_jax import compress

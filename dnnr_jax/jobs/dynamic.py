@@ -46,7 +46,7 @@ from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import export
 from dnnr_jax.io.data import Dataset, load_dataset
 from dnnr_jax.jobs import calibrate
-from dnnr_jax.jobs.benchmark import machine, onnx_runner
+from dnnr_jax.jobs.timing import machine, onnx_runner
 from dnnr_jax.model import EarlyExitMLP
 
 BUDGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 1.0)

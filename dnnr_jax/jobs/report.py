@@ -21,6 +21,7 @@ import numpy as np
 from dnnr_jax.config import Config
 from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import durable
+from dnnr_jax.jobs import timing
 
 ARTIFACTS = ('final', 'pruned', 'quantized')
 # Batch-1 latency of the dynamic section: the first this many test images.
@@ -30,7 +31,6 @@ DYNAMIC_LATENCY_ROWS = 1000
 def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes) -> dict[str, Any]:
   """One row per artifact (three checkpoints, three ONNX files), measured now."""
   from dnnr_jax.io import storage
-  from dnnr_jax.jobs import benchmark
   from dnnr_jax.train import evaluate
 
   images, labels = (np.asarray(value) for value in dataset.test)
@@ -38,9 +38,9 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
   models = {kind: checkpoint_lib.load_model(paths[kind]) for kind in ARTIFACTS}
   _, final_routes = models['final'].predict_with_routes(images)
   final_bytes = storage.directory_bytes(paths['final'])
-  runners = {kind: benchmark.jax_runner(models[kind]) for kind in ARTIFACTS}
-  runners.update({f'{kind} onnx': benchmark.onnx_runner(onnx_paths[kind]) for kind in ARTIFACTS})
-  speeds = benchmark.compare_inference(runners, images[:benchmark.THROUGHPUT_BATCH], seconds)
+  runners = {kind: timing.jax_runner(models[kind]) for kind in ARTIFACTS}
+  runners.update({f'{kind} onnx': timing.onnx_runner(onnx_paths[kind]) for kind in ARTIFACTS})
+  speeds = timing.compare_inference(runners, images[:timing.THROUGHPUT_BATCH], seconds)
   rows = []
   for kind in ARTIFACTS:
     model = models[kind]
@@ -72,7 +72,7 @@ def build_report(config: Config, paths, onnx_paths, dataset, report_dir, hashes)
   return {
       'version': final_metadata['version'],
       'dataset': dataset.name,
-      'machine': benchmark.machine(),
+      'machine': timing.machine(),
       'config': config.to_dict(),
       'hashes': hashes,
       'rows': rows,
@@ -147,7 +147,7 @@ def markdown(report: dict[str, Any]) -> str:
       '',
       f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, JAX {machine['jax']} "
       f"({machine['backend']}). Latency: median per call at batch 1; throughput: "
-      'samples/s at batch 256 (see `dnnr_jax.jobs.benchmark`).',
+      'samples/s at batch 256 (see `dnnr_jax.jobs.timing`).',
       '',
       'Validation drop: validation accuracy lost against the source model, in percentage '
       'points (the accuracy guard, `compress.max_drop`).',
