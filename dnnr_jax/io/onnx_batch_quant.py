@@ -66,8 +66,8 @@ class BatchQuantizeLinearPass(NodeRewritePass):
 
 class CentredMatMulPass(NodeRewritePass):
   """`MatMul(Cast<int32>(a) - Cast<int32>(z), Cast<int32>(w))` -> `MatMulInteger(a, w, z)`
-  for uint8 codes a, a uint8 scalar zero point z and int8 weights w; weights
-  wider than u8s8 keeps exact on AVX2 go in as `MatMulInteger(a, w + 128, z, 128)`."""
+  for uint8 codes a, a uint8 scalar zero point z and int8 weights w; weights too
+  wide for u8s8 to stay exact on AVX2 go in as `MatMulInteger(a, w + 128, z, 128)`."""
   op_type = 'MatMul'
 
   def rewrite(self, node: ir.Node) -> bool:

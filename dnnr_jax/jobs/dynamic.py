@@ -46,13 +46,12 @@ from dnnr_jax.io import checkpoint as checkpoint_lib
 from dnnr_jax.io import export
 from dnnr_jax.io.data import Dataset, load_dataset
 from dnnr_jax.jobs import calibrate
-from dnnr_jax.jobs.timing import machine, onnx_runner
+from dnnr_jax.jobs.timing import THROUGHPUT_BATCH, machine, onnx_runner
 from dnnr_jax.model import EarlyExitMLP
 
 BUDGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 1.0)
 ROUNDS = 5
 LATENCY_BLOCK = 200  # batch-1 calls of one model before the other's
-THROUGHPUT_BATCH = 256
 # 'jax' is host to host (NumPy in, checked, NumPy out: `predict_with_routes`);
 # 'jax on device' the jitted model on inputs already on the device.
 ENGINES = ('jax', 'jax on device', 'onnxruntime', 'onnxruntime 1 thread')
