@@ -60,7 +60,7 @@ def _integer_operands(model, feeds):
     (TensorProto.INT8, 127, False, 'halves'),  # 8-bit weights: each multiplied in two halves
     (TensorProto.INT8, 127, True, 'unsigned'),  # a ReLU's codes lie in [0, 127]
     (TensorProto.UINT8, 7, False, 'unsigned'),
-    (TensorProto.UINT8, 127, False, 'int32'),  # no exact MatMulInteger: the MatMul stays
+    (TensorProto.UINT8, 127, False, 'u8u8'),  # wide weights shifted to uint8 + 128
 ])
 def test_integer_matmul_becomes_u8s8_matmul_integer_exact_on_avx2(
     activation_type, max_weight, relu, expected):
@@ -76,15 +76,16 @@ def test_integer_matmul_becomes_u8s8_matmul_integer_exact_on_avx2(
   np.testing.assert_array_equal(_run(optimized, x=x)[0], _run(model, x=x)[0])
   np.testing.assert_array_equal(ReferenceEvaluator(optimized).run(None, {'x': x})[0],
                                 _run(model, x=x)[0])
-  if expected == 'int32':
-    assert operators['MatMulInteger'] == 0 and operators['MatMul'] == 1
-    return
   assert operators['MatMulInteger'] == 1 and operators['MatMul'] == 0
   (activations, weights), integer = _integer_operands(optimized, {'x': x})
-  assert activations.dtype == np.uint8 and weights.dtype == np.int8  # u8s8, never s8s8
-  # AVX2's u8s8 kernel adds pairs of products in int16: they must fit.
-  assert 2 * int(activations.max()) * int(np.abs(weights.astype(np.int32)).max()) <= 32767
-  assert (len(integer.input) == 3) == (expected in ('shifted', 'halves'))  # zero point 128
+  assert activations.dtype == np.uint8
+  if expected == 'u8u8':  # u8u8 kernels widen to int16 and add in int32: any weights
+    assert weights.dtype == np.uint8 and len(integer.input) == 4
+  else:
+    assert weights.dtype == np.int8  # u8s8, never s8s8
+    # AVX2's u8s8 kernel adds pairs of products in int16: they must fit.
+    assert 2 * int(activations.max()) * int(np.abs(weights.astype(np.int32)).max()) <= 32767
+    assert (len(integer.input) == 3) == (expected in ('shifted', 'halves'))  # zero point 128
   assert (weights.shape[0] == 12) == (expected == 'halves')
   # The weights stay the int8 initializer; no int32 copy is kept.
   assert [t.data_type for t in optimized.graph.initializer

@@ -24,7 +24,7 @@ _INT8 = (ir.DataType.INT8, ir.DataType.UINT8)
 
 
 class IntegerMatMulPass(NodeRewritePass):
-  """`MatMul(Cast<int32>(a8), Cast<int32>(b8))` -> `MatMulInteger` on uint8 x int8 (u8s8).
+  """`MatMul(Cast<int32>(a8), Cast<int32>(b8))` -> `MatMulInteger` on uint8 codes.
 
   u8s8 is the form onnxruntime runs on its fast int8 kernels (VNNI, AMX);
   its s8s8 kernel is a portable loop several times slower than float on x86.
@@ -38,9 +38,12 @@ class IntegerMatMulPass(NodeRewritePass):
   * signed codes with wider weights are shifted too and multiply each
     weight in two halves of |w| <= 64: activations [a, a] times [w1; w2]
     with w1 + w2 = w. The halves are constant expressions that onnxruntime
-    folds when the session is created, so the file keeps one int8 kernel.
+    folds when the session is created, so the file keeps one int8 kernel;
+  * uint8 codes (up to 255) with weights wider than |w| <= 64 take the
+    weights as uint8 w + 128 with zero point 128 (u8u8, `unsigned_weights`).
 
-  Without constant weights the s8s8 `MatMulInteger` stays.
+  Without constant weights the s8s8 `MatMulInteger` stays, and uint8 codes
+  keep the int32 `MatMul`.
   """
   op_type = 'MatMul'
 
@@ -49,20 +52,26 @@ class IntegerMatMulPass(NodeRewritePass):
     if None in sources:
       return False
     activations, weights = sources
-    new_nodes = []
-    unsigned = to_uint8(node, activations, max_abs(weights), new_nodes)
-    if unsigned is None:
-      return False  # The int32 MatMul stays: slow, but exact.
-    activations, zero_point, halves = unsigned
-    if halves:
-      doubled = ir.node('Concat', [activations, activations], {'axis': -1},
-                        name=f'{node.name}_activations_twice')
-      doubled.outputs[0].dtype = ir.DataType.UINT8
-      new_nodes.append(doubled)
-      activations, weights = doubled.outputs[0], weight_halves(node, weights, new_nodes)
-    integer = ir.node(
-        'MatMulInteger', [activations, weights] + ([zero_point] if zero_point else []),
-        name=f'{node.name}_integer')
+    new_nodes, widest = [], max_abs(weights)
+    if (activations.dtype == ir.DataType.UINT8 and widest is not None
+        and not fits_u8s8(255, widest)):
+      # uint8 codes times wide weights: u8u8, whose kernels add in int32.
+      unsigned, weight_zero_point = unsigned_weights(node, weights, new_nodes)
+      inputs = [activations, unsigned,
+                constant(node.graph, f'{node.name}_zero_point', np.uint8(0)), weight_zero_point]
+    else:
+      unsigned = to_uint8(node, activations, widest, new_nodes)
+      if unsigned is None:
+        return False  # Weights not constant: the int32 MatMul stays, slow but exact.
+      activations, zero_point, halves = unsigned
+      if halves:
+        doubled = ir.node('Concat', [activations, activations], {'axis': -1},
+                          name=f'{node.name}_activations_twice')
+        doubled.outputs[0].dtype = ir.DataType.UINT8
+        new_nodes.append(doubled)
+        activations, weights = doubled.outputs[0], weight_halves(node, weights, new_nodes)
+      inputs = [activations, weights] + ([zero_point] if zero_point else [])
+    integer = ir.node('MatMulInteger', inputs, name=f'{node.name}_integer')
     substitute(node, [*new_nodes, integer], integer.outputs[0])
     integer.outputs[0].dtype = ir.DataType.INT32
     return True
@@ -76,8 +85,8 @@ def to_uint8(node: ir.Node, activations: ir.Value, widest: int | None,
   Returns:
     (uint8 activations, their zero point or None, whether each weight must be
     split in halves), or None when no exact u8s8 form exists (uint8 codes
-    against wide weights). With weights that are not constant the int8
-    activations stay as they are (s8s8, exact everywhere).
+    against wide or computed weights). With weights that are not constant the
+    int8 activations stay as they are (s8s8, exact everywhere).
   """
   if activations.dtype == ir.DataType.UINT8:
     return None if widest is None or not fits_u8s8(255, widest) else (activations, None, False)
