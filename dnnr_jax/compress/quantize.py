@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Iterable, Sequence
 
@@ -105,10 +106,14 @@ def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
   return (-qmax if symmetric else -qmax - 1), qmax
 
 
+@functools.partial(jax.jit, static_argnames=('bits', 'axis', 'symmetric'))
 def quantize(
     w: jax.Array, *, bits: int = 8, axis: int | None = -1, symmetric: bool = True
 ) -> QArray:
   """`bits`-bit codes of `w`, one scale per slice along `axis`; error <= scale / 2.
+
+  Jitted: one program per shape and setting, not a dozen eager operations
+  that XLA compiles one by one for every new shape.
 
   Args:
     w: the float array.
