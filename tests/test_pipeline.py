@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from dnnr_jax.config import load_config
+from dnnr_jax.io.checkpoint import checkpoint_path
 from dnnr_jax.jobs import pipeline
 from tests.cli_helpers import assert_one_line_error, one_json, run, run_all, snapshot
 from tests.conftest import SMOKE_CONFIG
@@ -131,11 +132,18 @@ def test_rerun_skips_finished_stages_and_rebuilds_only_what_is_missing(first_run
   assert (models / 'quantized' / 'quantized_model_v1.0.onnx').is_file()
 
 
-def test_a_retrained_model_rebuilds_everything_made_from_it(first_run):
+def test_a_retrained_model_rebuilds_everything_made_from_it(tmp_path, first_run):
   models, _ = first_run
-  shutil.rmtree(models / 'final' / 'model_v1.0_final')
-  # The pruned and quantized models on disk came from the deleted model: rebuilt too.
-  assert one_json(_pipeline(models))['ran'] == STAGES
+  copy = tmp_path / 'models'
+  shutil.copytree(models, copy)
+  config = load_config(SMOKE_CONFIG)
+  hashes = pipeline.stage_hashes(config)
+  paths = {kind: checkpoint_path(copy, kind, '1.0') for kind in ('final', 'pruned', 'quantized')}
+  assert pipeline._reuse_plan(config, paths, hashes, force=False) == dict.fromkeys(paths, True)
+  shutil.rmtree(paths['final'])
+  # The pruned and quantized models on disk came from the deleted model: rebuilt too
+  # (a whole run rebuilding every stage is test_other_settings_are_refused_and_force_rebuilds).
+  assert pipeline._reuse_plan(config, paths, hashes, force=False) == dict.fromkeys(paths, False)
 
 
 def test_other_settings_are_refused_and_force_rebuilds(first_run):
