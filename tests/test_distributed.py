@@ -48,10 +48,9 @@ def _outputs(processes: list[subprocess.Popen]) -> list[dict]:
   outputs = []
   for process in processes:
     stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-    # gloo's C++ side prints a '[Gloo] Rank ... connected' line to stdout first.
-    lines = [line for line in stdout.splitlines() if not line.startswith('[Gloo]')]
+    # Only the JSON line: gloo's '[Gloo] Rank ... connected' goes to stderr.
     outputs.append(one_json(subprocess.CompletedProcess(
-        process.args, process.returncode, '\n'.join(lines), stderr)))
+        process.args, process.returncode, stdout, stderr)))
   return outputs
 
 

@@ -16,9 +16,13 @@ Example (two processes on one machine):
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import itertools
+import os
 import socket
+import sys
 import time
 from typing import Callable, TypeVar
 
@@ -81,23 +85,45 @@ def initialize(group: ProcessGroup) -> None:
       _wait_for_coordinator(host, int(port), group.timeout_s)
   # CPU devices of several processes reduce through gloo; GPUs and TPUs ignore this.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  try:
-    jax.distributed.initialize(
-        coordinator_address=group.coordinator, num_processes=group.num_processes,
-        process_id=group.process_id, initialization_timeout=group.timeout_s,
-        shutdown_timeout_seconds=group.timeout_s)
-  except (RuntimeError, ValueError) as error:  # XLA reports a timeout as RuntimeError.
-    where = group.coordinator or 'the coordinator detected from the environment'
-    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ''
-    raise DnnrError(
-        f'could not join the run at {where} within {group.timeout_s} s ({first}); start '
-        'process 0 first and check the address, or raise the timeout.') from None
-  # The first collective sets up the CPU collectives' context, which waits only
-  # about 30 s for the other processes; here they have just joined together,
-  # not minutes apart on a busy machine.
-  multihost_utils.sync_global_devices('dnnr_jax: every process joined')
+  with _native_stdout_to_stderr():
+    try:
+      jax.distributed.initialize(
+          coordinator_address=group.coordinator, num_processes=group.num_processes,
+          process_id=group.process_id, initialization_timeout=group.timeout_s,
+          shutdown_timeout_seconds=group.timeout_s)
+    except (RuntimeError, ValueError) as error:  # XLA reports a timeout as RuntimeError.
+      where = group.coordinator or 'the coordinator detected from the environment'
+      first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ''
+      raise DnnrError(
+          f'could not join the run at {where} within {group.timeout_s} s ({first}); start '
+          'process 0 first and check the address, or raise the timeout.') from None
+    # The first collective sets up the CPU collectives' context, which waits only
+    # about 30 s for the other processes; here they have just joined together,
+    # not minutes apart on a busy machine.
+    multihost_utils.sync_global_devices('dnnr_jax: every process joined')
   global _joined
   _joined = group
+
+
+@contextlib.contextmanager
+def _native_stdout_to_stderr():
+  """Sends what native code prints to stdout to stderr instead, while joining.
+
+  gloo prints '[Gloo] Rank ... is connected to ... peer ranks' to stdout when
+  its context is set up (the first collective), which would break the one
+  line of JSON that `--json` prints there. Python's own `sys.stdout` is
+  flushed first and keeps its place; C's stdio buffer is flushed before
+  stdout is given back, so nothing printed meanwhile reaches it later.
+  """
+  sys.stdout.flush()
+  saved = os.dup(1)
+  try:
+    os.dup2(2, 1)
+    yield
+  finally:
+    ctypes.CDLL(None).fflush(None)
+    os.dup2(saved, 1)
+    os.close(saved)
 
 
 def _wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
