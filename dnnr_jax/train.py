@@ -325,6 +325,16 @@ def evaluation_apply(model: nn.Module) -> Callable:
   return model.apply
 
 
+@functools.partial(jax.jit, static_argnames='model')
+def routed_logits(model: nn.Module, variables, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(logits [B, C], routes bool [B]) of `images` as evaluation computes them:
+  `evaluation_apply`, each row's logits from the route it took."""
+  logits, deep_path, *exit_logits = evaluation_apply(model)(variables, images)
+  if exit_logits:
+    logits = jnp.where(deep_path[:, None], logits, exit_logits[0])
+  return logits, deep_path
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'batch_size'))
 def _evaluate_sums(model: nn.Module, variables, images, labels, batch_size: int):
   """Sums over [B, F] batches and one remainder batch; each is one routing batch."""

@@ -46,7 +46,7 @@ from dnnr_jax.jobs.fit import EpochCallback, fit
 from dnnr_jax.jobs.results import CompressResult as CompressResult  # Re-exported.
 from dnnr_jax.jobs.results import Footprint, PruneResult, QuantizeResult
 from dnnr_jax.model import EarlyExitMLP, every_layer, model_from_config, quantization_rules
-from dnnr_jax.train import Teacher, evaluate
+from dnnr_jax.train import Teacher, evaluate, routed_logits
 
 DEFAULT_PRUNE = PruneConfig()
 DEFAULT_QUANTIZE = QuantizeConfig()
@@ -289,10 +289,9 @@ def _calibrate(source, config: Config, dataset: Dataset, settings: QuantizeConfi
 def route_report(source, model: nn.Module, variables: Any, dataset: Dataset) -> dict[str, Any]:
   """Route agreement with the source model and accuracy on each path (test split)."""
   images, labels = dataset.test
-  apply = jax.jit(model.apply)
-  logits, routes = (np.asarray(value) for value in apply(variables, images))
-  _, source_routes = (np.asarray(value) for value in jax.jit(source.model.apply)(
-      source.variables, images))
+  logits, routes = (np.asarray(value) for value in routed_logits(model, variables, images))
+  _, source_routes = (np.asarray(value) for value in routed_logits(
+      source.model, source.variables, images))
   correct = np.argmax(logits, -1) == np.asarray(labels)
 
   def accuracy(selected):
