@@ -65,9 +65,11 @@ _stderr = Console(stderr=True, highlight=False)
 
 def _train(args: argparse.Namespace) -> int:
   from dnnr_jax.config import load_config
-  from dnnr_jax.jobs import train as jobs
 
-  config = load_config(args.config, args.set + _mesh_overrides(args))
+  config = load_config(args.config, args.set + _device_overrides(args))
+  _join(args)
+  from dnnr_jax.jobs import train as jobs  # JAX, after a bad config failed fast.
+
   with _EpochProgress(config.training.epochs) as progress:
     path, result = jobs.train_and_save(
         config, data_dir=args.data_dir, models_dir=args.models_dir,
@@ -240,10 +242,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _pipeline(args: argparse.Namespace) -> int:
   from dnnr_jax.config import load_config
-  from dnnr_jax.jobs import pipeline
+
+  config = load_config(args.config, args.set + _device_overrides(args))
+  _join(args)
+  from dnnr_jax.jobs import pipeline  # JAX, after a bad config failed fast.
 
   _quiet_onnx_ir()
-  config = load_config(args.config, args.set + _mesh_overrides(args))
   with _StageProgress(config) as progress:
     result = pipeline.run_pipeline(
         config, data_dir=args.data_dir, models_dir=args.models_dir, version=args.version,
@@ -271,14 +275,15 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 def _benchmark(args: argparse.Namespace) -> int:
   from dnnr_jax.config import load_config
-  from dnnr_jax.io.data import load_dataset
-  from dnnr_jax.jobs import benchmark
 
   config = load_config(args.config, args.set)
   output = _checked_output(args.output, args.overwrite)
   plot = _checked_output(args.plot, args.overwrite, '--plot')
   if plot and not args.dynamic:
     raise DnnrError('--plot draws the accuracy against compute of --dynamic MODEL; pass both.')
+  from dnnr_jax.io.data import load_dataset  # JAX, after bad settings failed fast.
+  from dnnr_jax.jobs import benchmark
+
   dataset = load_dataset(config.data, args.data_dir)
   results = benchmark.run_suite(
       config, dataset, batch_sizes=args.batch_sizes, repeats=args.repeats,
@@ -346,16 +351,20 @@ def _benchmark(args: argparse.Namespace) -> int:
   return 0
 
 
-def _mesh_overrides(args: argparse.Namespace) -> list[str]:
-  """Joins a multi-process run if asked; `--devices` as a config override."""
-  from dnnr_jax.io import distributed
+def _device_overrides(args: argparse.Namespace) -> list[str]:
+  """`--devices` as a config override."""
+  return [] if args.devices is None else [f'training.mesh.devices={args.devices}']
 
+
+def _join(args: argparse.Namespace) -> None:
+  """Joins a multi-process run if asked, before anything else touches JAX."""
   if args.coordinator or args.distributed:
+    from dnnr_jax.io import distributed
+
     distributed.initialize(distributed.ProcessGroup(
         coordinator=args.coordinator, num_processes=args.num_processes,
         process_id=args.process_id, timeout_s=args.distributed_timeout,
         primary_timeout=args.primary_timeout))
-  return [] if args.devices is None else [f'training.mesh.devices={args.devices}']
 
 
 def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
