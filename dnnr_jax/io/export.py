@@ -46,6 +46,7 @@ from dnnr_jax.io import durable, integrity, onnx_passes, onnx_routed, onnx_stora
 from dnnr_jax.io.checkpoint import LoadedModel, load_model
 from dnnr_jax.io.pixels import normalise_pixels
 from dnnr_jax.model import EarlyExitMLP
+from dnnr_jax.train import routed_logits
 
 OPSET = 21
 CHECK_BATCH_SIZES = (1, 7, 128)
@@ -66,8 +67,11 @@ def inference_function(model: LoadedModel, *, raw_uint8_input: bool = False, met
   def normalised(inputs):
     return model.model.apply(model.variables, inputs, method=method)
 
-  if not raw_uint8_input:
-    return normalised
+  return _from_raw(model, normalised) if raw_uint8_input else normalised
+
+
+def _from_raw(model: LoadedModel, normalised):
+  """`normalised` taking uint8 images [B, side, side], normalised in the graph."""
   data = model.config.data
 
   def raw(images):
@@ -84,13 +88,11 @@ def checked_function(model: LoadedModel, *, raw_uint8_input: bool = False):
   size instead of one expensive stage per bucket size."""
   if not skips_rows(model):
     return inference_function(model, raw_uint8_input=raw_uint8_input)
-  joint = inference_function(model, raw_uint8_input=raw_uint8_input, method=EarlyExitMLP.joint)
 
-  def routed(inputs):
-    head_logits, deep_path, exit_logits = joint(inputs)
-    return jnp.where(deep_path[:, None], head_logits, exit_logits), deep_path
+  def reference(inputs):
+    return routed_logits(model.model, model.variables, inputs)
 
-  return routed
+  return _from_raw(model, reference) if raw_uint8_input else reference
 
 
 def with_routing(model: LoadedModel, routing: str) -> LoadedModel:
