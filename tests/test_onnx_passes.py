@@ -320,3 +320,30 @@ def test_scale_per_row_is_not_a_channel_affine():
           'y', TensorProto.FLOAT, ['B', 4])],
       [numpy_helper.from_array(np.ones(4, np.float32), 'b')])
   assert _operators(onnx_passes.optimize(model)) == {'Mul': 1, 'Add': 1}
+
+
+def test_batch_size_read_through_gather_and_concat_becomes_one_sliced_shape():
+  # jax2onnx's constant routes: ones(batch) as Shape, Gather, Concat, Expand.
+  nodes = [
+      helper.make_node('Relu', ['x'], ['h']),
+      helper.make_node('Shape', ['h'], ['shape']),
+      helper.make_node('Gather', ['shape', 'zero'], ['rows']),
+      helper.make_node('Concat', ['rows'], ['target'], axis=0),
+      helper.make_node('Expand', ['true', 'target'], ['routes']),
+  ]
+  initializers = [numpy_helper.from_array(np.array([0], np.int64), 'zero'),
+                  numpy_helper.from_array(np.array(True), 'true')]
+  model = _model(nodes, [_float_input('B', 4)],
+                 [helper.make_tensor_value_info('h', TensorProto.FLOAT, ['B', 4]),
+                  helper.make_tensor_value_info('routes', TensorProto.BOOL, ['B'])],
+                 initializers)
+  optimized = onnx_passes.optimize(model)
+  onnx.checker.check_model(optimized, full_check=True)
+  assert _operators(optimized) == {'Relu': 1, 'Shape': 1, 'Expand': 1}
+  for batch in (1, 5):
+    x = np.random.default_rng(batch).normal(size=(batch, 4)).astype(np.float32)
+    expected = _run(model, x=x)
+    for outputs in (_run(optimized, x=x), ReferenceEvaluator(optimized).run(None, {'x': x})):
+      for got, want in zip(outputs, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == want.dtype and got.shape == want.shape

@@ -13,8 +13,10 @@ graph already sums, a slow `ReduceSumSquare` (now a `Mul` and a
 `ReduceSum`), a bias `Add` after a `Gemm` with zero bias (folded into the
 `Gemm`), an `Expand` whose consumers broadcast anyway, a `Reshape` that
 only appends unit axes (an `Unsqueeze`), `Abs` of a ReLU, `Identity` nodes,
-`Transpose`s that move no axis, repeated subexpressions (the deep block and
-the shortcut quantize the same input), and the shape arithmetic left unused.
+`Transpose`s that move no axis, `Shape` + `Gather` + `Concat` chains that
+read a tensor's batch size (one sliced `Shape`), repeated subexpressions (the
+deep block and the shortcut quantize the same input), and the shape
+arithmetic left unused.
 Every pass computes the same function: bit for bit, or (the log-sum-exp,
 sum-of-squares and Gemm bias rewrites) up to float rounding;
 `dnnr_jax.io.export` proves the result in onnxruntime against JAX before it
@@ -180,6 +182,42 @@ class IdentityTransposePass(NodeRewritePass):
     return True
 
 
+class ShapeSlicePass(NodeRewritePass):
+  """`Gather(Shape(t), [i, i+1, ..])` -> `Shape(t, start=i, end=..)`; a one-input `Concat` goes.
+
+  jax2onnx reads a dynamic batch size as `Shape`, `Gather`, `Concat` before an
+  `Expand` (the constant routes of an always-deep model); at batch 1 onnxruntime
+  spends about as long on each of those nodes as on a small `Gemm`.
+  """
+  op_type = 'Gather'
+
+  def call(self, model: ir.Model) -> ir.passes.PassResult:
+    if model.opset_imports.get('', 0) < 15:  # Shape's start and end
+      return ir.passes.PassResult(model, False)
+    result = super().call(model)
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+      if (node.op_type == 'Concat' and not node.domain and len(node.inputs) == 1
+          and not node.outputs[0].is_graph_output()):
+        ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+        node.graph.remove(node, safe=True)
+        result = ir.passes.PassResult(model, True)
+    return result
+
+  def rewrite(self, node: ir.Node) -> bool:
+    shape = node.inputs[0].producer()
+    indices = constant_value(node.inputs[1])
+    if (shape is None or shape.op_type != 'Shape' or shape.domain or shape.attributes
+        or node.attributes.get_int('axis', 0) != 0 or indices is None or indices.ndim != 1
+        or indices.size == 0 or np.any(indices < 0)
+        or np.any(np.diff(indices) != 1)):
+      return False
+    start, end = int(indices[0]), int(indices[-1]) + 1
+    sliced = ir.node('Shape', [shape.inputs[0]], {'start': start, 'end': end},
+                     name=f'{node.name}_shape')
+    substitute(node, [sliced], sliced.outputs[0])
+    return True
+
+
 class IdentityPass(NodeRewritePass):
   """Removes `Identity` nodes, keeping those that give a (sub)graph an output from outside it.
 
@@ -225,6 +263,7 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
       BroadcastExpandPass(),
       UnsqueezeReshapePass(),
       AbsOfReluPass(),
+      ShapeSlicePass(),
       IdentityPass(),
       IdentityTransposePass(),
       # The deep block and the shortcut quantize the same input: compute it once
