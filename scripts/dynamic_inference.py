@@ -5,11 +5,13 @@ See docs/dynamic_inference.md for the figures and how they are measured.
 It ends with the three wall-time ratios the early exit is held to, each per
 sample over the same model always-deep: JAX throughput at batch 256 (at least
 2×), onnxruntime throughput at batch 256 and onnxruntime batch-1 median
-latency over the test set (at least 2.5× each).
+latency over the test set (at least 2.5× each). `--exit-alone` also times the
+model with `routing: shallow` (the exit alone, as if no input went deep): how
+far always-deep is from the cheapest call the model has on each engine.
 
 Usage:
   python scripts/dynamic_inference.py MODEL [--data-dir DIR] [--output JSON] [--plot PNG]
-      [--no-timing]
+      [--no-timing] [--exit-alone]
 """
 
 import argparse
@@ -27,10 +29,12 @@ def main() -> int:
   parser.add_argument('--output', help='also write the figures as JSON here')
   parser.add_argument('--plot', help='also draw accuracy against compute to this PNG')
   parser.add_argument('--no-timing', action='store_true', help='only accuracy against compute')
+  parser.add_argument('--exit-alone', action='store_true',
+                      help='also time the exit alone (routing: shallow) against always-deep')
   args = parser.parse_args()
   try:
     report = dynamic.run_report(args.model_path, data_dir=args.data_dir,
-                                timing=not args.no_timing)
+                                timing=not args.no_timing, exit_alone=args.exit_alone)
   except DnnrError as error:
     print(f'error: {error}', file=sys.stderr)
     return 2

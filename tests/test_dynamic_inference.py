@@ -308,6 +308,32 @@ def test_benchmark_compares_routers_budgets_and_wall_time(trained, tmp_path):
   assert report.dynamic_section(load_config(SMOKE_CONFIG), path, dataset) is None
 
 
+def test_wall_time_can_time_the_exit_alone(trained, tmp_path):
+  from dnnr_jax.jobs import dynamic
+
+  path, dataset = trained
+  timing = dynamic.wall_time(path, dataset=dataset, onnx_dir=tmp_path, latency_rows=16,
+                             exit_alone=True)
+  figures, engines = timing['figures'], dynamic.ENGINES
+  assert set(figures) == {f'{engine} {mode}' for engine in engines
+                          for mode in ('per_sample', 'deep', 'shallow')}
+  assert set(timing['exit_alone_ratios']) == set(timing['ratios']) == set(engines)
+  for engine, ratio in timing['exit_alone_ratios'].items():
+    alone, deep = figures[f'{engine} shallow'], figures[f'{engine} deep']
+    assert ratio['latency_us_all'] == pytest.approx(
+        deep['latency_us_all'] / alone['latency_us_all'])
+    assert ratio['throughput_batch_256'] == pytest.approx(
+        alone['throughput_batch_256'] / deep['throughput_batch_256'])
+  # The exit alone never routes deep, and runs no expensive stage.
+  graph = onnx.load(tmp_path / 'shallow.onnx').graph
+  assert not {'If', 'NonZero', 'ScatterND'} & {node.op_type for node in graph.node}
+  session = onnxruntime.InferenceSession(tmp_path / 'shallow.onnx',
+                                         providers=['CPUExecutionProvider'])
+  _, routes = session.run(None, {'input': np.asarray(dataset.test.images[:16])})
+  assert not np.any(routes)
+  assert 'The exit alone' in dynamic.markdown(None, timing)
+
+
 def test_route_accuracy_scores_each_route():
   from dnnr_jax.jobs import report
 

@@ -13,9 +13,10 @@ For an early-exit checkpoint with a validation split:
   (deep) test inputs and batch-256 throughput over the test set, in JAX
   (host to host, and the jitted model on inputs already on the device)
   and in onnxruntime (default session, and one intra-op thread), both
-  exports written and checked by `io.export`.
+  exports written and checked by `io.export`; optionally the exit alone
+  (`routing: shallow`) beside them, the cheapest call the model has.
 
-Timings alternate the two models of one engine and report medians, so a
+Timings alternate the models of one engine and report medians, so a
 busy shared machine slows both alike: throughput rounds run each model over
 the test set in turn; batch-1 calls run in blocks of `LATENCY_BLOCK` calls
 of one model, then the other's. A model serving requests runs call after
@@ -117,18 +118,22 @@ def _early_exit(path) -> checkpoint_lib.LoadedModel:
 
 
 def wall_time(path, *, data_dir=None, dataset: Dataset | None = None, onnx_dir=None,
-              latency_rows: int | None = None) -> dict[str, Any]:
+              latency_rows: int | None = None, exit_alone: bool = False) -> dict[str, Any]:
   """The checkpoint (per sample) against itself always-deep, in JAX and onnxruntime.
 
   Batch-1 latency is the median over the first `latency_rows` test inputs
   (None: all), split into those the router sends to the exit (easy) and deep
   (hard). 'ratios' divides each engine's always-deep time by its per-sample
-  time (above 1: the skipping model is faster).
+  time (above 1: the skipping model is faster). With `exit_alone`, the same
+  model with `routing: shallow` (the cheap stage alone, as if every input
+  left at the exit) is timed beside them, and 'exit_alone_ratios' divides
+  always-deep's time by its: the most any router could save on that engine.
   """
   model = _early_exit(path)
   dataset = dataset if dataset is not None else load_dataset(model.config.data, data_dir)
   images = np.asarray(dataset.test.images)
-  models = {mode: export.with_routing(model, mode) for mode in ('per_sample', 'deep')}
+  modes = ('per_sample', 'deep', 'shallow') if exit_alone else ('per_sample', 'deep')
+  models = {mode: export.with_routing(model, mode) for mode in modes}
   routes = models['per_sample'].predict_with_routes(images)[1]
   with tempfile.TemporaryDirectory() as scratch:
     directory = pathlib.Path(onnx_dir or scratch)
@@ -145,11 +150,11 @@ def wall_time(path, *, data_dir=None, dataset: Dataset | None = None, onnx_dir=N
     rows, taken = images[:latency_rows, None], routes[:latency_rows]
     easy, hard = rows[~taken], rows[taken]
     throughput, latency = {}, {}
-    for engine in ENGINES:  # One pair at a time: see the module docstring.
-      pair = {name: runners[name] for name in (f'{engine} per_sample', f'{engine} deep')}
+    for engine in ENGINES:  # One engine at a time: see the module docstring.
+      group = {name: runners[name] for name in (f'{engine} {mode}' for mode in modes)}
       put = jax.device_put if engine == 'jax on device' else list
-      throughput.update(_interleaved(pair, [put(batches)]))
-      latency.update(_interleaved(pair, [put(list(easy)), put(list(hard)), put(list(rows))],
+      throughput.update(_interleaved(group, [put(batches)]))
+      latency.update(_interleaved(group, [put(list(easy)), put(list(hard)), put(list(rows))],
                                   per_call=True))
   figures = {}
   for name in runners:
@@ -162,7 +167,8 @@ def wall_time(path, *, data_dir=None, dataset: Dataset | None = None, onnx_dir=N
   return {'model': str(model.path), 'machine': machine(),
           'deep_fraction_test': float(np.mean(routes)),
           'easy_rows': int(len(easy)), 'hard_rows': int(len(hard)), 'figures': figures,
-          'ratios': speedups(figures)}
+          'ratios': speedups(figures),
+          **({'exit_alone_ratios': speedups(figures, 'shallow')} if exit_alone else {})}
 
 
 def _on_device(loaded: checkpoint_lib.LoadedModel) -> Callable:
@@ -171,13 +177,14 @@ def _on_device(loaded: checkpoint_lib.LoadedModel) -> Callable:
   return lambda inputs: apply(loaded.variables, inputs)
 
 
-def speedups(figures: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-  """Per engine, always-deep time over per-sample time (throughput: per-sample over deep)."""
+def speedups(figures: dict[str, dict[str, float]],
+             routing: str = 'per_sample') -> dict[str, dict[str, float]]:
+  """Per engine, always-deep time over `routing`'s time (throughput: `routing`'s over deep)."""
   ratios = {}
   for name, routed in figures.items():
-    if not name.endswith(' per_sample'):
+    if not name.endswith(f' {routing}'):
       continue
-    engine = name.removesuffix(' per_sample')
+    engine = name.removesuffix(f' {routing}')
     deep = figures[f'{engine} deep']
     ratios[engine] = {key: None if routed[key] is None else (
         routed[key] / deep[key] if key.startswith('throughput') else deep[key] / routed[key])
@@ -239,10 +246,20 @@ def markdown(curve: dict[str, Any] | None, timing: dict[str, Any] | None) -> str
               '| engine | batch-256 throughput | batch-1 latency easy | hard | all |',
               '|---|---:|---:|---:|---:|']
     for engine, ratio in timing['ratios'].items():
-      lines.append(f'| {engine} | ' + ' | '.join(_number(ratio[key], '.2f', '×') for key in (
-          'throughput_batch_256', 'latency_us_easy', 'latency_us_hard', 'latency_us_all'))
-          + ' |')
+      lines.append(_ratio_line(engine, ratio))
+    if 'exit_alone_ratios' in timing:
+      lines += ['', 'The exit alone (`routing: shallow`, every input leaving at the exit) against '
+                'always-deep: the most a router could save.', '',
+                '| engine | batch-256 throughput | batch-1 latency easy | hard | all |',
+                '|---|---:|---:|---:|---:|']
+      lines += [_ratio_line(engine, ratio)
+                for engine, ratio in timing['exit_alone_ratios'].items()]
   return '\n'.join(lines).lstrip('\n') + '\n'
+
+
+def _ratio_line(engine: str, ratio: dict[str, float | None]) -> str:
+  return f'| {engine} | ' + ' | '.join(_number(ratio[key], '.2f', '×') for key in (
+      'throughput_batch_256', 'latency_us_easy', 'latency_us_hard', 'latency_us_all')) + ' |'
 
 
 def _curve_lines(curve: dict[str, Any]) -> list[str]:
@@ -282,18 +299,19 @@ def _number(value: float | None, spec: str, unit: str = '') -> str:
 
 def run_report(path: str | os.PathLike, *, data_dir=None, dataset: Dataset | None = None,
                timing: bool = True, budgets: Sequence[float] = BUDGETS,
-               latency_rows: int | None = None) -> dict[str, Any]:
+               latency_rows: int | None = None, exit_alone: bool = False) -> dict[str, Any]:
   """Both parts for one checkpoint: {'curve', 'timing', 'markdown'}.
 
   The curve is None when the checkpoint's config has no validation split
   (thresholds are chosen on validation only); 'timing' is None without
-  `timing`.
+  `timing`; `exit_alone` times the exit alone too (`wall_time`).
   """
   model = _early_exit(path)
   dataset = dataset if dataset is not None else load_dataset(model.config.data, data_dir)
   curve = (accuracy_against_compute(path, dataset=dataset, budgets=budgets)
            if dataset.validation is not None else None)
-  timed = (wall_time(path, dataset=dataset, latency_rows=latency_rows) if timing else None)
+  timed = (wall_time(path, dataset=dataset, latency_rows=latency_rows, exit_alone=exit_alone)
+           if timing else None)
   return {'curve': curve, 'timing': timed, 'markdown': markdown(curve, timed)}
 
 
