@@ -295,17 +295,22 @@ def test_benchmark_compares_routers_budgets_and_wall_time(trained, tmp_path):
   assert set(figures) == {f'{engine} {mode}' for engine in ('jax', 'jax on device', 'onnxruntime',
                                                             'onnxruntime 1 thread')
                           for mode in ('per_sample', 'deep')}
-  for engine, ratio in timing['ratios'].items():
-    routed, deep = figures[f'{engine} per_sample'], figures[f'{engine} deep']
-    assert ratio['throughput_batch_256'] == pytest.approx(
-        routed['throughput_batch_256'] / deep['throughput_batch_256'])
-    assert ratio['latency_us_all'] == pytest.approx(
-        deep['latency_us_all'] / routed['latency_us_all'])
+  _assert_ratios(timing['ratios'], figures, 'per_sample')
   assert 'onnxruntime 1 thread |' in dynamic['markdown']
   # The pipeline report draws the same curve, and adds nothing for an 'original' model.
   assert plots.write_all({'dynamic': dynamic}, tmp_path) == {
       'accuracy against compute': 'compute.png'}
   assert report.dynamic_section(load_config(SMOKE_CONFIG), path, dataset) is None
+
+
+def _assert_ratios(ratios, figures, routing):
+  """Each engine's ratios: always-deep's batch-1 time over `routing`'s, and throughputs inverse."""
+  for engine, ratio in ratios.items():
+    routed, deep = figures[f'{engine} {routing}'], figures[f'{engine} deep']
+    assert ratio['throughput_batch_256'] == pytest.approx(
+        routed['throughput_batch_256'] / deep['throughput_batch_256'])
+    assert ratio['latency_us_all'] == pytest.approx(
+        deep['latency_us_all'] / routed['latency_us_all'])
 
 
 def test_wall_time_can_time_the_exit_alone(trained, tmp_path):
@@ -318,12 +323,7 @@ def test_wall_time_can_time_the_exit_alone(trained, tmp_path):
   assert set(figures) == {f'{engine} {mode}' for engine in engines
                           for mode in ('per_sample', 'deep', 'shallow')}
   assert set(timing['exit_alone_ratios']) == set(timing['ratios']) == set(engines)
-  for engine, ratio in timing['exit_alone_ratios'].items():
-    alone, deep = figures[f'{engine} shallow'], figures[f'{engine} deep']
-    assert ratio['latency_us_all'] == pytest.approx(
-        deep['latency_us_all'] / alone['latency_us_all'])
-    assert ratio['throughput_batch_256'] == pytest.approx(
-        alone['throughput_batch_256'] / deep['throughput_batch_256'])
+  _assert_ratios(timing['exit_alone_ratios'], figures, 'shallow')
   # The exit alone never routes deep, and runs no expensive stage.
   graph = onnx.load(tmp_path / 'shallow.onnx').graph
   assert not {'If', 'NonZero', 'ScatterND'} & {node.op_type for node in graph.node}
