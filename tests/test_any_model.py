@@ -170,9 +170,9 @@ def test_nnx_mlp_quantized_and_qat():
   assert isinstance(model.layers[1], nnx.Linear)  # the user's model is left alone
   hidden = nnx.relu(model.layers[0](inputs))
   np.testing.assert_array_equal(nnx.relu(quantized.layers[0](inputs)), hidden)
-  kernel = quantized.layers[1].kernel.value
+  kernel = quantized.layers[1].kernel.get_value()
   expected = layers.forward(layers.LayerSpec('dense'), 'dynamic', kernel,
-                            model.layers[1].bias.value, hidden)
+                            model.layers[1].bias[...], hidden)
   np.testing.assert_array_equal(nnx.jit(lambda m, x: m(x))(quantized, inputs), expected)
   assert float(jnp.max(jnp.abs(expected - reference))) < 0.05
   with pytest.raises(QuantizationError, match='matches no layer'):
@@ -187,10 +187,10 @@ def test_nnx_mlp_quantized_and_qat():
     optimizer.update(model, grads)
     return loss
 
-  before = np.asarray(trained.layers[0].kernel.value)
+  before = np.asarray(trained.layers[0].kernel[...])
   first, second = step(trained, optimizer), step(trained, optimizer)
   assert float(second) < float(first)
-  assert not np.array_equal(before, trained.layers[0].kernel.value)
+  assert not np.array_equal(before, trained.layers[0].kernel[...])
 
 
 def test_nnx_static_uses_calibrated_scales():

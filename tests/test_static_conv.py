@@ -112,7 +112,7 @@ def test_nnx_static_conv_equals_linen(linen, tmp_path):
   _, params, linen_params, scales, apply, inputs = linen
   model = NnxCNN(nnx.Rngs(0))
   graphdef, state = nnx.split(model)
-  state.replace_by_pure_dict(params)
+  nnx.replace_by_pure_dict(state, params)
   model = nnx.merge(graphdef, state)
   nnx_scales = compress.calibrate_nnx(model, RULES, [inputs[:32], inputs[32:]])
   assert isinstance(nnx_scales['Conv_1'], static_conv.StaticConv)

@@ -30,13 +30,23 @@ from dnnr_jax.errors import QuantizationError
 _RECORDING: contextvars.ContextVar[dict | None] = contextvars.ContextVar('recording', default=None)
 
 
+def _value(variable: nnx.Variable) -> Any:
+  """What `variable` holds: an array or a `QArray`.
+
+  Recent Flax deprecates `.value` for `get_value()` (`variable[...]` would
+  index a `QArray`); earlier versions have `.value` only.
+  """
+  get_value = getattr(variable, 'get_value', None)
+  return get_value() if get_value is not None else variable.value
+
+
 class QuantizedLayer(nnx.Module):
   """A Linear or Conv computed as `rule.mode` says; its attributes are the layer's."""
 
   def __init__(self, layer: nnx.Module, rule: Rule, path: str, activation_scale=None):
     self.spec = layers.spec_of(layer, path)
     self.path, self.rule = path, rule
-    kernel = layer.kernel.value
+    kernel = _value(layer.kernel)
     if rule.mode == 'qat':
       self.kernel = nnx.Param(kernel)
     else:
@@ -50,11 +60,11 @@ class QuantizedLayer(nnx.Module):
                              else nnx.Variable(activation_scale))
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    kernel = self.kernel.value
+    kernel = _value(self.kernel)
     if self.rule.mode == 'qat':
       kernel = rules_lib.fake_quantize_kernel(kernel, self.rule)
-    scale = None if self.activation_scale is None else self.activation_scale.value
-    bias = None if self.bias is None else self.bias.value
+    scale = None if self.activation_scale is None else _value(self.activation_scale)
+    bias = None if self.bias is None else _value(self.bias)
     return layers.forward(self.spec, self.rule.mode, kernel, bias, inputs, scale,
                           self.rule.activations)
 
@@ -138,10 +148,10 @@ def calibrate_nnx(model: nnx.Module, rules: Sequence[Rule], batches: Iterable[An
             if not path.endswith(static_conv.OUTPUT) and path not in static_convs}
   convs = {}
   for name, (node, rule) in static_convs.items():
-    kernel = node.kernel.value
+    kernel = _value(node.kernel)
     if not isinstance(kernel, quantize.QArray):
       kernel = rules_lib.quantize_kernel(kernel, rule)
-    convs[name] = (kernel, None if node.bias is None else node.bias.value)
+    convs[name] = (kernel, None if node.bias is None else _value(node.bias))
   record = inputs_of(batches[0]) if convs else {}
   return {**scales, **static_conv.calibrated(ranges, record, convs)}
 
