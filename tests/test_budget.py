@@ -120,24 +120,3 @@ def test_settings_are_checked_in_config():
     with pytest.raises(ConfigError, match='compress.budget'):
       BudgetConfig(**bad).validate()
   assert budget_jobs.DEFAULT_BUDGET.method in ('lamp', 'global')
-
-
-def test_the_pipeline_runs_the_search_once_and_reports_it(tmp_path):
-  models = tmp_path / 'models'
-  command = (*MODULE, 'pipeline', '--config', SMOKE_CONFIG, '--models-dir', models, '--json',
-             *(item for key in (
-                 'training.epochs=1', 'data.validation_size=200', 'pipeline.sweep_sparsities=[]',
-                 'compress.prune.finetune_epochs=1', 'compress.budget.in_pipeline=true',
-                 'compress.budget.max_drop=100', 'compress.budget.sparsities=[0.5]',
-                 'compress.budget.bits=[8]', 'compress.budget.finetune_epochs=1',
-                 'compress.budget.quantize_mode=dynamic') for item in ('--set', key)))
-  first = one_json(run(*command))
-  assert 'budget' in first['ran']
-  report_dir = models / 'reports' / 'v1.0'
-  budget = json.loads((report_dir / 'budget.json').read_text())['result']
-  # The pipeline's own v1.0 stays; the search's choice takes the next version.
-  assert budget['path'] == str(models / 'quantized' / 'quantized_model_v1.1')
-  assert f"`{budget['path']}`" in (report_dir / 'report.md').read_text()
-  again = one_json(run(*command))
-  assert 'budget' in again['skipped'] and again['ran'] == []
-  assert not (models / 'quantized' / 'quantized_model_v1.2').exists()

@@ -16,12 +16,19 @@ from tests.conftest import SMOKE_CONFIG
 
 ROW_KEYS = ('artifact', 'format', 'path', 'test_accuracy', 'deep_fraction', 'route_agreement',
             'parameters', 'nonzeros', 'bytes', 'gzip_bytes', 'smaller_than_final')
-STAGES = ['train', 'prune', 'quantize', 'export', 'sweep']
+STAGES = ['train', 'prune', 'quantize', 'export', 'sweep', 'budget']
+# The smoke config with a validation split and `dnnr compress`'s search as a stage:
+# one rung, 8 bits, a budget any trial meets.
+SETTINGS = ('data.validation_size=200', 'compress.budget.in_pipeline=true',
+            'compress.budget.max_drop=100', 'compress.budget.sparsities=[0.5]',
+            'compress.budget.bits=[8]', 'compress.budget.finetune_epochs=1',
+            'compress.budget.quantize_mode=dynamic')
 
 
 def _pipeline(models, *extra):
   return run(sys.executable, '-m', 'dnnr_jax', 'pipeline', '--config', SMOKE_CONFIG,
-             '--models-dir', models, '--json', *extra)
+             '--models-dir', models, '--json',
+             *(item for setting in SETTINGS for item in ('--set', setting)), *extra)
 
 
 @pytest.fixture(scope='module')
@@ -52,6 +59,10 @@ def test_every_artifact_and_the_report_are_written(first_run):
   assert [item['sparsity'] for item in report['sweep']] == [0.5, 0.9]
   markdown = (report_dir / 'report.md').read_text()
   assert '| quantized onnx |' in markdown and '![sparsity per layer](sparsity.png)' in markdown
+  # The search's choice takes the next version beside the pipeline's own v1.0.
+  budget = json.loads((report_dir / 'budget.json').read_text())['result']
+  assert budget['path'] == str(models / 'quantized' / 'quantized_model_v1.1')
+  assert f"`{budget['path']}`" in markdown
 
 
 def test_pruned_and_quantized_are_smaller_and_sparse(first_run):
@@ -103,7 +114,8 @@ def test_dnnr_models_lists_every_artifact_and_cards_carry_dnnr_evaluate(first_ru
   assert parents == {
       'final:1.0': None, 'final:1.0.onnx': 'model_v1.0_final',
       'pruned:1.0': 'model_v1.0_final', 'pruned:1.0.onnx': 'pruned_model_v1.0',
-      'quantized:1.0': 'pruned_model_v1.0', 'quantized:1.0.onnx': 'quantized_model_v1.0'}
+      'quantized:1.0': 'pruned_model_v1.0', 'quantized:1.0.onnx': 'quantized_model_v1.0',
+      'quantized:1.1': 'model_v1.0_final'}  # the search's choice, made from the final model
   assert {row['state'] for row in listed} == {'ok'}
   paths = {row['ref']: row['path'] for row in listed}
   # The listed checkpoints are the ones `dnnr evaluate` measured.
@@ -125,18 +137,21 @@ def test_rerun_skips_finished_stages_and_rebuilds_only_what_is_missing(first_run
   before = snapshot(final)
   assert one_json(_pipeline(models))['ran'] == []
   assert snapshot(final) == before
-  # An interrupted run: the quantized checkpoint and its export never got written.
+  assert not (models / 'quantized' / 'quantized_model_v1.2').exists()
+  # The quantized checkpoints, the search's choice among them, are gone: rebuilt, the
+  # search from its kept trials.
   shutil.rmtree(models / 'quantized')
   summary = one_json(_pipeline(models))
-  assert summary['ran'] == ['quantize', 'export'] and snapshot(final) == before
+  assert summary['ran'] == ['quantize', 'export', 'budget'] and snapshot(final) == before
   assert (models / 'quantized' / 'quantized_model_v1.0.onnx').is_file()
+  assert (models / 'quantized' / 'quantized_model_v1.1').is_dir()
 
 
 def test_a_retrained_model_rebuilds_everything_made_from_it(tmp_path, first_run):
   models, _ = first_run
   copy = tmp_path / 'models'
   shutil.copytree(models, copy)
-  config = load_config(SMOKE_CONFIG)
+  config = load_config(SMOKE_CONFIG, list(SETTINGS))
   hashes = pipeline.stage_hashes(config)
   paths = {kind: checkpoint_path(copy, kind, '1.0') for kind in ('final', 'pruned', 'quantized')}
   assert pipeline._reuse_plan(config, paths, hashes, force=False) == dict.fromkeys(paths, True)

@@ -190,8 +190,9 @@ def run_pipeline(
         budget_file, {'hash': hashes['budget'], 'result': result.to_dict()}))
 
   if config.compress.budget.in_pipeline:
-    # Its trials resume on their own; the chosen model is written once per settings.
-    stage('budget', not rebuild['final'] and _json_hash(budget_file) == hashes['budget'], budget)
+    # Its trials resume on their own; the chosen model is written once per settings,
+    # and again (from the kept trials) if it was removed.
+    stage('budget', not rebuild['final'] and _budget_done(budget_file, hashes['budget']), budget)
 
   def write_all():
     report = build_report(config, paths, onnx_paths, dataset, report_dir, hashes)
@@ -285,6 +286,15 @@ def _json_hash(path: pathlib.Path) -> str | None:
     return json.loads(path.read_text()).get('hash')
   except (OSError, ValueError, AttributeError):
     return None
+
+
+def _budget_done(path: pathlib.Path, expected: str) -> bool:
+  """Whether budget.json records a search with these settings whose chosen model is on disk."""
+  try:
+    record = json.loads(path.read_text())
+    return record['hash'] == expected and pathlib.Path(record['result']['path']).is_dir()
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
 
 
 def _sweep(config: Config, final_path, report_dir, data_dir, on_epoch) -> list[dict[str, Any]]:
