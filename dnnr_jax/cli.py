@@ -116,13 +116,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-  from dnnr_jax.jobs import compress as jobs
-
   settings = PruneConfig(
       method=args.method, sparsity=args.sparsity, schedule=args.schedule,
       finetune_epochs=args.finetune_epochs, learning_rate=args.learning_rate,
       distill=args.distill, distill_temperature=args.temperature,
       augment_shift=args.augment_shift, n=args.n, m=args.m)
+  _check_settings(settings, args.max_drop)
+  from dnnr_jax.jobs import compress as jobs  # JAX, after bad settings failed fast.
+
   with _EpochProgress(args.finetune_epochs, label='fine-tune') as progress:
     result = jobs.prune_checkpoint(args.model_path, settings, on_epoch=progress.update,
                                    max_drop=args.max_drop, **_output_options(args))
@@ -130,19 +131,30 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-  from dnnr_jax.jobs import compress as jobs
-
   settings = QuantizeConfig(
       mode=args.mode, bits=args.bits, per_channel=not args.per_tensor,
       activations=args.activations, calibration_batches=args.calibration_batches,
       calibration_method=args.calibration_method, finetune_epochs=args.finetune_epochs,
       learning_rate=args.learning_rate, distill=args.distill,
       distill_temperature=args.temperature, augment_shift=args.augment_shift)
+  _check_settings(settings, args.max_drop)
+  from dnnr_jax.jobs import compress as jobs  # JAX, after bad settings failed fast.
+
   epochs = args.finetune_epochs if args.mode == 'qat' else 0
   with _EpochProgress(epochs, label='QAT') as progress:
     result = jobs.quantize_checkpoint(args.model_path, settings, on_epoch=progress.update,
                                       max_drop=args.max_drop, **_output_options(args))
   return _print_compression(result, args.json)
+
+
+def _check_settings(settings: PruneConfig | QuantizeConfig | BudgetConfig,
+                    max_drop: float | None = None) -> None:
+  """The jobs' own first checks, run before they import JAX (seconds) so a bad flag fails
+  at once."""
+  from dnnr_jax.jobs import guard
+
+  settings.validate()
+  guard.check(max_drop)
 
 
 def _output_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,12 +164,12 @@ def _output_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compress(args: argparse.Namespace) -> int:
-  from dnnr_jax.jobs import budget as jobs
-
   settings = BudgetConfig(
       max_drop=args.max_drop, method=args.method, sparsities=tuple(args.sparsities),
       bits=tuple(args.bits), finetune_epochs=args.finetune_epochs,
       quantize_mode=args.quantize_mode, quantize_epochs=args.quantize_epochs)
+  _check_settings(settings)
+  from dnnr_jax.jobs import budget as jobs  # JAX, after bad settings failed fast.
 
   def progress(trial, reused):
     _stderr.print(f"{'reused' if reused else 'trial'}: {trial.label}: {trial.bytes:,} bytes, "

@@ -12,7 +12,7 @@ from dnnr_jax.io import storage
 from dnnr_jax.io.checkpoint import load_model
 from dnnr_jax.jobs import compress as compress_jobs
 from dnnr_jax.jobs import train as jobs
-from tests.cli_helpers import assert_one_line_error, one_json, run_all, snapshot
+from tests.cli_helpers import assert_one_line_error, one_json, run, run_all, snapshot
 from tests.conftest import SMOKE_CONFIG
 
 MODULE = (sys.executable, '-m', 'dnnr_jax')
@@ -172,3 +172,23 @@ def test_script_help(first, name):
   assert result.returncode == 0, result.stderr
   for word in words:
     assert word in result.stdout
+
+
+def test_bad_settings_fail_before_jax_is_imported(tmp_path):
+  # A flag the job would refuse is refused before the seconds of importing JAX.
+  code = '\n'.join([
+      'import sys',
+      'from dnnr_jax.cli import main',
+      f'models = {str(tmp_path / "models")!r}',
+      "codes = [main(['prune', models, '--sparsity', '1.5']),",
+      "         main(['quantize', models, '--mode', 'static', '--activations', 'per_batch']),",
+      "         main(['prune', models, '--max-drop', '-1']),",
+      "         main(['compress', models, '--sparsities', '0.9', '0.5'])]",
+      "assert codes == [2, 2, 2, 2], codes",
+      "assert 'jax' not in sys.modules, 'jax imported'",
+  ])
+  result = run(sys.executable, '-c', code)
+  assert result.returncode == 0, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 4 and all(line.startswith('error: ') for line in lines), lines
+  assert not (tmp_path / 'models').exists()
