@@ -25,11 +25,13 @@ from dnnr_jax.config import (
   PRUNE_SCHEDULES,
   QUANTIZE_ACTIVATIONS,
   QUANTIZE_MODES,
+  ROUTERS,
   ROUTING_MODES,
   BudgetConfig,
   CompressConfig,
   PruneConfig,
   QuantizeConfig,
+  check_calibration,
 )
 from dnnr_jax.errors import AccuracyWarning, DnnrError
 from dnnr_jax.io import durable
@@ -197,6 +199,8 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+  # The job's first check, before the seconds of importing JAX (None: the model's router).
+  check_calibration(args.budget, args.router or ROUTERS[0], args.target)
   from dnnr_jax.jobs import calibrate as jobs
 
   result = jobs.calibrate_checkpoint(

@@ -30,6 +30,7 @@ PIXEL_MAX = {'mnist': 255.0, 'digits': 16.0}
 ROUTING_MODES = ('per_sample', 'batch', 'deep', 'shallow')
 MODEL_FAMILIES = ('original', 'early_exit')
 ROUTERS = ('complexity', 'confidence')
+CALIBRATION_TARGETS = ('compute', 'deep_fraction')
 LR_SCHEDULES = ('constant', 'cosine')
 PRUNE_METHODS = ('global', 'layer', 'lamp', 'structured', 'nm')
 PRUNE_SCHEDULES = ('oneshot', 'gradual')
@@ -475,6 +476,17 @@ class CompressConfig:
     self.quantize.validate()
     check_max_drop(self.max_drop, 'compress.max_drop')
     self.budget.validate()
+
+
+def check_calibration(budget: float, router: str, target: str) -> None:
+  """`dnnr calibrate`'s request: a budget in (0, 1], a known router and target."""
+  if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
+      math.isfinite(budget) and 0 < budget <= 1):
+    raise ConfigError(f'budget {budget!r} is not in (0, 1]; pass a fraction such as 0.25.')
+  if router not in ROUTERS:
+    raise ConfigError(f"router {router!r} is not one of: {', '.join(ROUTERS)}.")
+  if target not in CALIBRATION_TARGETS:
+    raise ConfigError(f"target {target!r} is not one of: {', '.join(CALIBRATION_TARGETS)}.")
 
 
 def check_max_drop(value: float, key: str = 'compress.max_drop') -> None:

@@ -183,12 +183,14 @@ def test_bad_settings_fail_before_jax_is_imported(tmp_path):
       "codes = [main(['prune', models, '--sparsity', '1.5']),",
       "         main(['quantize', models, '--mode', 'static', '--activations', 'per_batch']),",
       "         main(['prune', models, '--max-drop', '-1']),",
-      "         main(['compress', models, '--sparsities', '0.9', '0.5'])]",
-      "assert codes == [2, 2, 2, 2], codes",
+      "         main(['compress', models, '--sparsities', '0.9', '0.5']),",
+      "         main(['calibrate', models, '--budget', '1.5']),",
+      "         main(['calibrate', models, '--budget', '0.5', '--router', 'fast'])]",
+      "assert codes == [2] * 6, codes",
       "assert 'jax' not in sys.modules, 'jax imported'",
   ])
   result = run(sys.executable, '-c', code)
   assert result.returncode == 0, result.stderr
   lines = result.stderr.strip().splitlines()
-  assert len(lines) == 4 and all(line.startswith('error: ') for line in lines), lines
+  assert len(lines) == 6 and all(line.startswith('error: ') for line in lines), lines
   assert not (tmp_path / 'models').exists()

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dnnr_jax.complexity import batch_complexity
-from dnnr_jax.config import ROUTERS, Config
+from dnnr_jax.config import CALIBRATION_TARGETS, ROUTERS, Config, check_calibration
 from dnnr_jax.cost import RouteCost, route_cost
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
@@ -35,7 +35,7 @@ from dnnr_jax.model import EarlyExitMLP, model_from_config
 from dnnr_jax.routing import confidence
 from dnnr_jax.train import evaluate
 
-TARGETS = ('compute', 'deep_fraction')
+TARGETS = CALIBRATION_TARGETS
 # The confidence threshold that sends every sample deep (a probability is at most 1).
 ALL_DEEP_CONFIDENCE = 2.0
 _DROPPED_METADATA = ('format', 'format_version', 'created', 'library_versions', 'layout',
@@ -179,16 +179,6 @@ def summarise(router: str, thresholds: dict[str, float], scores: RouterScores,
   }
 
 
-def check_request(budget: float, router: str, target: str) -> None:
-  """Fails on a budget outside (0, 1], an unknown router or target."""
-  if not (isinstance(budget, (int, float)) and np.isfinite(budget) and 0 < budget <= 1):
-    raise DnnrError(f'budget {budget!r} is not in (0, 1]; pass a fraction such as 0.25.')
-  if router not in ROUTERS:
-    raise DnnrError(f"router {router!r} is not one of: {', '.join(ROUTERS)}.")
-  if target not in TARGETS:
-    raise DnnrError(f"target {target!r} is not one of: {', '.join(TARGETS)}.")
-
-
 def calibrate_checkpoint(
     path: str | os.PathLike, *, budget: float, router: str | None = None,
     target: str = 'compute', data_dir=None, models_dir=None, version: str | None = None,
@@ -211,7 +201,7 @@ def calibrate_checkpoint(
     chosen thresholds, and on validation the compute, deep fraction and
     accuracy).
   """
-  check_request(budget, router or ROUTERS[0], target)  # Before any loading.
+  check_calibration(budget, router or ROUTERS[0], target)  # Before any loading.
   source = checkpoint_lib.load_model(path)
   router = source.config.routing.router if router is None else router
   config = _calibrated_config(source.config, router, target)
