@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dnnr_jax.complexity import batch_complexity
-from dnnr_jax.config import CALIBRATION_TARGETS, ROUTERS, Config, check_calibration
+from dnnr_jax.config import ROUTERS, Config, check_calibration
 from dnnr_jax.cost import RouteCost, route_cost
 from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import checkpoint as checkpoint_lib
@@ -35,7 +35,6 @@ from dnnr_jax.model import EarlyExitMLP, model_from_config
 from dnnr_jax.routing import confidence
 from dnnr_jax.train import evaluate
 
-TARGETS = CALIBRATION_TARGETS
 # The confidence threshold that sends every sample deep (a probability is at most 1).
 ALL_DEEP_CONFIDENCE = 2.0
 _DROPPED_METADATA = ('format', 'format_version', 'created', 'library_versions', 'layout',

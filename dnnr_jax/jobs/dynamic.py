@@ -242,19 +242,19 @@ def markdown(curve: dict[str, Any] | None, timing: dict[str, Any] | None) -> str
           _number(figures[f'latency_us_{rows}'], '.1f') for rows in ('easy', 'hard', 'all'))
           + ' |')
     lines += ['', f"Per sample against always-deep ({timing['easy_rows']} easy and "
-              f"{timing['hard_rows']} hard test images; above 1: faster):", '',
-              '| engine | batch-256 throughput | batch-1 latency easy | hard | all |',
-              '|---|---:|---:|---:|---:|']
+              f"{timing['hard_rows']} hard test images; above 1: faster):", '', *_RATIO_HEADER]
     for engine, ratio in timing['ratios'].items():
       lines.append(_ratio_line(engine, ratio))
     if 'exit_alone_ratios' in timing:
       lines += ['', 'The exit alone (`routing: shallow`, every input leaving at the exit) against '
-                'always-deep: the most a router could save.', '',
-                '| engine | batch-256 throughput | batch-1 latency easy | hard | all |',
-                '|---|---:|---:|---:|---:|']
+                'always-deep: the most a router could save.', '', *_RATIO_HEADER]
       lines += [_ratio_line(engine, ratio)
                 for engine, ratio in timing['exit_alone_ratios'].items()]
   return '\n'.join(lines).lstrip('\n') + '\n'
+
+
+_RATIO_HEADER = ('| engine | batch-256 throughput | batch-1 latency easy | hard | all |',
+                 '|---|---:|---:|---:|---:|')
 
 
 def _ratio_line(engine: str, ratio: dict[str, float | None]) -> str:
