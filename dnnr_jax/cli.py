@@ -24,6 +24,7 @@ from dnnr_jax.config import (
   PRUNE_METHODS,
   PRUNE_SCHEDULES,
   QUANTIZE_ACTIVATIONS,
+  QUANTIZE_BITS,
   QUANTIZE_MODES,
   ROUTERS,
   ROUTING_MODES,
@@ -630,8 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
   # Every default is the config's (compress.quantize).
   quantize.add_argument('--mode', default=_QUANTIZE.mode, choices=QUANTIZE_MODES,
                         help='default: %(default)s')
-  quantize.add_argument('--bits', type=int, default=_QUANTIZE.bits, choices=(8, 4),
-                        help='default: %(default)s')
+  quantize.add_argument('--bits', type=int, default=_QUANTIZE.bits, choices=QUANTIZE_BITS,
+                        help="weight code width; 7 is onnxruntime's reduce_range, exact on "
+                             "every CPU's fast int8 kernels (default: %(default)s)")
   quantize.add_argument('--per-tensor', action='store_true',
                         default=not _QUANTIZE.per_channel,
                         help='one scale per kernel instead of per output channel')

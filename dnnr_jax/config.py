@@ -37,6 +37,10 @@ PRUNE_SCHEDULES = ('oneshot', 'gradual')
 QUANTIZE_MODES = ('weight_only', 'dynamic', 'static', 'qat')
 CALIBRATION_METHODS = ('minmax', 'percentile')
 QUANTIZE_ACTIVATIONS = ('per_row', 'per_batch')
+# Weight code widths. 7 is onnxruntime's `reduce_range`: |code| <= 63, so uint8 x int8
+# products never saturate the int16 pair sums of AVX2-only CPUs and every integer export
+# runs on the u8s8 kernels (VNNI, AMX) that 8-bit codes must avoid to stay exact.
+QUANTIZE_BITS = (8, 7, 4)
 QUANTIZE_SOURCES = ('final', 'pruned')
 BUDGET_METHODS = ('global', 'lamp')
 # Bounds that keep a typo from overflowing int64 or float32 deep inside JAX.
@@ -340,7 +344,8 @@ class QuantizeConfig:
     source: the pipeline quantizes the 'pruned' model (pruned + int8) or the
       'final' one.
     mode: 'weight_only', 'dynamic', 'static' or 'qat'.
-    bits: 8 or 4.
+    bits: 8, 7 or 4 (7: onnxruntime's `reduce_range`, the fastest exact int8 export on
+      every x86 CPU; see docs/onnx.md).
     per_channel: one scale per output channel, else per tensor.
     activations: how 'dynamic' and 'qat' quantize activations at run time:
       'per_row' (one scale per example, so a prediction does not depend on
@@ -373,8 +378,8 @@ class QuantizeConfig:
   def validate(self) -> None:
     _check_choice('compress.quantize.source', self.source, QUANTIZE_SOURCES)
     _check_choice('compress.quantize.mode', self.mode, QUANTIZE_MODES)
-    if self.bits not in (4, 8):
-      raise ConfigError(f'compress.quantize.bits = {self.bits!r} must be 4 or 8.')
+    if self.bits not in QUANTIZE_BITS:
+      raise ConfigError(f'compress.quantize.bits = {self.bits!r} must be 8, 7 or 4.')
     _check_choice('compress.quantize.activations', self.activations, QUANTIZE_ACTIVATIONS)
     if self.activations == 'per_batch' and self.mode not in ('dynamic', 'qat'):
       raise ConfigError(
@@ -418,7 +423,7 @@ class BudgetConfig:
       docs/compression.md) or 'lamp'.
     sparsities: the sparsity ladder tried, in increasing order; the search
       stops climbing once a sparsity misses the budget at every bit width.
-    bits: quantization bit widths tried after pruning (4 and/or 8; 0 adds
+    bits: quantization bit widths tried after pruning (8, 7 and/or 4; 0 adds
       the pruned float model itself).
     finetune_epochs: fine-tuning epochs of each pruning trial.
     quantize_mode: 'weight_only', 'dynamic' or 'qat' for the quantization.
@@ -446,8 +451,8 @@ class BudgetConfig:
     if list(self.sparsities) != sorted(set(self.sparsities)):
       raise ConfigError(f'{key}.sparsities = {list(self.sparsities)} must increase strictly, '
                         'e.g. [0.8, 0.9, 0.95].')
-    if not self.bits or any(bits not in (0, 4, 8) for bits in self.bits):
-      raise ConfigError(f'{key}.bits = {list(self.bits)} must be a non-empty list of 8, 4 '
+    if not self.bits or any(bits not in (0, *QUANTIZE_BITS) for bits in self.bits):
+      raise ConfigError(f'{key}.bits = {list(self.bits)} must be a non-empty list of 8, 7, 4 '
                         'or 0 (float).')
     _check_at_least(f'{key}.finetune_epochs', self.finetune_epochs, 1)
     _check_choice(f'{key}.quantize_mode', self.quantize_mode, ('weight_only', 'dynamic', 'qat'))

@@ -5,7 +5,7 @@
 #   PYTHON=.venv/bin/python scripts/onnx_quantized_speed.sh FINAL_CHECKPOINT DATA_DIR OUT_DIR [RUNS]
 #
 # Run from the repository root. FINAL_CHECKPOINT is copied into OUT_DIR, never changed.
-# Made: 8- and 4-bit dynamic with per-row and with per-batch activations, and 4-bit QAT
+# Made: 8-, 7- and 4-bit dynamic with per-row and with per-batch activations, and 4-bit QAT
 # (one epoch) with per-batch activations, each exported with `dnnr export`.
 set -euo pipefail
 final=$1 data=$2 out=$3 runs=${4:-3}
@@ -26,8 +26,10 @@ while read -r version flags; do
   dnnr export "${checkpoints[-1]}" --data-dir "$data" --overwrite
 done <<'RUNS'
 8.0 --mode dynamic --bits 8
+7.0 --mode dynamic --bits 7
 4.0 --mode dynamic --bits 4
 8.1 --mode dynamic --bits 8 --activations per_batch
+7.1 --mode dynamic --bits 7 --activations per_batch
 4.1 --mode dynamic --bits 4 --activations per_batch
 4.2 --mode qat --bits 4 --activations per_batch --finetune-epochs 1
 RUNS

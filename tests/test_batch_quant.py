@@ -93,23 +93,26 @@ def test_per_batch_is_a_dynamic_setting_with_one_sentence_errors():
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
-  """A smoke model quantized per batch (8-bit dynamic, 4-bit QAT), each exported."""
+  """A smoke model quantized four ways, each exported: 8- and 7-bit dynamic and 4-bit QAT per
+  batch, and 7-bit dynamic per row."""
   root = tmp_path_factory.mktemp('batch_quant')
   source = _final(root / 'models', [])
   loaded = checkpoint_lib.load_model(source)
   images = np.asarray(load_dataset(loaded.config.data).test.images[:64])
   runs = {}
-  for index, settings in enumerate((
-      QuantizeConfig(mode='dynamic', bits=8, activations='per_batch'),
-      QuantizeConfig(mode='qat', bits=4, activations='per_batch', finetune_epochs=1))):
+  for index, (name, settings) in enumerate({
+      'dynamic': QuantizeConfig(mode='dynamic', bits=8, activations='per_batch'),
+      'qat': QuantizeConfig(mode='qat', bits=4, activations='per_batch', finetune_epochs=1),
+      'dynamic_7': QuantizeConfig(mode='dynamic', bits=7, activations='per_batch'),
+      'per_row_7': QuantizeConfig(mode='dynamic', bits=7, activations='per_row')}.items()):
     result = compress_jobs.quantize_checkpoint(source, settings, version=f'1.{index}')
     output, report = export_onnx(result.path, output=root / f'{index}.onnx',
                                  check_inputs=images)
-    runs[settings.mode] = result.path, output, report
+    runs[name] = result.path, output, report
   return runs, images
 
 
-@pytest.mark.parametrize('mode', ['dynamic', 'qat'])
+@pytest.mark.parametrize('mode', ['dynamic', 'qat', 'dynamic_7'])
 def test_the_export_is_quantize_dynamics_form_and_equals_jax(exported, mode, tmp_path):
   runs, images = exported
   path, output, report = runs[mode]
@@ -141,10 +144,13 @@ def test_the_export_is_quantize_dynamics_form_and_equals_jax(exported, mode, tmp
 
 
 def test_wide_weights_go_in_unsigned_so_no_cpu_saturates(exported):
-  """8-bit weights are u8u8 (w + 128, zero point 128), 4-bit ones u8s8 within AVX2's int16 pairs."""
+  """8-bit weights are u8u8 (w + 128, zero point 128); 7- and 4-bit ones u8s8 within AVX2's
+  int16 pairs, per batch and per row (signed codes + 128 against one kernel, no halves)."""
   runs, images = exported
-  for mode, unsigned_layers in (('dynamic', 5), ('qat', 0)):
-    model = onnx.load(runs[mode][1])
+  for name, unsigned_layers in (('dynamic', 5), ('qat', 0), ('dynamic_7', 0), ('per_row_7', 0)):
+    model = onnx.load(runs[name][1])
+    assert not any(node.op_type == 'Concat' and 'activations_twice' in node.name
+                   for node in model.graph.node)
     integers = [node for node in model.graph.node if node.op_type == 'MatMulInteger']
     probe = onnx.ModelProto.FromString(model.SerializeToString())
     probe.graph.output.extend(helper.make_empty_tensor_value_info(node.input[1])
@@ -158,5 +164,5 @@ def test_wide_weights_go_in_unsigned_so_no_cpu_saturates(exported):
         assert len(node.input) == 4 and int(constants[node.input[3]]) == 128
         assert np.max(np.abs(value.astype(np.int32) - 128)) > 64
       else:  # u8s8: AVX2 adds pairs of uint8 x int8 products in int16, which must fit
-        assert value.dtype == np.int8 and len(node.input) == 3
+        assert value.dtype == np.int8 and len(node.input) <= 3  # no weight zero point
         assert 2 * 255 * int(np.max(np.abs(value.astype(np.int32)))) <= 32767

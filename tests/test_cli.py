@@ -220,7 +220,7 @@ def test_default_config_on_mnist(tmp_path, mnist_dir):
      '--distill acts while fine-tuning: it needs --finetune-epochs of at least 1.'),
     ('prune', 'compress.prune.distill_temperature = 0.0 must be a positive number.',
      '--temperature 0.0 must be a positive number.'),
-    ('quantize', 'compress.quantize.bits = 3 must be 4 or 8.', '--bits 3 must be 4 or 8.'),
+    ('quantize', 'compress.quantize.bits = 3 must be 8, 7 or 4.', '--bits 3 must be 8, 7 or 4.'),
     # The pipeline takes its settings as config keys (--set), so they stay keys.
     ('pipeline', 'compress.prune.sparsity = 1.5 must be in [0, 1).',
      'compress.prune.sparsity = 1.5 must be in [0, 1).'),

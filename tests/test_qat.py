@@ -13,7 +13,7 @@ from dnnr_jax.errors import DnnrError
 from dnnr_jax.io import data as data_lib
 from tests.conftest import tree_allclose
 
-CONFIGS = [(4, -1, True), (8, None, True), (4, None, False), (8, -1, False)]
+CONFIGS = [(4, -1, True), (8, None, True), (4, None, False), (8, -1, False), (7, -1, True)]
 
 
 def _weights(seed=0, shape=(12, 7)):
@@ -82,7 +82,7 @@ def test_convert_equals_fake_quantization_exactly(bits, axis, symmetric):
 
 
 def test_bad_bits_and_patterns_raise():
-  with pytest.raises(DnnrError, match='pass 4 or 8'):
+  with pytest.raises(DnnrError, match='pass 8, 7 or 4'):
     qat.fake_quantize(_weights(), bits=2)
   with pytest.raises(DnnrError, match='dense_9'):
     qat.fake_quantize_params(_mlp_params(4, 2), q_lib.QuantSpec(patterns=(r'dense_9/kernel',)))

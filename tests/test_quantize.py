@@ -31,7 +31,7 @@ def _within_half_scale(w, q):
 
 
 @settings(max_examples=30, deadline=None)
-@given(w=WEIGHTS, bits=st.sampled_from([4, 8]), per_channel=st.booleans(),
+@given(w=WEIGHTS, bits=st.sampled_from([4, 7, 8]), per_channel=st.booleans(),
        symmetric=st.booleans())
 def test_round_trip_error_is_at_most_half_a_step(w, bits, per_channel, symmetric):
   q = quantize_jit(w, bits=bits, axis=-1 if per_channel else None, symmetric=symmetric)
@@ -47,7 +47,7 @@ def test_round_trip_error_is_at_most_half_a_step(w, bits, per_channel, symmetric
   assert np.all(np.isfinite(np.asarray(q.scale)))
 
 
-@pytest.mark.parametrize('bits', [4, 8])
+@pytest.mark.parametrize('bits', [4, 7, 8])
 def test_symmetric_uses_the_whole_code_range(bits):
   w = np.array([[-2.0, 0.5], [1.0, -0.25]], np.float32)
   q = q_lib.quantize(w, bits=bits, axis=-1)
@@ -229,7 +229,7 @@ def test_a_quantized_pytree_maps_and_jits(model_variables):
 
 @pytest.mark.parametrize('bits', [2, 3, 16])
 def test_unsupported_bits_raise(model_variables, bits):
-  with pytest.raises(DnnrError, match='pass 4 or 8'):
+  with pytest.raises(DnnrError, match='pass 8, 7 or 4'):
     q_lib.quantize_params(model_variables[1]['params'], q_lib.QuantSpec(bits=bits))
 
 

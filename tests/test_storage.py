@@ -82,7 +82,7 @@ def _variables():
   return variables
 
 
-@pytest.mark.parametrize('bits', [None, 8, 4])
+@pytest.mark.parametrize('bits', [None, 8, 7, 4])
 def test_variables_round_trip_through_a_checkpoint(tmp_path, bits):
   import jax
 
@@ -100,7 +100,7 @@ def test_variables_round_trip_through_a_checkpoint(tmp_path, bits):
   loaded = load_model(path)
   tree_allclose(loaded.variables, variables, rtol=0, atol=0)
   layout = loaded.metadata['layout']
-  expected = {None: 'sparse', 8: 'sparse', 4: 'sparse'}[bits]
+  expected = {None: 'sparse', 8: 'sparse', 7: 'sparse', 4: 'sparse'}[bits]
   assert layout['params/trunk_0/kernel']['encoding'] == expected
   if bits == 4:
     assert layout['params/trunk_1/kernel']['encoding'] == 'int4'

@@ -56,7 +56,7 @@ def fake_quantize(
 
   Args:
     w: the float array.
-    bits: 4 or 8.
+    bits: 8, 7 or 4.
     axis: the axis with its own scales (-1: per output channel), or None.
     symmetric: see `quantize.quantize`.
 

@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dnnr_jax.compress.paths import DEFAULT_PATTERNS, select
-from dnnr_jax.config import CALIBRATION_METHODS
+from dnnr_jax.config import CALIBRATION_METHODS, QUANTIZE_BITS
 from dnnr_jax.errors import DnnrError, QuantizationError
 
-BITS = (4, 8)  # Supported widths; codes of either are stored one per int8.
+BITS = QUANTIZE_BITS  # Supported widths; codes of any are stored one per int8.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ class QuantSpec:
   against are the ones conversion produces.
 
   Attributes:
-    bits: 4 or 8.
+    bits: 8, 7 or 4.
     per_channel: one scale per output channel (last axis), else per tensor.
     symmetric: scale by max|w| around zero; otherwise map [min, max] onto
       the full code range with a zero point (see `quantize`).
@@ -73,7 +73,7 @@ class QArray:
     value: int8 codes, the original shape.
     scale: float32, the value's rank, size 1 on every axis but `axis`.
     zero_point: int8 code of 0.0 with the scale's shape; None when symmetric.
-    bits: 4 or 8.
+    bits: 8, 7 or 4.
     axis: the non-negative axis with its own scales, or None for one scale.
     symmetric: codes in [-qmax, qmax] and no zero point.
   """
@@ -101,7 +101,7 @@ class QArray:
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
   """The smallest and largest code: [-qmax, qmax] symmetric, else [-qmax - 1, qmax]."""
   if bits not in BITS:
-    raise DnnrError(f'bits = {bits!r} is not supported; pass 4 or 8.')
+    raise DnnrError(f'bits = {bits!r} is not supported; pass 8, 7 or 4.')
   qmax = 2 ** (bits - 1) - 1
   return (-qmax if symmetric else -qmax - 1), qmax
 
@@ -117,7 +117,7 @@ def quantize(
 
   Args:
     w: the float array.
-    bits: 4 or 8.
+    bits: 8, 7 or 4.
     axis: the axis that keeps its own scale (-1: per output channel of a
       [in, out] kernel); None for one scale for the whole array.
     symmetric: scale by max|w| around zero; otherwise map [min, max] (widened

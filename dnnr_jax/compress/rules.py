@@ -37,7 +37,7 @@ class Rule:
   Attributes:
     pattern: a regular expression, e.g. '.*' (every layer) or 'Conv_.*'.
     mode: one of MODES.
-    bits: 8 or 4 (4-bit codes multiply on the int8 kernels too).
+    bits: 8, 7 or 4 (narrower codes multiply on the int8 kernels too).
     per_channel: one scale per output channel, else one per kernel.
     activations: how 'dynamic' (and 'qat', deployed as 'dynamic') quantizes a
       Dense layer's inputs: 'per_row', one scale per example, or

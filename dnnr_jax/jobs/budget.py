@@ -46,7 +46,7 @@ class Trial:
 
   Attributes:
     sparsity: the pruned share of kernel weights.
-    bits: 8 or 4, or 0 for the pruned float model.
+    bits: 8, 7 or 4, or 0 for the pruned float model.
     path: its checkpoint (in the search folder).
     bytes: bytes of that checkpoint on disk.
     validation_accuracy: its accuracy on the validation split.
