@@ -185,7 +185,10 @@ class EarlyExitMLP(nn.Module):
     hidden = self.stem(inputs)
     exit_logits = self.exit_logits(hidden)
     thresholds = {name: variable.value for name, variable in self.threshold_variables.items()}
-    if self.router == 'confidence':
+    if self.routing in ('deep', 'shallow'):
+      # No router runs: an export would otherwise keep its scores to read the batch size.
+      deep_path = routing_lib.fixed_route(self.routing, inputs.shape[0])
+    elif self.router == 'confidence':
       deep_path = routing_lib.confidence_route(
           exit_logits, thresholds['confidence'], self.routing)
     else:
