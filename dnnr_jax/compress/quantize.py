@@ -32,8 +32,6 @@ from dnnr_jax.compress.paths import DEFAULT_PATTERNS, select
 from dnnr_jax.config import CALIBRATION_METHODS, QUANTIZE_BITS
 from dnnr_jax.errors import DnnrError, QuantizationError
 
-BITS = QUANTIZE_BITS  # Supported widths; codes of any are stored one per int8.
-
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
@@ -100,7 +98,7 @@ class QArray:
 
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
   """The smallest and largest code: [-qmax, qmax] symmetric, else [-qmax - 1, qmax]."""
-  if bits not in BITS:
+  if bits not in QUANTIZE_BITS:  # codes of every width are stored one per int8
     raise DnnrError(f'bits = {bits!r} is not supported; pass 8, 7 or 4.')
   qmax = 2 ** (bits - 1) - 1
   return (-qmax if symmetric else -qmax - 1), qmax
