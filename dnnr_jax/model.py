@@ -85,8 +85,12 @@ class DynamicMLP(nn.Module):
         name: variable.value
         for name, variable in self.threshold_variables.items()
     }
-    metrics = complexity_lib.batch_complexity(inputs)
-    deep_path = routing_lib.route(metrics, thresholds, self.routing)
+    if self.routing in ('deep', 'shallow'):
+      # No metric is computed: an export would otherwise keep one to read the batch size.
+      deep_path = routing_lib.fixed_route(self.routing, inputs.shape[0])
+    else:
+      deep_path = routing_lib.route(
+          complexity_lib.batch_complexity(inputs), thresholds, self.routing)
 
     hidden = inputs
     for layer in self.trunk:
