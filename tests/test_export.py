@@ -76,6 +76,23 @@ def test_routing_lowers_to_where_or_if(checkpoints):
       'batch'].parent / 'if.onnx', check_inputs=_inputs(checkpoints['batch']))
   assert _operators(per_sample)['If'] == 0 and _operators(per_sample)['Where'] >= 1
   assert _operators(batch)['If'] == 1
+  (branch,) = [node for node in onnx.load(batch).graph.node if node.op_type == 'If']
+  for attribute in branch.attribute:  # onnxruntime warns of each unused one as it drops it
+    used = {name for node in attribute.g.node for name in node.input}
+    assert attribute.g.initializer and all(init.name in used for init in attribute.g.initializer)
+
+
+@pytest.mark.parametrize('routing, layers', [
+    ('deep', ['Gemm', 'Relu', 'Gemm', 'Relu', 'Gemm', 'Relu', 'Gemm']),
+    ('shallow', ['Gemm', 'Relu', 'Gemm', 'Relu', 'Gemm', 'Gemm']),
+])
+def test_fixed_routing_exports_its_layers_alone(checkpoints, routing, layers):
+  path = checkpoints['per_sample']
+  output, _ = export.export_onnx(path, output=path.parent / f'{routing}.onnx', routing=routing,
+                                 check_inputs=_inputs(path))
+  operators = [node.op_type for node in onnx.load(output).graph.node]
+  # The routes are the batch size's constant (read from the input), with no complexity metric.
+  assert [op for op in operators if op not in ('Shape', 'Expand')] == layers
 
 
 def test_int8_weights_stay_int8(checkpoints):

@@ -16,7 +16,7 @@ only appends unit axes (an `Unsqueeze`), `Abs` of a ReLU, `Identity` nodes,
 `Transpose`s that move no axis, `Shape` + `Gather` + `Concat` chains that
 read a tensor's batch size (one sliced `Shape`), repeated subexpressions (the
 deep block and the shortcut quantize the same input), and the shape
-arithmetic left unused.
+arithmetic and the branch constants left unused.
 Every pass computes the same function: bit for bit, or (the log-sum-exp,
 sum-of-squares and Gemm bias rewrites) up to float rounding;
 `dnnr_jax.io.export` proves the result in onnxruntime against JAX before it
@@ -245,6 +245,32 @@ class IdentityPass(NodeRewritePass):
     return True
 
 
+class SubgraphInitializersPass(ir.passes.InPlacePass):
+  """Removes the initializers no node uses inside `If` and `Loop` bodies.
+
+  `RemoveUnusedNodesPass` prunes the main graph's initializers only; jax2onnx
+  leaves shape constants in a `lax.cond`'s branches that onnxruntime then
+  warns about, once per session, as it drops them.
+  """
+
+  def call(self, model: ir.Model) -> ir.passes.PassResult:
+    modified = False
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+      for attribute in node.attributes.values():
+        if attribute.type == ir.AttributeType.GRAPH:
+          subgraphs = [attribute.as_graph()]
+        elif attribute.type == ir.AttributeType.GRAPHS:
+          subgraphs = list(attribute.as_graphs())
+        else:
+          continue
+        for subgraph in subgraphs:
+          for value in list(subgraph.initializers.values()):
+            if not value.uses() and not value.is_graph_output():
+              del subgraph.initializers[value.name]
+              modified = True
+    return ir.passes.PassResult(model, modified)
+
+
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
   """The rewritten model: integer matmuls on int8 kernels, redundant nodes removed."""
   ir_model = ir.from_proto(model)
@@ -272,6 +298,7 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
       common.DeduplicateInitializersPass(),
       common.CommonSubexpressionEliminationPass(),
       common.RemoveUnusedNodesPass(),
+      SubgraphInitializersPass(),
       common.TopologicalSortPass(),
       common.NameFixPass(),  # unique names for the new values, subgraphs included
   )(ir_model)
