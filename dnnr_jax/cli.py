@@ -56,7 +56,7 @@ for _flags in SETTING_FLAGS.values():
   _flags['compress.max_drop'] = '--max-drop'
 SETTING_FLAGS['compress'] = {f'compress.budget.{key}': '--' + key.replace('_', '-') for key in (
     'max_drop', 'method', 'sparsities', 'bits', 'finetune_epochs', 'quantize_mode',
-    'quantize_epochs')}
+    'quantize_epochs', 'activations')}
 _PRUNE = PruneConfig()
 _QUANTIZE = QuantizeConfig()
 _MAX_DROP = CompressConfig().max_drop
@@ -170,7 +170,8 @@ def _compress(args: argparse.Namespace) -> int:
   settings = BudgetConfig(
       max_drop=args.max_drop, method=args.method, sparsities=tuple(args.sparsities),
       bits=tuple(args.bits), finetune_epochs=args.finetune_epochs,
-      quantize_mode=args.quantize_mode, quantize_epochs=args.quantize_epochs)
+      quantize_mode=args.quantize_mode, quantize_epochs=args.quantize_epochs,
+      activations=args.activations)
   _check_settings(settings)
   from dnnr_jax.jobs import budget as jobs  # JAX, after bad settings failed fast.
 
@@ -679,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
                       choices=('weight_only', 'dynamic', 'qat'), help='(default %(default)s)')
   budget.add_argument('--quantize-epochs', type=int, default=_BUDGET.quantize_epochs,
                       help='QAT epochs (default %(default)s)')
+  budget.add_argument('--activations', choices=QUANTIZE_ACTIVATIONS,
+                      help="the quantized trials' activations (default: the source's "
+                           'compress.quantize.activations)')
   _add_output_arguments(budget, job=False)
   budget.set_defaults(handler=_compress)
 

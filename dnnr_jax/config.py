@@ -428,6 +428,9 @@ class BudgetConfig:
     finetune_epochs: fine-tuning epochs of each pruning trial.
     quantize_mode: 'weight_only', 'dynamic' or 'qat' for the quantization.
     quantize_epochs: QAT epochs (quantize_mode 'qat').
+    activations: 'per_row' or 'per_batch' activations of the quantized trials
+      (modes 'dynamic' and 'qat'; see `QuantizeConfig`); None takes the
+      source's `compress.quantize.activations`.
     in_pipeline: `dnnr pipeline` also runs the search on its final model
       (stage 'budget', after the sweep) and reports the choice.
   """
@@ -438,6 +441,7 @@ class BudgetConfig:
   finetune_epochs: int = 10
   quantize_mode: str = 'qat'
   quantize_epochs: int = 2
+  activations: str | None = None
   in_pipeline: bool = False
 
   def validate(self) -> None:
@@ -458,6 +462,11 @@ class BudgetConfig:
     _check_choice(f'{key}.quantize_mode', self.quantize_mode, ('weight_only', 'dynamic', 'qat'))
     _check_at_least(f'{key}.quantize_epochs', self.quantize_epochs,
                     1 if self.quantize_mode == 'qat' else 0)
+    if self.activations is not None:
+      _check_choice(f'{key}.activations', self.activations, QUANTIZE_ACTIVATIONS)
+      if self.activations == 'per_batch' and self.quantize_mode == 'weight_only':
+        raise ConfigError(f'{key}.activations = per_batch applies to quantize_mode dynamic or '
+                          f'qat only; set it to per_row or null for quantize_mode weight_only.')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from tests.conftest import SMOKE_CONFIG, without_validation
 MODULE = (sys.executable, '-m', 'dnnr_jax')
 # Two rungs, 8 bits, one fine-tuning epoch each: four trials in seconds.
 CHEAP = ('--sparsities', '0.5', '0.9', '--bits', '8', '--finetune-epochs', '1',
-         '--quantize-mode', 'dynamic')
+         '--quantize-mode', 'dynamic', '--activations', 'per_batch')
 
 
 @pytest.fixture(scope='module')
@@ -63,6 +63,9 @@ def test_the_smallest_trial_within_the_budget_is_written(sources, runs):
   metadata = read_metadata(path)
   assert metadata['source']['path'] == str(final)
   assert metadata['budget']['trial'] == result['chosen']
+  # --activations overrides the source's compress.quantize.activations (per_row).
+  assert load_model(final).config.compress.quantize.activations == 'per_row'
+  assert metadata['quantization']['activations'] == 'per_batch'
   # Its validation accuracy and drop, measured again on the written checkpoint.
   model, source = load_model(path), load_model(final)
   dataset = load_dataset(source.config.data)
@@ -116,7 +119,8 @@ def test_bad_inputs_exit_2_and_write_no_model(sources, runs):
 
 def test_settings_are_checked_in_config():
   for bad in ({'max_drop': -1.0}, {'sparsities': (0.9, 0.5)}, {'bits': (3,)}, {'sparsities': ()},
-              {'method': 'structured'}):
+              {'method': 'structured'}, {'activations': 'per_column'},
+              {'quantize_mode': 'weight_only', 'activations': 'per_batch'}):
     with pytest.raises(ConfigError, match='compress.budget'):
       BudgetConfig(**bad).validate()
   assert budget_jobs.DEFAULT_BUDGET.method in ('lamp', 'global')

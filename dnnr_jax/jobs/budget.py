@@ -5,11 +5,12 @@ The search (`compress_to_budget`, settings `BudgetConfig`: a config's
 gradually (LAMP or global magnitude scores, the source's `compress.prune`
 recipe for distillation, augmentation and rate), then quantizes that pruned
 model to each bit width asked (QAT with the source's `compress.quantize`
-distillation and augmentation); every trial is judged on the validation split only. Climbing
-stops at the first rung whose trials all miss the budget. Of the trials within
-it, the one with the fewest bytes on disk is written as a new versioned
-checkpoint under `<models>/pruned/` or `<models>/quantized/`; its test accuracy
-is the only test figure reported.
+distillation and augmentation, and its activations unless the budget names
+them); every trial is judged on the validation split only. Climbing stops at
+the first rung whose trials all miss the budget. Of the trials within it, the
+one with the fewest bytes on disk is written as a new versioned checkpoint
+under `<models>/pruned/` or `<models>/quantized/`; its test accuracy is the
+only test figure reported.
 
 Trials are recorded in `<models>/budget/<source name>/trials.json`, keyed by
 everything that makes them, beside their checkpoints: a rerun (after an
@@ -207,8 +208,8 @@ class _Search:
           recipe, mode=budget.quantize_mode, bits=bits, finetune_epochs=budget.quantize_epochs,
           distill=recipe.distill if fine_tuned else 0.0,
           augment_shift=recipe.augment_shift if fine_tuned else 0,
-          activations=recipe.activations if budget.quantize_mode in ('dynamic', 'qat')
-          else 'per_row')
+          activations=(budget.activations or recipe.activations)
+          if budget.quantize_mode in ('dynamic', 'qat') else 'per_row')
       rung.append(self._trial(sparsity, bits, {'prune': dataclasses.asdict(prune),
                                                'quantize': dataclasses.asdict(quantize)},
                               lambda version, quantize=quantize: compress_jobs.quantize_checkpoint(

@@ -55,7 +55,9 @@ def markdown(report: dict[str, Any]) -> str:
       f"Budget: at most {settings['max_drop']:g} pp below the source's validation accuracy "
       f"({report['source_validation_accuracy']:.2%}); {settings['method']} pruning, "
       f"{settings['finetune_epochs']} fine-tuning epochs per sparsity, "
-      f"{settings['quantize_mode']} quantization. Every choice is made on validation.", '',
+      f"{settings['quantize_mode']} quantization"
+      + (f" ({settings['activations']} activations)" if settings.get('activations') else '')
+      + '. Every choice is made on validation.', '',
       '| sparsity | bits | bytes | validation accuracy | drop (pp) | within budget | Pareto |',
       '| ---: | ---: | ---: | ---: | ---: | :---: | :---: |',
   ]
