@@ -7,7 +7,7 @@ from dnnr_jax.errors import ConfigError
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize('name', ['default', 'digits', 'smoke'])
+@pytest.mark.parametrize('name', ['default', 'digits', 'smoke', 'early_exit', 'early_exit_wide'])
 def test_shipped_configs_load(name):
   config = load_config(ROOT / 'configs' / f'{name}.yaml')
   assert config.training.epochs >= 1
