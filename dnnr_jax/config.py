@@ -466,7 +466,7 @@ class BudgetConfig:
       _check_choice(f'{key}.activations', self.activations, QUANTIZE_ACTIVATIONS)
       if self.activations == 'per_batch' and self.quantize_mode == 'weight_only':
         raise ConfigError(f'{key}.activations = per_batch applies to quantize_mode dynamic or '
-                          f'qat only; set it to per_row or null for quantize_mode weight_only.')
+                          'qat only; set it to per_row or null for quantize_mode weight_only.')
 
 
 @dataclasses.dataclass(frozen=True)
